@@ -1,0 +1,128 @@
+//! An endpoint (one model-server port on one pod) and the metrics scraped from it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Instant;
+
+/// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
+pub type EndpointId = u32;
+
+/// Which model server runs on the endpoint; decides the metric names scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EngineType {
+    #[default]
+    Vllm,
+    Sglang,
+    TrtllmServe,
+}
+
+impl EngineType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineType::Vllm => "vllm",
+            EngineType::Sglang => "sglang",
+            EngineType::TrtllmServe => "trtllm-serve",
+        }
+    }
+}
+
+impl fmt::Display for EngineType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EngineType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vllm" | "" => Ok(EngineType::Vllm),
+            "sglang" => Ok(EngineType::Sglang),
+            "trtllm-serve" | "trtllm" => Ok(EngineType::TrtllmServe),
+            other => Err(format!(
+                "unknown engine type {other:?} (expected vllm, sglang or trtllm-serve)"
+            )),
+        }
+    }
+}
+
+/// What discovery knows about an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `<pod>-rank-<i>` in Kubernetes; anything unique in static mode.
+    pub name: String,
+    /// Where requests go.
+    pub address: SocketAddr,
+    /// Where `/metrics` is scraped (defaults to `address`; some engines use another port).
+    pub metrics_address: SocketAddr,
+    pub engine: EngineType,
+}
+
+impl EndpointSpec {
+    pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            metrics_address: address,
+            engine: EngineType::Vllm,
+        }
+    }
+}
+
+/// An endpoint in the datastore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: EndpointId,
+    pub name: String,
+    pub address: SocketAddr,
+    /// `address` as the `ip:port` string put in the destination header (formatted once).
+    pub address_str: String,
+    pub metrics_address: SocketAddr,
+    pub engine: EngineType,
+}
+
+impl Endpoint {
+    pub fn new(id: EndpointId, spec: EndpointSpec) -> Self {
+        Self {
+            id,
+            address_str: spec.address.to_string(),
+            name: spec.name,
+            address: spec.address,
+            metrics_address: spec.metrics_address,
+            engine: spec.engine,
+        }
+    }
+
+    pub fn spec(&self) -> EndpointSpec {
+        EndpointSpec {
+            name: self.name.clone(),
+            address: self.address,
+            metrics_address: self.metrics_address,
+            engine: self.engine,
+        }
+    }
+}
+
+/// Latest metrics scraped from an endpoint. `updated == None` means never scraped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointMetrics {
+    /// Requests waiting in the engine's queue.
+    pub waiting_queue: u32,
+    /// Requests being decoded/prefilled.
+    pub running: u32,
+    /// KV-cache utilisation, 0..=1.
+    pub kv_cache_usage: f64,
+    /// LoRA adapters currently loaded and running.
+    pub active_loras: Vec<String>,
+    /// LoRA adapters requested but waiting for a slot.
+    pub waiting_loras: Vec<String>,
+    /// Adapter slots (`max_lora`), 0 if the engine reports none.
+    pub max_lora: u32,
+    /// KV block size in tokens, from the engine's cache config.
+    pub block_size_tokens: Option<u32>,
+    /// Number of KV blocks on the device, from the engine's cache config.
+    pub num_gpu_blocks: Option<u64>,
+    /// When these values were scraped.
+    pub updated: Option<Instant>,
+}

@@ -1,0 +1,320 @@
+//! The set of endpoints epp may route to, and the latest metrics of each.
+//!
+//! Writers (discovery, scrapers) go through one mutex; readers (every scheduling decision) take a
+//! cached, immutable [`Snapshot`] with a single atomic load. The snapshot is rebuilt lazily by the
+//! first reader after a change, so a busy scrape loop costs nothing until someone schedules.
+
+mod endpoint;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+pub use endpoint::{Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType};
+
+/// One endpoint with the metrics it had when the snapshot was taken.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub endpoint: Arc<Endpoint>,
+    pub metrics: Arc<EndpointMetrics>,
+}
+
+impl Candidate {
+    pub fn new(endpoint: Arc<Endpoint>, metrics: Arc<EndpointMetrics>) -> Self {
+        Self { endpoint, metrics }
+    }
+
+    /// Whether the metrics were refreshed within `threshold` of `now`.
+    pub fn is_fresh(&self, now: Instant, threshold: Duration) -> bool {
+        self.metrics
+            .updated
+            .is_some_and(|t| now.saturating_duration_since(t) <= threshold)
+    }
+}
+
+/// An immutable view of all endpoints, shared by every request scheduled until the next change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub candidates: Vec<Candidate>,
+    pub generation: u64,
+}
+
+/// Called when endpoints leave the datastore (e.g. to purge them from the prefix index).
+pub trait EndpointObserver: Send + Sync {
+    fn endpoint_removed(&self, endpoint: &Endpoint);
+}
+
+#[derive(Debug)]
+struct Entry {
+    endpoint: Arc<Endpoint>,
+    metrics: Arc<EndpointMetrics>,
+}
+
+/// Endpoints and their metrics. Cheap to share (`Arc<Datastore>`).
+pub struct Datastore {
+    entries: Mutex<Vec<Entry>>,
+    generation: AtomicU64,
+    snapshot: ArcSwap<Snapshot>,
+    next_id: AtomicU32,
+    observers: Mutex<Vec<Arc<dyn EndpointObserver>>>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datastore")
+            .field("endpoints", &self.entries.lock().len())
+            .finish()
+    }
+}
+
+impl Default for Datastore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Datastore {
+    pub fn new() -> Self {
+        Self {
+            entries: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(1),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            next_id: AtomicU32::new(0),
+            observers: Mutex::new(Vec::new()),
+            ready: false.into(),
+        }
+    }
+
+    pub fn add_observer(&self, observer: Arc<dyn EndpointObserver>) {
+        self.observers.lock().push(observer);
+    }
+
+    /// Marks the endpoint set as synced with its source (readiness).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Replaces the whole endpoint set. Endpoints are matched by name; one whose address,
+    /// metrics address or engine changed is replaced (new id, fresh metrics). Returns the
+    /// endpoints removed.
+    pub fn set_endpoints(&self, specs: Vec<EndpointSpec>) -> Vec<Arc<Endpoint>> {
+        let removed = {
+            let mut entries = self.entries.lock();
+            let mut kept: Vec<Entry> = Vec::with_capacity(specs.len());
+            let mut old: Vec<Entry> = std::mem::take(&mut *entries);
+            for spec in specs {
+                if kept.iter().any(|e| e.endpoint.name == spec.name) {
+                    continue;
+                }
+                if let Some(pos) = old.iter().position(|e| e.endpoint.name == spec.name)
+                    && old[pos].endpoint.spec() == spec
+                {
+                    kept.push(old.swap_remove(pos));
+                    continue;
+                }
+                kept.push(Entry {
+                    endpoint: Arc::new(Endpoint::new(
+                        self.next_id.fetch_add(1, Ordering::Relaxed),
+                        spec,
+                    )),
+                    metrics: Arc::new(EndpointMetrics::default()),
+                });
+            }
+            *entries = kept;
+            old.into_iter().map(|e| e.endpoint).collect::<Vec<_>>()
+        };
+        self.bump();
+        self.notify_removed(&removed);
+        removed
+    }
+
+    /// Adds or replaces one endpoint (matched by name).
+    pub fn upsert(&self, spec: EndpointSpec) -> Arc<Endpoint> {
+        let (endpoint, replaced) = {
+            let mut entries = self.entries.lock();
+            let pos = entries.iter().position(|e| e.endpoint.name == spec.name);
+            if let Some(p) = pos
+                && entries[p].endpoint.spec() == spec
+            {
+                return entries[p].endpoint.clone();
+            }
+            let endpoint = Arc::new(Endpoint::new(
+                self.next_id.fetch_add(1, Ordering::Relaxed),
+                spec,
+            ));
+            let entry = Entry {
+                endpoint: endpoint.clone(),
+                metrics: Arc::new(EndpointMetrics::default()),
+            };
+            let replaced = match pos {
+                Some(p) => Some(std::mem::replace(&mut entries[p], entry).endpoint),
+                None => {
+                    entries.push(entry);
+                    None
+                }
+            };
+            (endpoint, replaced)
+        };
+        self.bump();
+        self.notify_removed(replaced.as_slice());
+        endpoint
+    }
+
+    /// Removes one endpoint by name.
+    pub fn remove(&self, name: &str) -> Option<Arc<Endpoint>> {
+        let removed = {
+            let mut entries = self.entries.lock();
+            let pos = entries.iter().position(|e| e.endpoint.name == name)?;
+            entries.remove(pos).endpoint
+        };
+        self.bump();
+        self.notify_removed(std::slice::from_ref(&removed));
+        Some(removed)
+    }
+
+    /// Stores fresh metrics for an endpoint (ignored if it left meanwhile).
+    pub fn update_metrics(&self, id: EndpointId, metrics: EndpointMetrics) {
+        let mut entries = self.entries.lock();
+        if let Some(e) = entries.iter_mut().find(|e| e.endpoint.id == id) {
+            e.metrics = Arc::new(metrics);
+            drop(entries);
+            self.bump();
+        }
+    }
+
+    /// Current endpoints, in discovery order.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.entries
+            .lock()
+            .iter()
+            .map(|e| e.endpoint.clone())
+            .collect()
+    }
+
+    /// Latest metrics for one endpoint.
+    pub fn metrics(&self, id: EndpointId) -> Option<Arc<EndpointMetrics>> {
+        self.entries
+            .lock()
+            .iter()
+            .find(|e| e.endpoint.id == id)
+            .map(|e| e.metrics.clone())
+    }
+
+    /// The current snapshot; rebuilt only if something changed since the last call.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let current = self.snapshot.load_full();
+        let generation = self.generation.load(Ordering::Acquire);
+        if current.generation == generation {
+            return current;
+        }
+        let entries = self.entries.lock();
+        // Re-read under the lock: writers bump after releasing it, so this is at least as new.
+        let generation = self.generation.load(Ordering::Acquire);
+        let snap = Arc::new(Snapshot {
+            candidates: entries
+                .iter()
+                .map(|e| Candidate::new(e.endpoint.clone(), e.metrics.clone()))
+                .collect(),
+            generation,
+        });
+        drop(entries);
+        self.snapshot.store(snap.clone());
+        snap
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn notify_removed(&self, removed: &[Arc<Endpoint>]) {
+        if removed.is_empty() {
+            return;
+        }
+        let observers = self.observers.lock().clone();
+        for ep in removed {
+            tracing::info!(endpoint = %ep.name, address = %ep.address, "endpoint removed");
+            for o in &observers {
+                o.endpoint_removed(ep);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn spec(name: &str, port: u16) -> EndpointSpec {
+        EndpointSpec::new(name, ([127, 0, 0, 1], port).into())
+    }
+
+    struct Count(AtomicUsize);
+    impl EndpointObserver for Count {
+        fn endpoint_removed(&self, _: &Endpoint) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn set_endpoints_keeps_unchanged_and_replaces_changed() {
+        let ds = Datastore::new();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        ds.add_observer(count.clone());
+        ds.set_endpoints(vec![spec("a", 1), spec("b", 2)]);
+        let a = ds.endpoints()[0].clone();
+        let removed = ds.set_endpoints(vec![spec("a", 1), spec("b", 3), spec("c", 4)]);
+        assert_eq!(removed.len(), 1, "b changed port");
+        assert_eq!(ds.endpoints()[0].id, a.id, "a kept its id");
+        assert_eq!(ds.endpoints().len(), 3);
+        ds.remove("c");
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        assert!(ds.remove("zzz").is_none());
+    }
+
+    #[test]
+    fn snapshot_is_cached_until_a_change() {
+        let ds = Datastore::new();
+        ds.upsert(spec("a", 1));
+        let s1 = ds.snapshot();
+        let s2 = ds.snapshot();
+        assert!(Arc::ptr_eq(&s1, &s2));
+        let id = s1.candidates[0].endpoint.id;
+        ds.update_metrics(
+            id,
+            EndpointMetrics {
+                waiting_queue: 7,
+                ..Default::default()
+            },
+        );
+        let s3 = ds.snapshot();
+        assert_eq!(s3.candidates[0].metrics.waiting_queue, 7);
+        assert_eq!(
+            s1.candidates[0].metrics.waiting_queue, 0,
+            "old snapshot unchanged"
+        );
+    }
+
+    #[test]
+    fn freshness_follows_threshold() {
+        let ep = Arc::new(Endpoint::new(0, spec("a", 1)));
+        let now = Instant::now();
+        let never = Candidate::new(ep.clone(), Arc::new(EndpointMetrics::default()));
+        assert!(!never.is_fresh(now, Duration::from_secs(2)));
+        let m = EndpointMetrics {
+            updated: Some(now),
+            ..Default::default()
+        };
+        let c = Candidate::new(ep, Arc::new(m));
+        assert!(c.is_fresh(now + Duration::from_secs(1), Duration::from_secs(2)));
+        assert!(!c.is_fresh(now + Duration::from_secs(3), Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,3 @@
+//! Endpoint sources: they keep the datastore's endpoint set current.
+
+pub mod static_;

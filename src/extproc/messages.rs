@@ -1,0 +1,258 @@
+//! Builders for the ext_proc messages epp sends back to Envoy.
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
+    processing_response::Response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+/// Header (and `envoy.lb` metadata key) naming the chosen endpoint(s).
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Dynamic-metadata namespace read by Envoy's load balancer.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the subset hint.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Metadata key of the subset hint.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Largest body chunk sent in one streamed_response (Envoy's limit is 64 KiB per message).
+pub const MAX_CHUNK: usize = 62_000;
+
+/// A header set with overwrite semantics (a client-supplied value is replaced).
+pub fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        }),
+        append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": destination}}`.
+pub fn destination_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: [(DESTINATION_HEADER.to_owned(), string_value(destination))].into(),
+    };
+    Struct {
+        fields: [(
+            LB_NAMESPACE.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into(),
+    }
+}
+
+/// The routing decision as a CommonResponse: destination header, Content-Length, extra
+/// headers, route cache cleared.
+pub fn routing_common(
+    destination: &str,
+    content_length: Option<usize>,
+    extra: &[(&str, &[u8])],
+) -> CommonResponse {
+    let mut set_headers = vec![set_header(DESTINATION_HEADER, destination.as_bytes())];
+    if let Some(len) = content_length {
+        set_headers.push(set_header("content-length", len.to_string().as_bytes()));
+    }
+    for (k, v) in extra {
+        set_headers.push(set_header(k, v));
+    }
+    CommonResponse {
+        header_mutation: Some(HeaderMutation {
+            set_headers,
+            remove_headers: Vec::new(),
+        }),
+        clear_route_cache: true,
+        ..Default::default()
+    }
+}
+
+pub fn request_headers(common: CommonResponse, metadata: Option<Struct>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::RequestHeaders(HeadersResponse {
+            response: Some(common),
+        })),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+pub fn request_body(common: CommonResponse, metadata: Option<Struct>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::RequestBody(BodyResponse {
+            response: Some(common),
+        })),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+fn streamed(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
+    CommonResponse {
+        body_mutation: Some(BodyMutation {
+            mutation: Some(body_mutation::Mutation::StreamedResponse(
+                StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..Default::default()
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `body` as streamed_response request-body messages of at most [`MAX_CHUNK`] bytes; the last
+/// carries `end_of_stream` (always at least one message).
+pub fn streamed_request_body(body: &[u8], end_of_stream: bool) -> Vec<ProcessingResponse> {
+    if body.is_empty() {
+        return vec![request_body(streamed(Vec::new(), end_of_stream), None)];
+    }
+    let n = body.len().div_ceil(MAX_CHUNK);
+    body.chunks(MAX_CHUNK)
+        .enumerate()
+        .map(|(i, c)| request_body(streamed(c.to_vec(), end_of_stream && i + 1 == n), None))
+        .collect()
+}
+
+/// One response-body chunk echoed as a streamed_response.
+pub fn streamed_response_body(body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseBody(BodyResponse {
+            response: Some(streamed(body, end_of_stream)),
+        })),
+        ..Default::default()
+    }
+}
+
+/// Continue without changes (headers of either direction).
+pub fn continue_request_headers() -> ProcessingResponse {
+    request_headers(CommonResponse::default(), None)
+}
+
+pub fn continue_response_headers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseHeaders(HeadersResponse {
+            response: Some(CommonResponse::default()),
+        })),
+        ..Default::default()
+    }
+}
+
+pub fn continue_response_body() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseBody(BodyResponse {
+            response: Some(CommonResponse::default()),
+        })),
+        ..Default::default()
+    }
+}
+
+pub fn continue_request_body() -> ProcessingResponse {
+    request_body(CommonResponse::default(), None)
+}
+
+pub fn request_trailers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::RequestTrailers(TrailersResponse::default())),
+        ..Default::default()
+    }
+}
+
+pub fn response_trailers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseTrailers(TrailersResponse::default())),
+        ..Default::default()
+    }
+}
+
+/// The OpenAI-style error type for a status.
+fn error_type(status: u16) -> &'static str {
+    match status {
+        400 => "BadRequest",
+        413 => "RequestTooLarge",
+        429 => "TooManyRequests",
+        503 => "ServiceUnavailable",
+        _ => "InternalServerError",
+    }
+}
+
+/// An immediate response: status plus an OpenAI-style JSON error body
+/// `{"error":{"message":…,"type":…,"code":status}}`.
+pub fn immediate(status: u16, message: &str) -> ProcessingResponse {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": error_type(status), "code": status}
+    });
+    ProcessingResponse {
+        response: Some(Response::ImmediateResponse(ImmediateResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers: Some(HeaderMutation {
+                set_headers: vec![set_header("content-type", b"application/json")],
+                remove_headers: Vec::new(),
+            }),
+            body: body.to_string().into_bytes(),
+            details: format!("epp_{}", error_type(status)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_split_into_bounded_chunks() {
+        let body = vec![7u8; MAX_CHUNK * 2 + 10];
+        let msgs = streamed_request_body(&body, true);
+        assert_eq!(msgs.len(), 3);
+        let mut total = 0;
+        for (i, m) in msgs.iter().enumerate() {
+            let Some(Response::RequestBody(b)) = &m.response else {
+                panic!("not a body response")
+            };
+            let Some(body_mutation::Mutation::StreamedResponse(s)) = b
+                .response
+                .as_ref()
+                .and_then(|c| c.body_mutation.as_ref())
+                .and_then(|m| m.mutation.as_ref())
+            else {
+                panic!("not streamed")
+            };
+            assert!(s.body.len() <= MAX_CHUNK);
+            assert_eq!(s.end_of_stream, i == 2);
+            total += s.body.len();
+        }
+        assert_eq!(total, body.len());
+        assert_eq!(streamed_request_body(&[], true).len(), 1);
+    }
+
+    #[test]
+    fn immediate_has_json_error() {
+        let m = immediate(400, "bad \"thing\"");
+        let Some(Response::ImmediateResponse(r)) = m.response else {
+            panic!()
+        };
+        assert_eq!(r.status.unwrap().code, 400);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["message"], "bad \"thing\"");
+        assert_eq!(v["error"]["code"], 400);
+    }
+}

@@ -1,0 +1,172 @@
+//! `epp`: parse config → build datastore → start discovery and scrapers → build scheduler →
+//! serve ext_proc and metrics → wait for shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{ArgAction, Parser};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use epp::config::endpoints_file;
+use epp::config::env::SchedulerEnv;
+use epp::datastore::Datastore;
+use epp::director::Director;
+use epp::extproc::{ExtProcService, Limits, Shared};
+use epp::scheduling::PluginTimer;
+use epp::scheduling::plugins::prefix::PrefixObserver;
+use epp::telemetry::{self, Metrics};
+use epp::{discovery, duration, scrape};
+
+/// Endpoint Picker for LLM inference gateways (Envoy ext_proc). Flag names follow the Go EPP.
+#[derive(Debug, Parser)]
+#[command(name = "epp", version, about)]
+struct Cli {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9002)]
+    grpc_port: u16,
+    /// gRPC health port (grpc.health.v1).
+    #[arg(long, default_value_t = 9003)]
+    grpc_health_port: u16,
+    /// Prometheus metrics port (`/metrics`).
+    #[arg(long, default_value_t = 9090)]
+    metrics_port: u16,
+    /// Address the servers bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    /// Serve ext_proc over TLS. TLS is not available in this build yet: pass
+    /// `--secure-serving=false` (and a plaintext ext_proc cluster in Envoy).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    secure_serving: bool,
+    /// Directory holding tls.crt and tls.key.
+    #[arg(long)]
+    cert_path: Option<PathBuf>,
+    /// Static endpoints, `ip:port,ip:port…` (no Kubernetes).
+    #[arg(long, env = "EPP_ENDPOINTS")]
+    endpoints: Option<String>,
+    /// Static endpoints file (YAML; reloaded when it changes).
+    #[arg(long)]
+    endpoints_file: Option<PathBuf>,
+    /// Name of the pool (labels the pool metrics).
+    #[arg(long, default_value = "static")]
+    pool_name: String,
+    /// Model-server metrics scrape interval.
+    #[arg(long, default_value = "50ms", value_parser = duration::parse)]
+    refresh_metrics_interval: Duration,
+    /// Interval of epp's own pool-metrics refresh (the pool gauges are computed per scrape of
+    /// epp's /metrics, so this only bounds their age).
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
+    refresh_prometheus_metrics_interval: Duration,
+    /// Age after which an endpoint's metrics are stale.
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
+    metrics_staleness_threshold: Duration,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[arg(long, default_value_t = 32 << 20)]
+    max_request_body_bytes: usize,
+    /// Log verbosity (0 info, 1–2 debug, 3+ trace); RUST_LOG overrides.
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    verbosity: u8,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_tracing(cli.verbosity);
+    if cli.secure_serving {
+        bail!(
+            "--secure-serving=true: TLS serving is not available in this build; \
+             run with --secure-serving=false"
+        );
+    }
+
+    // Configuration → scheduler.
+    let env = SchedulerEnv::from_env()?;
+    let metrics = Metrics::new(&cli.pool_name);
+    let scheduler = Arc::new(
+        env.build_observed(Some(metrics.clone() as Arc<dyn PrefixObserver>))
+            .with_timer(metrics.clone() as Arc<dyn PluginTimer>),
+    );
+    tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
+
+    // Datastore and discovery.
+    let datastore = Arc::new(Datastore::new());
+    if let Some(observer) = scheduler.endpoint_observer() {
+        datastore.add_observer(observer);
+    }
+    let _discovery = match (&cli.endpoints, &cli.endpoints_file) {
+        (Some(_), Some(_)) => bail!("give either --endpoints or --endpoints-file, not both"),
+        (Some(list), None) => {
+            discovery::static_::install_list(&datastore, endpoints_file::parse_list(list)?);
+            None
+        }
+        (None, Some(path)) => Some(discovery::static_::watch_file(
+            datastore.clone(),
+            path.clone(),
+        )?),
+        (None, None) => bail!("no endpoint source: pass --endpoints or --endpoints-file"),
+    };
+    let _scrapers = scrape::spawn(
+        datastore.clone(),
+        scrape::ScrapeConfig {
+            interval: cli.refresh_metrics_interval,
+            ..Default::default()
+        },
+    );
+
+    // Servers.
+    let metrics_listener = telemetry::bind(SocketAddr::new(cli.bind_address, cli.metrics_port))
+        .await
+        .context("binding the metrics port")?;
+    tracing::info!(address = %metrics_listener.local_addr()?, "metrics server listening");
+    let metrics_server = tokio::spawn(telemetry::serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        datastore.clone(),
+    ));
+
+    let director = Arc::new(Director::new(
+        datastore.clone(),
+        scheduler,
+        cli.metrics_staleness_threshold,
+    ));
+    let service = ExtProcService::new(Shared {
+        director,
+        metrics: Some(metrics),
+        limits: Limits {
+            max_body_bytes: cli.max_request_body_bytes,
+        },
+    });
+    let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
+        .await
+        .context("binding the ext_proc port")?;
+    tracing::info!(address = %grpc_listener.local_addr()?, "ext_proc server listening");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal())
+        .await
+        .context("ext_proc server")?;
+    metrics_server.abort();
+    tracing::info!("epp stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,97 @@
+//! Scheduling: the framework, the plugins, the V1 tree, and the [`Scheduler`] that runs one
+//! profile per request.
+
+pub mod framework;
+pub mod plugins;
+pub mod v1;
+
+use std::sync::Arc;
+
+use crate::datastore::{Candidate, EndpointObserver};
+use crate::request::LlmRequest;
+use crate::scheduling::plugins::has_capacity::HasCapacityFilter;
+use crate::scheduling::plugins::prefix::PrefixCachePlugin;
+
+pub use framework::{
+    PluginTimer, Profile, ScheduleError, ScheduleResult, SchedulingContext, ScoredEndpoint,
+};
+
+/// Runs the configured profile for each request. Shared by the ext_proc server and the fleet
+/// simulator (which passes its own seeded RNG).
+pub struct Scheduler {
+    profile: Profile,
+    prefix: Option<Arc<PrefixCachePlugin>>,
+    saturation: HasCapacityFilter,
+    timer: Option<Arc<dyn PluginTimer>>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("profile", &self.profile)
+            .finish()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler for `profile`. `prefix` is the profile's prefix plugin, if any, so that the
+    /// datastore can purge departed endpoints from its index.
+    pub fn new(profile: Profile, prefix: Option<Arc<PrefixCachePlugin>>) -> Self {
+        Self {
+            profile,
+            prefix,
+            saturation: HasCapacityFilter::default(),
+            timer: None,
+        }
+    }
+
+    /// Thresholds deciding when an endpoint is saturated (for shedding).
+    pub fn with_saturation(mut self, saturation: HasCapacityFilter) -> Self {
+        self.saturation = saturation;
+        self
+    }
+
+    pub fn with_timer(mut self, timer: Arc<dyn PluginTimer>) -> Self {
+        self.timer = Some(timer);
+        self
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    pub fn prefix_plugin(&self) -> Option<&Arc<PrefixCachePlugin>> {
+        self.prefix.as_ref()
+    }
+
+    /// What the datastore should tell when endpoints leave.
+    pub fn endpoint_observer(&self) -> Option<Arc<dyn EndpointObserver>> {
+        self.prefix.clone().map(|p| p as Arc<dyn EndpointObserver>)
+    }
+
+    /// True when every candidate is saturated: sheddable requests are then refused.
+    pub fn is_saturated(&self, candidates: &[Candidate]) -> bool {
+        candidates
+            .iter()
+            .all(|c| !self.saturation.has_capacity(&c.metrics))
+    }
+
+    pub fn schedule(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+    ) -> Result<ScheduleResult, ScheduleError> {
+        self.schedule_with_rng(request, candidates, fastrand::Rng::new())
+    }
+
+    pub fn schedule_with_rng(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+        rng: fastrand::Rng,
+    ) -> Result<ScheduleResult, ScheduleError> {
+        let mut ctx = SchedulingContext::new(request, rng);
+        self.profile
+            .run(&mut ctx, candidates, self.timer.as_deref())
+    }
+}

@@ -1,0 +1,74 @@
+//! Scheduling plugins, one per file; each file's doc states its algorithm and defaults.
+
+pub mod decision_tree;
+pub mod has_capacity;
+pub mod kv_cache;
+pub mod least_kv_cache;
+pub mod least_queue;
+pub mod lora_affinity;
+pub mod lora_affinity_filter;
+pub mod low_queue;
+pub mod max_score;
+pub mod prefix;
+pub mod queue;
+pub mod random;
+pub mod weighted_random;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::datastore::{Candidate, Endpoint, EndpointMetrics, EndpointSpec};
+    use crate::request::LlmRequest;
+    use crate::scheduling::framework::SchedulingContext;
+
+    /// One candidate per metrics value, ids 0.., ports 8000...
+    pub fn candidates(metrics: &[EndpointMetrics]) -> Vec<Candidate> {
+        metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let spec =
+                    EndpointSpec::new(format!("pod-{i}"), ([10, 0, 0, i as u8 + 1], 8000).into());
+                Candidate::new(Arc::new(Endpoint::new(i as u32, spec)), Arc::new(m.clone()))
+            })
+            .collect()
+    }
+
+    pub fn metrics_q(q: u32) -> EndpointMetrics {
+        EndpointMetrics {
+            waiting_queue: q,
+            ..Default::default()
+        }
+    }
+
+    pub fn metrics_kv(kv: f64) -> EndpointMetrics {
+        EndpointMetrics {
+            kv_cache_usage: kv,
+            ..Default::default()
+        }
+    }
+
+    pub fn lora(active: &[&str], waiting: &[&str], max: u32) -> EndpointMetrics {
+        EndpointMetrics {
+            active_loras: active.iter().map(|s| s.to_string()).collect(),
+            waiting_loras: waiting.iter().map(|s| s.to_string()).collect(),
+            max_lora: max,
+            ..Default::default()
+        }
+    }
+
+    static EMPTY: std::sync::LazyLock<LlmRequest> = std::sync::LazyLock::new(LlmRequest::default);
+
+    pub fn ctx_for() -> SchedulingContext<'static> {
+        SchedulingContext::new(&EMPTY, fastrand::Rng::with_seed(42))
+    }
+
+    pub fn ctx_with_model(model: &str) -> LlmRequest {
+        LlmRequest {
+            model: model.into(),
+            target_model: model.into(),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! `prefix-cache-scorer`: routes a request to where its prompt prefix is (probably) cached.
+//!
+//! Algorithm (GIE proposal 0602, DESIGN §5):
+//! 1. *pre-schedule*: hash the prompt into chained blocks of `blockSize` bytes (default 64 = 16
+//!    tokens × ~4 chars), at most `maxPrefixBlocksToMatch` (default 256), seeded by the target
+//!    model and `cache_salt`; look the hashes up in the [`PrefixIndex`] to get, per endpoint, the
+//!    number of leading blocks it holds.
+//! 2. *score*: `matched_blocks / total_blocks` (0 for an empty prompt).
+//! 3. *post-schedule*: record all the request's blocks as held by the chosen endpoint, at once,
+//!    not when the response arrives (so a burst sharing a prefix follows the first request).
+//!
+//! Each endpoint holds at most `lruCapacityPerServer` blocks (default 31,250), least recently
+//! used evicted first. With `autoTune` (default true) an endpoint that reports its cache size
+//! (`vllm:cache_config_info`) gets a capacity of exactly that many tokens, in epp blocks.
+//! Endpoints leaving the datastore are purged from the index.
+
+use std::sync::Arc;
+
+use crate::datastore::{Candidate, Endpoint, EndpointObserver};
+use crate::index::hash::CHARS_PER_TOKEN;
+use crate::index::{BlockHash, BlockHasher, PrefixIndex, PrefixMatch};
+use crate::scheduling::framework::{
+    PostSchedule, PreSchedule, ScheduleResult, SchedulingContext, Scorer,
+};
+
+pub const TYPE: &str = "prefix-cache-scorer";
+
+/// Parameters of the prefix plugin.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixConfig {
+    pub hasher: BlockHasher,
+    pub lru_capacity_per_server: usize,
+    pub auto_tune: bool,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        Self {
+            hasher: BlockHasher::default(),
+            lru_capacity_per_server: crate::index::DEFAULT_LRU_CAPACITY_PER_SERVER,
+            auto_tune: true,
+        }
+    }
+}
+
+/// Observes prefix-match quality (epp's metrics implement it).
+pub trait PrefixObserver: Send + Sync {
+    /// `matched_blocks` of `total_blocks` were already on the chosen endpoint.
+    fn observe_match(&self, matched_blocks: usize, total_blocks: usize, block_size: usize);
+    /// Index size changed.
+    fn observe_index_size(&self, entries: usize);
+}
+
+/// The prefix-cache plugin: pre-schedule, scorer and post-schedule in one.
+pub struct PrefixCachePlugin {
+    config: PrefixConfig,
+    index: Arc<PrefixIndex>,
+    observer: Option<Arc<dyn PrefixObserver>>,
+}
+
+impl std::fmt::Debug for PrefixCachePlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixCachePlugin")
+            .field("config", &self.config)
+            .field("entries", &self.index.len())
+            .finish()
+    }
+}
+
+/// What pre-schedule learned about this request (private to this plugin).
+struct PrefixState {
+    hashes: Vec<BlockHash>,
+    matched: PrefixMatch,
+}
+
+impl PrefixCachePlugin {
+    pub fn new(config: PrefixConfig) -> Self {
+        Self {
+            index: Arc::new(PrefixIndex::new(config.lru_capacity_per_server)),
+            config,
+            observer: None,
+        }
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn PrefixObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn index(&self) -> &Arc<PrefixIndex> {
+        &self.index
+    }
+
+    pub fn config(&self) -> &PrefixConfig {
+        &self.config
+    }
+
+    /// Capacity in epp blocks for an endpoint reporting `num_gpu_blocks` of `block_size_tokens`.
+    fn tuned_capacity(&self, num_gpu_blocks: u64, block_size_tokens: u32) -> usize {
+        let tokens = num_gpu_blocks.saturating_mul(u64::from(block_size_tokens));
+        let chars = tokens.saturating_mul(CHARS_PER_TOKEN as u64);
+        (chars / self.config.hasher.block_size.max(1) as u64).max(1) as usize
+    }
+}
+
+impl PreSchedule for PrefixCachePlugin {
+    fn name(&self) -> &str {
+        TYPE
+    }
+
+    fn pre_schedule(&self, ctx: &mut SchedulingContext<'_>, _: &[Candidate]) {
+        let req = ctx.request;
+        let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
+        let hashes = self.config.hasher.hash(seed, &req.prompt);
+        let matched = self.index.match_prefix(&hashes);
+        ctx.state.insert(PrefixState { hashes, matched });
+    }
+}
+
+impl Scorer for PrefixCachePlugin {
+    fn name(&self) -> &str {
+        TYPE
+    }
+
+    fn score(&self, ctx: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
+        let Some(state) = ctx.state.get::<PrefixState>() else {
+            return;
+        };
+        let total = state.hashes.len();
+        if total == 0 || state.matched.pods.is_empty() {
+            return;
+        }
+        for (c, s) in candidates.iter().zip(scores.iter_mut()) {
+            *s = state.matched.blocks_for(c.endpoint.id) as f64 / total as f64;
+        }
+    }
+}
+
+impl PostSchedule for PrefixCachePlugin {
+    fn name(&self) -> &str {
+        TYPE
+    }
+
+    fn post_schedule(&self, ctx: &SchedulingContext<'_>, result: &ScheduleResult) {
+        let Some(state) = ctx.state.get::<PrefixState>() else {
+            return;
+        };
+        let target = result.primary();
+        let pod = target.endpoint.id;
+        if self.config.auto_tune
+            && let (Some(blocks), Some(size)) = (
+                target.metrics.num_gpu_blocks,
+                target.metrics.block_size_tokens,
+            )
+        {
+            let want = self.tuned_capacity(blocks, size);
+            if self.index.capacity(pod) != want {
+                self.index.set_capacity(pod, want);
+            }
+        }
+        self.index.record(pod, &state.hashes);
+        if let Some(o) = &self.observer {
+            o.observe_match(
+                state.matched.blocks_for(pod),
+                state.hashes.len(),
+                self.config.hasher.block_size,
+            );
+            o.observe_index_size(self.index.len());
+        }
+    }
+}
+
+impl EndpointObserver for PrefixCachePlugin {
+    fn endpoint_removed(&self, endpoint: &Endpoint) {
+        self.index.remove_pod(endpoint.id);
+        if let Some(o) = &self.observer {
+            o.observe_index_size(self.index.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::EndpointMetrics;
+    use crate::request::LlmRequest;
+    use crate::scheduling::plugins::test_support::candidates;
+
+    fn req(prompt: &str) -> LlmRequest {
+        LlmRequest {
+            model: "m".into(),
+            target_model: "m".into(),
+            prompt: prompt.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn run(p: &PrefixCachePlugin, r: &LlmRequest, cs: &[Candidate], pick: usize) -> Vec<f64> {
+        let mut ctx = SchedulingContext::new(r, fastrand::Rng::with_seed(1));
+        p.pre_schedule(&mut ctx, cs);
+        let refs: Vec<_> = cs.iter().collect();
+        let mut s = vec![0.0; cs.len()];
+        p.score(&ctx, &refs, &mut s);
+        let result = ScheduleResult {
+            targets: vec![cs[pick].clone()],
+            scores: vec![0.0],
+            profile: "t".into(),
+        };
+        p.post_schedule(&ctx, &result);
+        s
+    }
+
+    #[test]
+    fn scores_fraction_of_prompt_cached() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[EndpointMetrics::default(), EndpointMetrics::default()]);
+        let long = "x".repeat(64 * 4);
+        assert_eq!(run(&p, &req(&long), &cs, 1), vec![0.0, 0.0]);
+        assert_eq!(run(&p, &req(&long), &cs, 1), vec![0.0, 1.0]);
+        let mut half = "x".repeat(64 * 2);
+        half.push_str(&"y".repeat(64 * 2));
+        assert_eq!(run(&p, &req(&half), &cs, 0), vec![0.0, 0.5]);
+        assert_eq!(run(&p, &req(""), &cs, 0), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn different_models_do_not_share_blocks() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[EndpointMetrics::default()]);
+        let prompt = "z".repeat(200);
+        run(&p, &req(&prompt), &cs, 0);
+        let mut other = req(&prompt);
+        other.target_model = "n".into();
+        assert_eq!(run(&p, &other, &cs, 0), vec![0.0]);
+    }
+
+    #[test]
+    fn auto_tune_sizes_capacity_from_cache_config() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[EndpointMetrics {
+            num_gpu_blocks: Some(100),
+            block_size_tokens: Some(16),
+            ..Default::default()
+        }]);
+        run(&p, &req(&"q".repeat(64 * 300)), &cs, 0);
+        // 100 blocks × 16 tokens × 4 chars / 64 chars per epp block = 100.
+        assert_eq!(p.index().capacity(cs[0].endpoint.id), 100);
+        assert_eq!(p.index().pod_len(cs[0].endpoint.id), 100);
+    }
+
+    #[test]
+    fn removed_endpoint_is_purged() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[EndpointMetrics::default()]);
+        run(&p, &req(&"a".repeat(300)), &cs, 0);
+        assert!(!p.index().is_empty());
+        p.endpoint_removed(&cs[0].endpoint);
+        assert!(p.index().is_empty());
+    }
+}
