@@ -1,0 +1,131 @@
+//! A fake OpenAI-style model server on loopback: answers completions/chat (JSON or SSE) with
+//! its own id, serves vLLM-named `/metrics` with a settable queue, and counts what it saw.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+#[derive(Default)]
+pub struct Counters {
+    pub queue: AtomicU32,
+    pub scrapes: AtomicUsize,
+    pub requests: AtomicUsize,
+}
+
+pub struct Backend {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(id: &str) -> Backend {
+        let counters = Arc::new(Counters::default());
+        let state = (id.to_owned(), counters.clone());
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/v1/completions", post(generate))
+            .route("/v1/chat/completions", post(generate))
+            .route("/v1/models", get(models))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Backend {
+            id: id.to_owned(),
+            addr,
+            counters,
+            task,
+        }
+    }
+
+    pub fn set_queue(&self, q: u32) {
+        self.counters.queue.store(q, Ordering::SeqCst);
+    }
+
+    pub fn scrapes(&self) -> usize {
+        self.counters.scrapes.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.counters.requests.load(Ordering::SeqCst)
+    }
+}
+
+type St = (String, Arc<Counters>);
+
+async fn metrics(State((_, c)): State<St>) -> impl IntoResponse {
+    c.scrapes.fetch_add(1, Ordering::SeqCst);
+    let q = c.queue.load(Ordering::SeqCst);
+    format!(
+        "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {q}\n\
+         # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} 0\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.1\n"
+    )
+}
+
+async fn models(State((id, _)): State<St>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({"backend": id, "object": "list", "data": []}))
+}
+
+async fn generate(State((id, c)): State<St>, headers: HeaderMap, body: Bytes) -> Response {
+    c.requests.fetch_add(1, Ordering::SeqCst);
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "backend got invalid JSON").into_response();
+    };
+    let model = req["model"].as_str().unwrap_or_default().to_owned();
+    let seen_dest = headers
+        .get("x-gateway-destination-endpoint")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body_hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body));
+    if req["stream"].as_bool() == Some(true) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
+        tokio::spawn(async move {
+            for i in 0..5 {
+                let ev = serde_json::json!({"backend": id, "model": model, "choices": [{"index": 0, "text": format!("tok{i} ")}]});
+                let _ = tx.send(Ok(Bytes::from(format!("data: {ev}\n\n")))).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let usage = serde_json::json!({"backend": id, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .unwrap();
+    }
+    axum::Json(serde_json::json!({
+        "backend": id,
+        "model": model,
+        "served_model": model,
+        "destination_header": seen_dest,
+        "body_len": body.len(),
+        "body_hash": body_hash,
+        "choices": [{"index": 0, "text": "ok"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+    }))
+    .into_response()
+}

@@ -1,0 +1,269 @@
+//! End to end through a real Envoy: client → Envoy (ext_proc) → epp → Envoy → fake backends.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{BodyMode, Stack};
+
+fn system_prompt(tag: &str) -> String {
+    // ~4 KB shared prefix: 64 prefix blocks.
+    format!("[{tag}] ").repeat(4096 / (tag.len() + 3))
+}
+
+async fn assert_still_serving(stack: &Stack) {
+    let r = stack.complete("are you still there?").await;
+    assert_eq!(r.status, 200, "epp stopped serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefix_sticks_to_one_backend() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let sys = system_prompt("acme support bot");
+    let mut seen = HashSet::new();
+    for i in 0..12 {
+        let r = stack.complete(&format!("{sys} question {i}: why?")).await;
+        seen.insert(r.backend());
+    }
+    assert_eq!(seen.len(), 1, "shared prefix spread over {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_prefixes_spread_across_backends() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in 0..30 {
+        let r = stack
+            .complete(&format!("{} tail", system_prompt(&format!("tenant {i}"))))
+            .await;
+        *counts.entry(r.backend()).or_default() += 1;
+    }
+    assert_eq!(
+        counts.len(),
+        3,
+        "distinct prefixes should use every backend: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_queue_backend_stops_receiving_new_work() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let busy = &stack.backends[0];
+    busy.set_queue(50);
+    // Let epp scrape the new queue depth (every 20 ms in tests).
+    let before = busy.scrapes();
+    while busy.scrapes() < before + 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..30 {
+        let r = stack.complete(&format!("fresh prompt number {i}")).await;
+        assert_ne!(
+            r.backend(),
+            busy.id,
+            "request {i} went to the backend with a deep queue"
+        );
+    }
+    busy.set_queue(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_stream_passes_through_intact() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let body = serde_json::json!({"model": "m", "prompt": "stream me", "stream": true});
+    let r = stack
+        .send(
+            "POST",
+            "/v1/completions",
+            &[],
+            body.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "text/event-stream",
+        "content type preserved"
+    );
+    let text = String::from_utf8(r.body).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 7, "5 tokens, usage, [DONE]: {text}");
+    for (i, ev) in events[..5].iter().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["choices"][0]["text"], format!("tok{i} "));
+    }
+    assert_eq!(events[6], "data: [DONE]");
+    assert_still_serving(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_400_with_epp_message() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("/v1/completions", b"this is not json", "not valid JSON"),
+        ("/v1/completions", br#"{"prompt":"no model"}"#, "\"model\""),
+        ("/v1/chat/completions", br#"{"model":"m"}"#, "messages"),
+        ("/v1/completions", br#"{"model":"m"}"#, "prompt"),
+    ];
+    for (path, body, needle) in cases {
+        let r = stack.send("POST", path, &[], body.to_vec()).await;
+        assert_eq!(r.status, 400, "{path} {:?}", String::from_utf8_lossy(body));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            msg.contains(needle),
+            "message {msg:?} should mention {needle:?}"
+        );
+        assert_still_serving(&stack).await;
+    }
+    let served: usize = stack.backends.iter().map(|b| b.requests()).sum();
+    assert_eq!(served, 4, "malformed requests never reach a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_gets_413() {
+    let stack = Stack::start(
+        2,
+        BodyMode::FullDuplex,
+        &["--max-request-body-bytes", "100000"],
+    )
+    .await;
+    let r = stack.complete(&"x".repeat(150_000)).await;
+    assert_eq!(r.status, 413);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100000")
+    );
+    assert_still_serving(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_body_arrives_intact_in_chunks() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    // Larger than one 62,000-byte streamed_response chunk, so epp re-sends it in pieces.
+    let body = serde_json::json!({"model": "m", "prompt": "y".repeat(300_000)}).to_string();
+    let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+    let r = stack
+        .send("POST", "/v1/completions", &[], body.clone().into_bytes())
+        .await;
+    let v = r.json();
+    assert_eq!(v["body_len"], body.len());
+    assert_eq!(v["body_hash"], expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cannot_choose_its_backend() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let body = serde_json::json!({"model": "m", "prompt": "hi"}).to_string();
+    // Nothing listens on port 1: if Envoy used the client's header the request would fail.
+    let r = stack
+        .send(
+            "POST",
+            "/v1/completions",
+            &[("x-gateway-destination-endpoint", "127.0.0.1:1")],
+            body.into_bytes(),
+        )
+        .await;
+    let v = r.json();
+    let backend = r.backend();
+    let chosen = stack.backends.iter().find(|b| b.id == backend).unwrap();
+    assert_eq!(v["destination_header"], chosen.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_less_request_is_routed() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let r = stack.send("GET", "/v1/models", &[], Vec::new()).await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["backend"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_route_by_shared_prefix() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let sys = system_prompt("travel agent");
+    let mut seen = HashSet::new();
+    for i in 0..8 {
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": sys},
+            {"role": "user", "content": format!("trip {i}")}
+        ]});
+        let r = stack
+            .send(
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                body.to_string().into_bytes(),
+            )
+            .await;
+        seen.insert(r.backend());
+    }
+    assert_eq!(seen.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_mode_routes_and_rejects_like_full_duplex() {
+    let stack = Stack::start(3, BodyMode::Buffered, &[]).await;
+    let sys = system_prompt("buffered");
+    let mut seen = HashSet::new();
+    for i in 0..8 {
+        seen.insert(stack.complete(&format!("{sys} q{i}")).await.backend());
+    }
+    assert_eq!(seen.len(), 1);
+    let r = stack
+        .send("POST", "/v1/completions", &[], b"{not json".to_vec())
+        .await;
+    assert_eq!(r.status, 400);
+    assert_still_serving(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_rewrite_header_changes_the_served_model() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
+    let r = stack
+        .send(
+            "POST",
+            "/v1/completions",
+            &[("x-gateway-model-name-rewrite", "real-model")],
+            body.into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // The backend saw the rewritten model; the client sees its own model name back.
+    assert_eq!(r.json()["served_model"], "real-model");
+    assert_eq!(r.json()["model"], "alias");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_metrics_count_requests() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    for i in 0..3 {
+        stack.complete(&format!("count me {i}")).await;
+    }
+    stack
+        .send("POST", "/v1/completions", &[], b"bad".to_vec())
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+    assert!(
+        page.contains(
+            "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\"} 3"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains("inference_objective_request_error_total{"),
+        "{page}"
+    );
+    assert!(
+        page.contains("inference_pool_ready_pods{name=\"static\"} 2"),
+        "{page}"
+    );
+    assert!(
+        page.contains("inference_extension_prefix_indexer_size"),
+        "{page}"
+    );
+}
