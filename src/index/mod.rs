@@ -2,27 +2,29 @@
 //!
 //! Layout, chosen for a small per-entry footprint and no global lock:
 //!
-//! * **Reverse map**, sharded: `SHARDS` hash tables behind their own `RwLock`, each storing
-//!   16-byte entries `(block hash, pod, tick)`. A block held by several pods has one entry per
-//!   pod (a multimap), so "who holds block h" is a single probe sequence over one table. The
-//!   block hash is already uniformly distributed, so it is used as the table hash directly; the
-//!   shard is picked from bits 32..40, which hashbrown uses for neither bucket index nor tag.
-//! * **Per-pod LRU**: a ring of block hashes in recency order behind the pod's own mutex. Ring
-//!   slot `i` has tick `base + i`; the reverse-map entry stores the tick of the pod's latest
-//!   touch, so older ring slots for the same block are recognised as stale and skipped. Eviction
-//!   pops the front; compaction drops stale slots once they outnumber live ones. Cost: 8 bytes
-//!   per live entry plus bounded slack.
+//! * **Reverse map**, sharded: `SHARDS` hash tables behind their own `RwLock`, storing 12-byte
+//!   entries `(block hash, pod slot, count)`. A block held by several pods has one entry per pod
+//!   (a multimap), so "who holds block h" is one probe sequence. The block hash is already
+//!   uniform, so it is the table hash; the shard comes from bits 32..40, which hashbrown uses
+//!   for neither bucket index nor tag.
+//! * **Per-pod LRU**: a ring of block hashes in recency order behind the pod's own mutex. A
+//!   block refreshed again is pushed again; the entry's `count` says how many ring slots refer
+//!   to it, so popping the front evicts the block only when its count drops to zero (no newer
+//!   slot exists). Compaction drops duplicate slots once they outnumber live blocks.
 //!
-//! A request's blocks are pushed last-block-first, so when a pod is full its tail blocks are
-//! evicted before the shared head of the prompt (the order vLLM frees blocks in).
+//! **Prefix closure.** A request's blocks are pushed last block first, and block `i`'s chained
+//! hash only ever arrives together with blocks `0..i`, so block `j < i` is always more recent
+//! than block `i` in a pod's LRU and is evicted after it. Every pod's set of blocks is therefore
+//! closed under prefixes, and a pod's match length is found by *binary search* over the
+//! request's blocks instead of a walk over all of them: a decision probes O(log n) blocks per
+//! distinct match length rather than n. (This is also the order vLLM frees blocks in.)
 //!
-//! Lock order: pod mutex, then one shard lock at a time. Matching takes only shard read locks,
-//! so concurrent scheduling decisions contend only when they touch the same shard at the same
-//! instant.
+//! Lock order: pod mutex, then one shard lock at a time. Matching takes shard read locks only.
+//! Recording groups a request's blocks by shard and takes each shard's lock once.
 
 pub mod hash;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,29 +34,45 @@ use parking_lot::{Mutex, RwLock};
 
 pub use hash::{BlockHash, BlockHasher};
 
-/// Index-local identity of a pod (the datastore's endpoint id).
+/// Identity of a pod as the datastore knows it (the endpoint id).
 pub type PodId = u32;
+/// Dense per-index pod number (reused after a pod is removed), kept small for compact entries.
+type Slot = u16;
 
 /// Default per-pod capacity in blocks (GIE's default, sized for an H100 80 GB serving an 8B
 /// model: ~73 GB of HBM for KV at 128 KiB per token is ~500k tokens = 31,250 blocks of 16).
 pub const DEFAULT_LRU_CAPACITY_PER_SERVER: usize = 31_250;
 
-const SHARDS: usize = 128;
-/// Extra stale ring slots tolerated before a pod's ring is compacted.
+const SHARDS: usize = 256;
+/// Duplicate ring slots tolerated (beyond half the live blocks) before a ring is compacted.
 const RING_SLACK: usize = 256;
 
+/// 12 bytes: the hash is split so the struct needs only 4-byte alignment.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    hash: BlockHash,
-    pod: PodId,
-    tick: u32,
+    hash_lo: u32,
+    hash_hi: u32,
+    slot: Slot,
+    /// Ring slots of this pod that refer to this block.
+    count: u16,
+}
+
+impl Entry {
+    #[inline]
+    fn hash(&self) -> BlockHash {
+        (u64::from(self.hash_hi) << 32) | u64::from(self.hash_lo)
+    }
+    #[inline]
+    fn is(&self, hash: BlockHash, slot: Slot) -> bool {
+        self.hash() == hash && self.slot == slot
+    }
 }
 
 #[derive(Debug)]
 struct PodLru {
-    /// Block hashes, oldest first; slot `i` has tick `base + i` (wrapping).
+    slot: Slot,
+    /// Block hashes, oldest first; a block may appear more than once (see `Entry::count`).
     ring: VecDeque<BlockHash>,
-    base: u32,
     live: usize,
     capacity: usize,
     removed: bool,
@@ -84,11 +102,31 @@ impl Hasher for IdHasher {
 /// A `HashMap` keyed by pod id.
 pub type PodMap<V> = HashMap<PodId, V, BuildHasherDefault<IdHasher>>;
 
+#[derive(Debug, Default)]
+struct Pods {
+    by_id: PodMap<Arc<Mutex<PodLru>>>,
+    /// `owner[slot]`: the pod using a slot, if any.
+    owner: Vec<Option<PodId>>,
+}
+
+/// One shard, alone on its cache lines: neighbouring shards' lock words would otherwise share a
+/// line, and two threads recording into different shards would still contend for it.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(RwLock<HashTable<Entry>>);
+
+impl std::ops::Deref for Shard {
+    type Target = RwLock<HashTable<Entry>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// Sharded reverse map plus per-pod LRUs. See the module docs.
 #[derive(Debug)]
 pub struct PrefixIndex {
-    shards: Box<[RwLock<HashTable<Entry>>]>,
-    pods: RwLock<PodMap<Arc<Mutex<PodLru>>>>,
+    shards: Box<[Shard]>,
+    pods: RwLock<Pods>,
     default_capacity: usize,
     entries: AtomicUsize,
 }
@@ -96,7 +134,7 @@ pub struct PrefixIndex {
 /// How long a prefix each pod holds, in blocks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixMatch {
-    /// `(pod, leading blocks held)`, for pods holding at least the first block.
+    /// `(pod, leading blocks held)`, sorted by pod, for pods holding at least the first block.
     pub pods: Vec<(PodId, usize)>,
     /// Length of the longest match.
     pub longest: usize,
@@ -105,9 +143,8 @@ pub struct PrefixMatch {
 impl PrefixMatch {
     pub fn blocks_for(&self, pod: PodId) -> usize {
         self.pods
-            .iter()
-            .find(|(p, _)| *p == pod)
-            .map_or(0, |(_, n)| *n)
+            .binary_search_by_key(&pod, |(p, _)| *p)
+            .map_or(0, |i| self.pods[i].1)
     }
 }
 
@@ -127,8 +164,8 @@ impl PrefixIndex {
     /// [`PrefixIndex::set_capacity`] says otherwise.
     pub fn new(default_capacity: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
-            pods: RwLock::new(PodMap::default()),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            pods: RwLock::new(Pods::default()),
             default_capacity: default_capacity.max(1),
             entries: AtomicUsize::new(0),
         }
@@ -149,43 +186,64 @@ impl PrefixIndex {
         let rings: usize = self
             .pods
             .read()
+            .by_id
             .values()
             .map(|p| p.lock().ring.capacity() * std::mem::size_of::<BlockHash>())
             .sum();
         tables + rings
     }
 
-    /// For each pod, how many of the leading `hashes` it holds. Walks the blocks in order and
-    /// stops at the first block that no pod still in the running holds.
+    /// Slots of the pods holding `hash`.
+    fn holders(&self, hash: BlockHash, out: &mut Vec<Slot>) {
+        out.clear();
+        let shard = self.shards[shard_of(hash)].read();
+        out.extend(
+            shard
+                .iter_hash(hash)
+                .filter(|e| e.hash() == hash)
+                .map(|e| e.slot),
+        );
+    }
+
+    /// For each pod, how many of the leading `hashes` it holds (binary search per group of
+    /// pods, relying on prefix closure; see the module docs).
     pub fn match_prefix(&self, hashes: &[BlockHash]) -> PrefixMatch {
-        let mut lens: PodMap<usize> = PodMap::default();
-        let mut longest = 0;
-        for (i, &h) in hashes.iter().enumerate() {
-            let shard = self.shards[shard_of(h)].read();
-            let mut advanced = false;
-            for e in shard.iter_hash(h) {
-                if e.hash != h {
-                    continue;
-                }
-                if i == 0 {
-                    lens.insert(e.pod, 1);
-                    advanced = true;
-                } else if let Some(n) = lens.get_mut(&e.pod)
-                    && *n == i
-                {
-                    *n = i + 1;
-                    advanced = true;
-                }
-            }
-            drop(shard);
-            if !advanced {
-                break;
-            }
-            longest = i + 1;
+        let Some(&first) = hashes.first() else {
+            return PrefixMatch::default();
+        };
+        let mut probe = Vec::new();
+        self.holders(first, &mut probe);
+        if probe.is_empty() {
+            return PrefixMatch::default();
         }
-        let mut pods: Vec<(PodId, usize)> = lens.into_iter().collect();
-        pods.sort_unstable();
-        PrefixMatch { pods, longest }
+        let mut found: Vec<(Slot, usize)> = Vec::new();
+        // (lo, hi, pods): every pod holds block lo-1 and (if hi < n) not block hi.
+        let mut work: Vec<(usize, usize, Vec<Slot>)> = vec![(1, hashes.len(), probe.clone())];
+        while let Some((lo, hi, pods)) = work.pop() {
+            if lo == hi {
+                found.extend(pods.into_iter().map(|s| (s, lo)));
+                continue;
+            }
+            let mid = lo + (hi - lo) / 2;
+            self.holders(hashes[mid], &mut probe);
+            let (held, not): (Vec<Slot>, Vec<Slot>) =
+                pods.into_iter().partition(|s| probe.contains(s));
+            if !held.is_empty() {
+                work.push((mid + 1, hi, held));
+            }
+            if !not.is_empty() {
+                work.push((lo, mid, not));
+            }
+        }
+        let pods = self.pods.read();
+        let mut out: Vec<(PodId, usize)> = found
+            .into_iter()
+            .filter_map(|(s, n)| Some((pods.owner.get(usize::from(s)).copied().flatten()?, n)))
+            .collect();
+        drop(pods);
+        out.sort_unstable();
+        let longest = out.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        PrefixMatch { pods: out, longest }
     }
 
     /// Records that `pod` now holds all of `hashes` (refreshing their recency), evicting the
@@ -194,124 +252,214 @@ impl PrefixIndex {
         if hashes.is_empty() {
             return;
         }
-        let lru = self.pod_lru(pod);
+        let Some(lru) = self.pod_lru(pod) else {
+            return;
+        };
         let mut lru = lru.lock();
         if lru.removed {
             return;
         }
-        for &h in hashes.iter().rev() {
-            let tick = lru.base.wrapping_add(lru.ring.len() as u32);
-            lru.ring.push_back(h);
-            let mut shard = self.shards[shard_of(h)].write();
-            if let Some(e) = shard.find_mut(h, |e| e.hash == h && e.pod == pod) {
-                e.tick = tick;
+        let slot = lru.slot;
+        // A block's count is bounded by the ring length; compact before it could overflow.
+        if lru.ring.len() + hashes.len() >= usize::from(u16::MAX) {
+            self.compact(&mut lru);
+        }
+        lru.ring.extend(hashes.iter().rev());
+        let mut added = 0;
+        self.for_each_by_shard(hashes, |table, h| {
+            if let Some(e) = table.find_mut(h, |e| e.is(h, slot)) {
+                e.count += 1;
             } else {
-                shard.insert_unique(h, Entry { hash: h, pod, tick }, |e| e.hash);
-                lru.live += 1;
-                self.entries.fetch_add(1, Ordering::Relaxed);
+                let e = Entry {
+                    hash_lo: h as u32,
+                    hash_hi: (h >> 32) as u32,
+                    slot,
+                    count: 1,
+                };
+                table.insert_unique(h, e, |e| e.hash());
+                added += 1;
+            }
+        });
+        lru.live += added;
+        self.entries.fetch_add(added, Ordering::Relaxed);
+        self.evict_to_capacity(&mut lru);
+        if lru.ring.len() > lru.live + lru.live / 2 + RING_SLACK {
+            self.compact(&mut lru);
+        }
+    }
+
+    /// Runs `f` on every hash with its shard's table locked, each shard locked once. Hashes
+    /// are grouped by shard with a counting sort (O(n); a comparison sort cost more than the
+    /// table work it saves).
+    fn for_each_by_shard(
+        &self,
+        hashes: &[BlockHash],
+        mut f: impl FnMut(&mut HashTable<Entry>, BlockHash),
+    ) {
+        let mut starts = [0u32; SHARDS + 1];
+        for &h in hashes {
+            starts[shard_of(h) + 1] += 1;
+        }
+        for i in 1..=SHARDS {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts;
+        let mut grouped = vec![0u64; hashes.len()];
+        for &h in hashes {
+            let s = shard_of(h);
+            grouped[next[s] as usize] = h;
+            next[s] += 1;
+        }
+        // Start at a random shard so that concurrent writers do not walk the shards in lockstep.
+        let offset = fastrand::usize(..SHARDS);
+        for i in 0..SHARDS {
+            let s = (i + offset) % SHARDS;
+            let group = &grouped[starts[s] as usize..starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let mut table = self.shards[s].write();
+            for &h in group {
+                f(&mut table, h);
             }
         }
-        self.evict_to_capacity(pod, &mut lru);
-        if lru.ring.len() > 2 * lru.live + RING_SLACK {
-            self.compact(pod, &mut lru);
+    }
+
+    /// Pops `n` slots from the front of the ring, dropping blocks no newer slot refers to.
+    fn pop_front(&self, lru: &mut PodLru, n: usize) {
+        let slot = lru.slot;
+        let popped: Vec<BlockHash> = lru.ring.drain(..n.min(lru.ring.len())).collect();
+        let mut removed = 0;
+        self.for_each_by_shard(&popped, |table, h| {
+            if let Ok(mut entry) = table.find_entry(h, |e| e.is(h, slot)) {
+                let e = entry.get_mut();
+                e.count -= 1;
+                if e.count == 0 {
+                    entry.remove();
+                    removed += 1;
+                }
+            }
+        });
+        lru.live -= removed;
+        self.entries.fetch_sub(removed, Ordering::Relaxed);
+    }
+
+    fn evict_to_capacity(&self, lru: &mut PodLru) {
+        while lru.live > lru.capacity && !lru.ring.is_empty() {
+            let excess = lru.live - lru.capacity;
+            self.pop_front(lru, excess);
         }
+    }
+
+    /// Keeps only each block's newest ring slot (order preserved), resetting counts to 1.
+    fn compact(&self, lru: &mut PodLru) {
+        let slot = lru.slot;
+        let mut seen: HashSet<BlockHash, BuildHasherDefault<IdHasher>> =
+            HashSet::with_capacity_and_hasher(lru.live, Default::default());
+        let mut kept: Vec<BlockHash> = Vec::with_capacity(lru.live);
+        for &h in lru.ring.iter().rev() {
+            if seen.insert(h) {
+                kept.push(h);
+            }
+        }
+        kept.reverse();
+        self.for_each_by_shard(&kept, |table, h| {
+            if let Some(e) = table.find_mut(h, |e| e.is(h, slot)) {
+                e.count = 1;
+            }
+        });
+        let mut ring = VecDeque::with_capacity(kept.len() + RING_SLACK);
+        ring.extend(kept);
+        lru.ring = ring;
     }
 
     /// Sets one pod's capacity in blocks (e.g. its `num_gpu_blocks` when autoTune is on),
     /// evicting at once if it shrank.
     pub fn set_capacity(&self, pod: PodId, capacity: usize) {
-        let lru = self.pod_lru(pod);
+        let Some(lru) = self.pod_lru(pod) else {
+            return;
+        };
         let mut lru = lru.lock();
         lru.capacity = capacity.max(1);
-        self.evict_to_capacity(pod, &mut lru);
+        self.evict_to_capacity(&mut lru);
     }
 
     /// Capacity of one pod in blocks.
     pub fn capacity(&self, pod: PodId) -> usize {
         self.pods
             .read()
+            .by_id
             .get(&pod)
             .map_or(self.default_capacity, |l| l.lock().capacity)
     }
 
     /// Number of live blocks held by one pod.
     pub fn pod_len(&self, pod: PodId) -> usize {
-        self.pods.read().get(&pod).map_or(0, |l| l.lock().live)
+        self.pods
+            .read()
+            .by_id
+            .get(&pod)
+            .map_or(0, |l| l.lock().live)
     }
 
     /// Forgets a pod and every entry it held (called when it leaves the datastore).
     pub fn remove_pod(&self, pod: PodId) {
-        let Some(lru) = self.pods.write().remove(&pod) else {
+        let mut pods = self.pods.write();
+        let Some(lru) = pods.by_id.remove(&pod) else {
             return;
         };
         let mut lru = lru.lock();
         lru.removed = true;
+        let slot = lru.slot;
         let ring = std::mem::take(&mut lru.ring);
+        let unique: Vec<BlockHash> = ring
+            .into_iter()
+            .collect::<HashSet<_, BuildHasherDefault<IdHasher>>>()
+            .into_iter()
+            .collect();
         let mut removed = 0;
-        for h in ring {
-            let mut shard = self.shards[shard_of(h)].write();
-            if let Ok(entry) = shard.find_entry(h, |e| e.hash == h && e.pod == pod) {
+        self.for_each_by_shard(&unique, |table, h| {
+            if let Ok(entry) = table.find_entry(h, |e| e.is(h, slot)) {
                 entry.remove();
                 removed += 1;
             }
-        }
+        });
         lru.live = 0;
         self.entries.fetch_sub(removed, Ordering::Relaxed);
+        // Only now, with its entries gone, may the slot be reused.
+        pods.owner[usize::from(slot)] = None;
     }
 
-    fn pod_lru(&self, pod: PodId) -> Arc<Mutex<PodLru>> {
-        if let Some(l) = self.pods.read().get(&pod) {
-            return l.clone();
+    /// The pod's LRU, created on first use; `None` if all 65,536 slots are taken.
+    fn pod_lru(&self, pod: PodId) -> Option<Arc<Mutex<PodLru>>> {
+        if let Some(l) = self.pods.read().by_id.get(&pod) {
+            return Some(l.clone());
         }
-        self.pods
-            .write()
-            .entry(pod)
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(PodLru {
-                    ring: VecDeque::new(),
-                    base: 0,
-                    live: 0,
-                    capacity: self.default_capacity,
-                    removed: false,
-                }))
-            })
-            .clone()
-    }
-
-    fn evict_to_capacity(&self, pod: PodId, lru: &mut PodLru) {
-        while lru.live > lru.capacity {
-            let Some(h) = lru.ring.pop_front() else {
-                break;
-            };
-            let tick = lru.base;
-            lru.base = lru.base.wrapping_add(1);
-            let mut shard = self.shards[shard_of(h)].write();
-            if let Ok(entry) =
-                shard.find_entry(h, |e| e.hash == h && e.pod == pod && e.tick == tick)
-            {
-                entry.remove();
-                lru.live -= 1;
-                self.entries.fetch_sub(1, Ordering::Relaxed);
+        let mut pods = self.pods.write();
+        if let Some(l) = pods.by_id.get(&pod) {
+            return Some(l.clone());
+        }
+        let slot = match pods.owner.iter().position(Option::is_none) {
+            Some(s) => s,
+            None if pods.owner.len() <= usize::from(Slot::MAX) => {
+                pods.owner.push(None);
+                pods.owner.len() - 1
             }
-        }
-    }
-
-    /// Drops stale ring slots, keeping live ones in order and renumbering their ticks.
-    fn compact(&self, pod: PodId, lru: &mut PodLru) {
-        let old = std::mem::take(&mut lru.ring);
-        let old_base = lru.base;
-        let mut ring = VecDeque::with_capacity(lru.live + RING_SLACK);
-        let new_base = old_base.wrapping_add(old.len() as u32);
-        for (i, h) in old.into_iter().enumerate() {
-            let tick = old_base.wrapping_add(i as u32);
-            let mut shard = self.shards[shard_of(h)].write();
-            if let Some(e) = shard.find_mut(h, |e| e.hash == h && e.pod == pod && e.tick == tick) {
-                e.tick = new_base.wrapping_add(ring.len() as u32);
-                ring.push_back(h);
+            None => {
+                tracing::warn!(pod, "prefix index full: more than 65,536 pods");
+                return None;
             }
-        }
-        lru.ring = ring;
-        lru.base = new_base;
+        };
+        pods.owner[slot] = Some(pod);
+        let lru = Arc::new(Mutex::new(PodLru {
+            slot: slot as Slot,
+            ring: VecDeque::new(),
+            live: 0,
+            capacity: self.default_capacity,
+            removed: false,
+        }));
+        pods.by_id.insert(pod, lru.clone());
+        Some(lru)
     }
 }
 
@@ -339,15 +487,57 @@ mod tests {
     }
 
     #[test]
-    fn match_stops_at_first_block_nobody_holds() {
-        let idx = PrefixIndex::new(100);
-        let h = hashes(0..6);
-        // Pod 3 holds blocks 0,1 and 3,4 but not 2: only the leading run counts.
-        idx.record(3, &[h[0], h[1], h[3], h[4]]);
+    fn match_finds_each_pods_own_length() {
+        let idx = PrefixIndex::new(1000);
+        let h = hashes(0..200);
+        for (pod, n) in [(1, 200), (2, 1), (3, 77), (4, 128), (5, 77), (6, 199)] {
+            idx.record(pod, &h[..n]);
+        }
         let m = idx.match_prefix(&h);
-        assert_eq!(m.pods, vec![(3, 2)]);
-        assert!(idx.match_prefix(&hashes(100..103)).pods.is_empty());
+        assert_eq!(
+            m.pods,
+            vec![(1, 200), (2, 1), (3, 77), (4, 128), (5, 77), (6, 199)]
+        );
+        assert_eq!(m.longest, 200);
+        assert_eq!(idx.match_prefix(&h[..50]).blocks_for(4), 50);
+        assert!(idx.match_prefix(&hashes(1000..1003)).pods.is_empty());
         assert_eq!(idx.match_prefix(&[]), PrefixMatch::default());
+    }
+
+    #[test]
+    fn eviction_keeps_every_pods_blocks_prefix_closed() {
+        // Requests share heads of various lengths; tiny capacity forces constant eviction.
+        let idx = PrefixIndex::new(40);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let chains: Vec<Vec<u64>> = (0..6).map(|c| hashes(c * 1000..c * 1000 + 30)).collect();
+        for _ in 0..500 {
+            let c = &chains[rng.usize(..chains.len())];
+            let n = rng.usize(1..=c.len());
+            idx.record(1, &c[..n]);
+        }
+        for c in &chains {
+            // Walk: the number of leading blocks held must equal what binary search says.
+            let walked = c
+                .iter()
+                .take_while(|h| idx.match_prefix(&[**h]).blocks_for(1) == 1)
+                .count();
+            let held_later = c[walked..]
+                .iter()
+                .any(|h| idx.match_prefix(&[*h]).blocks_for(1) == 1);
+            assert!(!held_later, "a hole in the prefix");
+            assert_eq!(idx.match_prefix(c).blocks_for(1), walked);
+        }
+        assert!(idx.pod_len(1) <= 40);
+    }
+
+    #[test]
+    fn removed_slot_is_reused_without_stale_entries() {
+        let idx = PrefixIndex::new(100);
+        let h = hashes(0..5);
+        idx.record(1, &h);
+        idx.remove_pod(1);
+        idx.record(2, &h[..2]);
+        assert_eq!(idx.match_prefix(&h).pods, vec![(2, 2)]);
     }
 
     #[test]
@@ -389,7 +579,7 @@ mod tests {
             idx.record(1, &h);
         }
         assert_eq!(idx.pod_len(1), 8);
-        let lru = idx.pod_lru(1);
+        let lru = idx.pod_lru(1).unwrap();
         assert!(lru.lock().ring.len() <= 2 * 8 + RING_SLACK + 8);
         assert_eq!(idx.match_prefix(&h).blocks_for(1), 8);
     }

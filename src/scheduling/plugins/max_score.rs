@@ -1,7 +1,8 @@
 //! `max-score-picker`: picks the highest-scoring endpoints.
 //!
-//! Algorithm: shuffle the candidates, then stable-sort by score (descending) and keep the first
-//! `maxNumOfEndpoints` (default 1). Shuffling first makes ties break uniformly at random.
+//! Algorithm: keep the `maxNumOfEndpoints` (default 1) highest scores; ties break uniformly at
+//! random. For one endpoint this is a single pass (reservoir sampling among the tied best);
+//! for more, the candidates are shuffled, then stable-sorted by score.
 
 use crate::scheduling::framework::{Picker, SchedulingContext, ScoredEndpoint};
 
@@ -28,6 +29,26 @@ impl Picker for MaxScorePicker {
         ctx: &mut SchedulingContext<'_>,
         mut scored: Vec<ScoredEndpoint<'a>>,
     ) -> Vec<ScoredEndpoint<'a>> {
+        if self.max_endpoints <= 1 {
+            let mut best: Option<ScoredEndpoint<'a>> = None;
+            let mut ties = 0u32;
+            for s in scored {
+                match &best {
+                    Some(b) if s.score < b.score => {}
+                    Some(b) if s.score == b.score => {
+                        ties += 1;
+                        if ctx.rng.u32(..ties) == 0 {
+                            best = Some(s);
+                        }
+                    }
+                    _ => {
+                        best = Some(s);
+                        ties = 1;
+                    }
+                }
+            }
+            return best.into_iter().collect();
+        }
         ctx.rng.shuffle(&mut scored);
         scored.sort_by(|a, b| b.score.total_cmp(&a.score));
         scored.truncate(self.max_endpoints.max(1));

