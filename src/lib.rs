@@ -16,4 +16,5 @@ pub mod index;
 pub mod request;
 pub mod scheduling;
 pub mod scrape;
+pub mod sim;
 pub mod telemetry;
