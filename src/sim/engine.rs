@@ -193,6 +193,11 @@ impl Engine {
         &self.cfg
     }
 
+    /// Whether a request of this size can ever run (its prompt and output fit in the cache).
+    pub fn fits(&self, prompt_tokens: usize, max_tokens: usize) -> bool {
+        self.blocks_for(prompt_tokens + max_tokens) <= self.cfg.num_blocks
+    }
+
     /// Queues a request.
     pub fn add_request(&mut self, req: EngineRequest) {
         let req = EngineRequest {

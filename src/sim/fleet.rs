@@ -148,7 +148,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Summary figures of a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub ttft_mean: f64,
     pub ttft_p50: f64,
@@ -165,7 +165,14 @@ pub struct Summary {
 
 impl RunResult {
     pub fn summary(&self) -> Summary {
-        let o = &self.outcomes;
+        summarize(&self.outcomes, self.pods)
+    }
+}
+
+/// Summary figures of any set of outcomes over `pods` pods (also used for runs through the
+/// real stack).
+pub fn summarize(o: &[RequestOutcome], pods: usize) -> Summary {
+    {
         let mut ttft: Vec<f64> = o.iter().map(|r| r.first_token - r.arrival).collect();
         let mut e2e: Vec<f64> = o.iter().map(|r| r.finished - r.arrival).collect();
         ttft.sort_by(f64::total_cmp);
@@ -176,11 +183,11 @@ impl RunResult {
         let out_tokens: usize = o.iter().map(|r| r.output_tokens).sum();
         let prompt: usize = o.iter().map(|r| r.prompt_tokens).sum();
         let cached: usize = o.iter().map(|r| r.cached_tokens).sum();
-        let mut per_pod = vec![0usize; self.pods.max(1)];
+        let mut per_pod = vec![0usize; pods.max(1)];
         for r in o {
-            per_pod[r.pod] += 1;
+            per_pod[r.pod.min(pods.max(1) - 1)] += 1;
         }
-        let mean_load = n / self.pods.max(1) as f64;
+        let mean_load = n / pods.max(1) as f64;
         Summary {
             ttft_mean: ttft.iter().sum::<f64>() / n,
             ttft_p50: percentile(&ttft, 0.5),

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use super::fleet::Summary;
 
 /// One table row: a policy at a rate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub workload: String,
     pub rate: f64,
@@ -112,6 +112,62 @@ pub fn plot_ttft(rows: &[Row], workload: &str, path: &Path) -> Result<(), String
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Bar chart of mean and p90 TTFT per row (one bar pair per row), for runs at one rate.
+pub fn plot_ttft_bars(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let max = rows
+        .iter()
+        .map(|r| r.summary.ttft_p90.max(r.summary.ttft_mean))
+        .filter(|t| t.is_finite())
+        .fold(0.0, f64::max)
+        .max(0.001);
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let n = rows.len().max(1) as i32;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..n * 3, 0.0..max * 1.15)
+        .map_err(|e| err(&e))?;
+    let labels: Vec<String> = rows.iter().map(|r| r.policy.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len() * 3)
+        .x_label_formatter(&|x| {
+            if x % 3 == 1 {
+                labels.get((x / 3) as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("TTFT (s)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (k, (name, color)) in [("mean", COLORS[1]), ("p90", COLORS[0])].into_iter().enumerate() {
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+                let v = if k == 0 { r.summary.ttft_mean } else { r.summary.ttft_p90 };
+                let x = i as i32 * 3 + k as i32;
+                Rectangle::new([(x, 0.0), (x + 1, v)], color.filled())
+            }))
+            .map_err(|e| err(&e))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
