@@ -29,7 +29,10 @@ use epp::sim::report::{self, Row};
 use epp::sim::workload::{self, Arrival, SharedPrefix};
 
 #[derive(Debug, Parser)]
-#[command(name = "epp-bench", about = "Drive a workload through an OpenAI-compatible gateway")]
+#[command(
+    name = "epp-bench",
+    about = "Drive a workload through an OpenAI-compatible gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -135,11 +138,15 @@ async fn one(
         let mut usage = (0, 0, 0);
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else { continue };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
-                let Some(json) = line.strip_prefix(b"data: ") else { continue };
+                let Some(json) = line.strip_prefix(b"data: ") else {
+                    continue;
+                };
                 let json = json.trim_ascii_end();
                 if json == b"[DONE]" {
                     continue;
@@ -252,7 +259,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     if let Some(e) = first_error {
-        eprintln!("{errors} of {} requests failed; first error: {e}", arrivals.len());
+        eprintln!(
+            "{errors} of {} requests failed; first error: {e}",
+            arrivals.len()
+        );
     }
     if outcomes.is_empty() {
         bail!("no request succeeded");
@@ -293,7 +303,11 @@ fn report_cmd(results: PathBuf, out: PathBuf, title: String) -> anyhow::Result<(
     std::fs::write(out.join("results.md"), &table)?;
     let svg = out.join("ttft.svg");
     report::plot_ttft_bars(&rows, &title, &svg).map_err(anyhow::Error::msg)?;
-    println!("table: {}\nplot:  {}", out.join("results.md").display(), svg.display());
+    println!(
+        "table: {}\nplot:  {}",
+        out.join("results.md").display(),
+        svg.display()
+    );
     Ok(())
 }
 

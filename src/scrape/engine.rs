@@ -76,13 +76,60 @@ fn list(s: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// Every metric family read for `engine`.
+fn wanted(engine: EngineType) -> Vec<&'static str> {
+    let n = names(engine);
+    let mut v = vec![n.waiting, n.running, "vllm:lora_requests_info"];
+    v.extend_from_slice(n.kv);
+    v.extend_from_slice(match engine {
+        EngineType::Vllm => &["vllm:cache_config_info"],
+        EngineType::Sglang => &["sglang:cache_config_info"],
+        EngineType::TrtllmServe => &[
+            "trtllm_kv_cache_tokens_per_block",
+            "trtllm_kv_cache_max_blocks",
+        ],
+    });
+    v
+}
+
+/// The metric name a line of the text format is about (`# HELP/TYPE name …` or a sample).
+fn line_metric(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    if let Some(rest) = line.strip_prefix('#') {
+        let mut words = rest.split_whitespace();
+        return match words.next() {
+            Some("HELP" | "TYPE") => words.next(),
+            _ => None,
+        };
+    }
+    let end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(line.len());
+    (end > 0).then(|| &line[..end])
+}
+
+/// Keeps only the lines of the families epp reads. Engines expose hundreds of series, and a
+/// family the parser rejects (e.g. a counter whose `# TYPE` omits `_total`) must not cost epp
+/// the ones it needs.
+fn relevant_lines(text: &str, wanted: &[&str]) -> String {
+    let mut out = String::with_capacity(1024);
+    for line in text.lines() {
+        if line_metric(line).is_some_and(|m| wanted.contains(&m)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Parses one scrape of `engine`'s `/metrics`.
 pub fn parse_metrics(
     engine: EngineType,
     text: &str,
     now: Instant,
 ) -> Result<EndpointMetrics, MetricsError> {
-    let scrape = Scrape::parse(text).map_err(|e| MetricsError::Parse(format!("{e:?}")))?;
+    let page = relevant_lines(text, &wanted(engine));
+    let scrape = Scrape::parse(&page).map_err(|e| MetricsError::Parse(format!("{e:?}")))?;
     let find = |name: &str| scrape.metrics.iter().find(|m| m.name == name);
     let n = names(engine);
 
@@ -202,6 +249,20 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
         assert_eq!(m.waiting_queue, 2);
         assert_eq!(m.block_size_tokens, Some(32));
         assert_eq!(m.num_gpu_blocks, Some(900));
+    }
+
+    #[test]
+    fn unrelated_families_the_parser_rejects_do_not_matter() {
+        // Regression: prometheus-client writes counters as `# TYPE x counter` + `x_total`,
+        // which the parser rejects; that used to fail the whole scrape.
+        let text = format!(
+            "# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total 5\n{VLLM}"
+        );
+        let m = parse_metrics(EngineType::Vllm, &text, Instant::now()).unwrap();
+        assert_eq!(m.waiting_queue, 3);
+        assert_eq!(line_metric("# HELP a:b text"), Some("a:b"));
+        assert_eq!(line_metric("a{x=\"1\"} 2"), Some("a"));
+        assert_eq!(line_metric("# just a comment"), None);
     }
 
     #[test]

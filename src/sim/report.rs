@@ -154,10 +154,17 @@ pub fn plot_ttft_bars(rows: &[Row], title: &str, path: &Path) -> Result<(), Stri
         .y_desc("TTFT (s)")
         .draw()
         .map_err(|e| err(&e))?;
-    for (k, (name, color)) in [("mean", COLORS[1]), ("p90", COLORS[0])].into_iter().enumerate() {
+    for (k, (name, color)) in [("mean", COLORS[1]), ("p90", COLORS[0])]
+        .into_iter()
+        .enumerate()
+    {
         chart
             .draw_series(rows.iter().enumerate().map(|(i, r)| {
-                let v = if k == 0 { r.summary.ttft_mean } else { r.summary.ttft_p90 };
+                let v = if k == 0 {
+                    r.summary.ttft_mean
+                } else {
+                    r.summary.ttft_p90
+                };
                 let x = i as i32 * 3 + k as i32;
                 Rectangle::new([(x, 0.0), (x + 1, v)], color.filled())
             }))

@@ -54,7 +54,7 @@ impl Proc {
 }
 
 /// Spawns `cmd`, collecting stderr lines; returns once `ready` matches a line (its capture).
-fn spawn_and_wait(
+pub fn spawn_and_wait(
     name: &'static str,
     mut cmd: Command,
     ready: impl Fn(&str) -> Option<String> + Send + 'static,

@@ -1,0 +1,201 @@
+//! `epp-sim` over real HTTP, alone and behind Envoy + epp.
+
+mod common;
+
+use std::process::Command;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use common::{BodyMode, HttpClient, Proc};
+
+/// Starts epp-sim on an OS-chosen port, 50× faster than the modelled GPU.
+fn start_sim(name: &str) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp-sim"));
+    cmd.args([
+        "--port", "0", "--speed", "50", "--model", "model", "--name", name,
+    ])
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1");
+    let (proc, line) = common::spawn_and_wait("epp-sim", cmd, |l| {
+        l.contains("epp-sim listening").then(|| l.to_owned())
+    });
+    let addr = line
+        .split("address=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    (proc, addr)
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+async fn call(
+    c: &HttpClient,
+    method: &str,
+    url: &str,
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn long_prompt(tag: &str) -> String {
+    format!("{tag} ").repeat(2000 / (tag.len() + 1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_json_reports_usage_and_prefix_hits() {
+    let (_sim, addr) = start_sim("s0");
+    let c = client();
+    let url = format!("http://{addr}/v1/completions");
+    let body = serde_json::json!({"model": "model", "prompt": long_prompt("same"), "max_tokens": 3, "unknown_field": true});
+    let (status, headers, text) = call(&c, "POST", &url, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(headers["x-served-by"], "s0");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["choices"][0]["text"], "tok tok tok ");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The same prompt again: every full block but the last is served from the cache.
+    let (_, _, text) = call(&c, "POST", &url, &body.to_string()).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= prompt_tokens - 32 && cached < prompt_tokens,
+        "{cached} of {prompt_tokens}"
+    );
+
+    let (_, _, metrics) = call(&c, "GET", &format!("http://{addr}/metrics"), "").await;
+    for name in [
+        "vllm:num_requests_waiting{model_name=\"model\"} 0",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"6500\"",
+        "vllm:lora_requests_info",
+        "vllm:prefix_cache_hits_total",
+        "vllm:request_success_total{model_name=\"model\"} 2",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    // epp's own parser accepts the page.
+    let m = epp::scrape::parse_metrics(
+        epp::datastore::EngineType::Vllm,
+        &metrics,
+        std::time::Instant::now(),
+    )
+    .unwrap();
+    assert_eq!(m.num_gpu_blocks, Some(6500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streaming_with_usage_and_errors() {
+    let (_sim, addr) = start_sim("s0");
+    let c = client();
+    let body = serde_json::json!({"model": "model", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}});
+    let (status, headers, text) = call(
+        &c,
+        "POST",
+        &format!("http://{addr}/v1/chat/completions"),
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 6, "4 tokens, usage, [DONE]: {text}");
+    let first: serde_json::Value = serde_json::from_str(&events[0][6..]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let usage: serde_json::Value = serde_json::from_str(&events[4][6..]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 4);
+    assert_eq!(events[5], "data: [DONE]");
+
+    let (status, _, text) = call(
+        &c,
+        "POST",
+        &format!("http://{addr}/v1/completions"),
+        "{oops",
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let (status, _, _) = call(
+        &c,
+        "POST",
+        &format!("http://{addr}/v1/completions"),
+        r#"{"model":"nope","prompt":"x"}"#,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, text) = call(&c, "GET", &format!("http://{addr}/v1/models"), "").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"id\":\"model\""));
+    let (status, _, _) = call(&c, "GET", &format!("http://{addr}/health"), "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_routes_repeated_prefixes_to_the_warm_simulated_pod() {
+    let sims: Vec<(Proc, String)> = (0..3).map(|i| start_sim(&format!("sim-{i}"))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints.yaml");
+    let mut text = String::from("endpoints:\n");
+    for (i, (_, addr)) in sims.iter().enumerate() {
+        text.push_str(&format!("  - address: {addr}\n    name: sim-{i}\n"));
+    }
+    std::fs::write(&endpoints, text).unwrap();
+    let (_epp, grpc, _) = common::start_epp(&endpoints, &[]);
+    let (_envoy, gateway) = common::start_envoy(
+        dir.path(),
+        &common::envoy_config(grpc, BodyMode::FullDuplex),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let c = client();
+    let sys = long_prompt("system prompt of tenant seven");
+    let mut served = std::collections::HashSet::new();
+    let mut cached = Vec::new();
+    for i in 0..6 {
+        let body = serde_json::json!({"model": "model", "prompt": format!("{sys} question {i}"), "max_tokens": 2});
+        let (status, headers, text) = call(
+            &c,
+            "POST",
+            &format!("http://127.0.0.1:{gateway}/v1/completions"),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        served.insert(headers["x-served-by"].to_str().unwrap().to_owned());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cached.push(
+            v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(served.len(), 1, "one warm pod: {served:?}");
+    assert_eq!(cached[0], 0);
+    assert!(
+        cached[1..].iter().all(|c| *c >= 400),
+        "system prompt reused: {cached:?}"
+    );
+}
