@@ -24,6 +24,7 @@ GATEWAY_PORT=$((BASE_PORT + 81))
 ADMIN_PORT=$((BASE_PORT + 90))
 EPP_GRPC_PORT=$((BASE_PORT + 92))
 EPP_METRICS_PORT=$((BASE_PORT + 93))
+# health: BASE_PORT + 94
 
 scripts/setup.sh >/dev/null
 echo "building epp, epp-sim, epp-bench (release)…"
@@ -85,7 +86,7 @@ start_sims
 } >"$WORK/endpoints.yaml"
 EXPERIMENTAL_USE_SCHEDULER_V2=true ENABLE_PREFIX_CACHE_SCHEDULING=true \
 QUEUE_SCORE_WEIGHT=2 KV_CACHE_SCORE_WEIGHT=2 PREFIX_CACHE_SCORE_WEIGHT=3 \
-  "$BIN/epp" --secure-serving=false --bind-address 127.0.0.1 \
+  "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port $((BASE_PORT + 94)) \
     --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" \
     --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
 EPP_PID=$!

@@ -18,3 +18,4 @@ pub mod scheduling;
 pub mod scrape;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;

@@ -11,15 +11,15 @@ use clap::{ArgAction, Parser};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use epp::config::endpoints_file;
 use epp::config::env::SchedulerEnv;
+use epp::config::{endpoints_file, picker_config};
 use epp::datastore::Datastore;
 use epp::director::Director;
 use epp::extproc::{ExtProcService, Limits, Shared};
 use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
 use epp::telemetry::{self, Metrics};
-use epp::{discovery, duration, scrape};
+use epp::{discovery, duration, scrape, tls};
 
 /// Endpoint Picker for LLM inference gateways (Envoy ext_proc). Flag names follow the Go EPP.
 #[derive(Debug, Parser)]
@@ -37,13 +37,20 @@ struct Cli {
     /// Address the servers bind to.
     #[arg(long, default_value = "0.0.0.0")]
     bind_address: IpAddr,
-    /// Serve ext_proc over TLS. TLS is not available in this build yet: pass
-    /// `--secure-serving=false` (and a plaintext ext_proc cluster in Envoy).
+    /// Serve ext_proc over TLS (a self-signed certificate unless --cert-path is given);
+    /// `--secure-serving=false` for plaintext.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
     secure_serving: bool,
-    /// Directory holding tls.crt and tls.key.
+    /// Directory holding tls.crt and tls.key (e.g. a mounted TLS secret).
     #[arg(long)]
     cert_path: Option<PathBuf>,
+    /// EndpointPickerConfig file (plugins and scheduling profiles); overrides the scheduler
+    /// environment variables.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// EndpointPickerConfig as text (instead of --config-file).
+    #[arg(long)]
+    config_text: Option<String>,
     /// Static endpoints, `ip:port,ip:port…` (no Kubernetes).
     #[arg(long, env = "EPP_ENDPOINTS")]
     endpoints: Option<String>,
@@ -75,20 +82,20 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.verbosity);
-    if cli.secure_serving {
-        bail!(
-            "--secure-serving=true: TLS serving is not available in this build; \
-             run with --secure-serving=false"
-        );
-    }
 
-    // Configuration → scheduler.
-    let env = SchedulerEnv::from_env()?;
+    // Configuration → scheduler (config file over environment).
     let metrics = Metrics::new(&cli.pool_name);
-    let scheduler = Arc::new(
-        env.build_observed(Some(metrics.clone() as Arc<dyn PrefixObserver>))
-            .with_timer(metrics.clone() as Arc<dyn PluginTimer>),
-    );
+    let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
+    let env = SchedulerEnv::from_env()?;
+    let scheduler = match picker_config::load(
+        cli.config_file.as_deref(),
+        cli.config_text.as_deref(),
+        observer.clone(),
+    )? {
+        Some(s) => s.with_saturation(env.saturation()),
+        None => env.build_observed(observer),
+    };
+    let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
     tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
 
     // Datastore and discovery.
@@ -139,11 +146,42 @@ async fn main() -> anyhow::Result<()> {
             max_body_bytes: cli.max_request_body_bytes,
         },
     });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health_listener =
+        TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_health_port))
+            .await
+            .context("binding the health port")?;
+    tracing::info!(address = %health_listener.local_addr()?, "health server listening");
+    tokio::spawn(telemetry::health::maintain(
+        health_reporter,
+        datastore.clone(),
+        || true,
+    ));
+    let health_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(TcpListenerStream::new(health_listener)),
+    );
+
     let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
         .await
         .context("binding the ext_proc port")?;
-    tracing::info!(address = %grpc_listener.local_addr()?, "ext_proc server listening");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if cli.secure_serving {
+        let pair = match &cli.cert_path {
+            Some(dir) => tls::from_dir(dir)?,
+            None => tls::self_signed()?,
+        };
+        server = server
+            .tls_config(tls::server_config(&pair))
+            .context("TLS configuration")?;
+    }
+    tracing::info!(
+        address = %grpc_listener.local_addr()?,
+        tls = cli.secure_serving,
+        "ext_proc server listening"
+    );
+    server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(service.into_server())
@@ -151,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("ext_proc server")?;
     metrics_server.abort();
+    health_server.abort();
     tracing::info!("epp stopped");
     Ok(())
 }

@@ -267,3 +267,126 @@ async fn epp_metrics_count_requests() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ext_proc_with_self_signed_certificate() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &["--secure-serving=true"]).await;
+    let sys = system_prompt("over tls");
+    let mut seen = HashSet::new();
+    for i in 0..6 {
+        seen.insert(stack.complete(&format!("{sys} q{i}")).await.backend());
+    }
+    assert_eq!(seen.len(), 1);
+    let r = stack
+        .send("POST", "/v1/completions", &[], b"nope".to_vec())
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ext_proc_with_mounted_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let pair = epp::tls::self_signed().unwrap();
+    std::fs::write(certs.path().join("tls.crt"), &pair.cert_pem).unwrap();
+    std::fs::write(certs.path().join("tls.key"), &pair.key_pem).unwrap();
+    let dir = certs.path().to_str().unwrap().to_owned();
+    let stack = Stack::start(
+        2,
+        BodyMode::FullDuplex,
+        &["--secure-serving=true", "--cert-path", &dir],
+    )
+    .await;
+    assert_eq!(stack.complete("hello over mounted tls").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_reports_ready_services() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let stack = Stack::start(1, BodyMode::FullDuplex, &[]).await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", stack.health_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut client = HealthClient::new(channel);
+    for service in [
+        "",
+        "liveness",
+        "readiness",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
+        let resp = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.status(), ServingStatus::Serving, "service {service:?}");
+    }
+    let unknown = client
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_selects_the_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("epp.yaml");
+    // Only the queue scorer: prefixes no longer stick, deep queues are still avoided.
+    std::fs::write(
+        &cfg,
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins: [{pluginRef: queue-scorer}, {pluginRef: random-picker}]\n",
+    )
+    .unwrap();
+    let stack = Stack::start(
+        3,
+        BodyMode::FullDuplex,
+        &["--config-file", cfg.to_str().unwrap()],
+    )
+    .await;
+    let sys = system_prompt("no prefix scoring");
+    let mut seen = HashSet::new();
+    for i in 0..30 {
+        seen.insert(stack.complete(&format!("{sys} q{i}")).await.backend());
+    }
+    assert!(
+        seen.len() > 1,
+        "a random picker spreads a shared prefix: {seen:?}"
+    );
+}
+
+#[test]
+fn bad_config_file_fails_startup_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("epp.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n  parameters: {bogus: 1}\nschedulingProfiles: [{name: p}]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args([
+            "--secure-serving=false",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--config-file",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plugins[0].parameters.bogus"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["--endpoints", "127.0.0.1:1", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+}

@@ -179,6 +179,14 @@ impl SchedulerEnv {
         })
     }
 
+    /// Saturation thresholds (for shedding sheddable requests).
+    pub fn saturation(&self) -> HasCapacityFilter {
+        HasCapacityFilter {
+            queue_threshold: self.v1.queue_threshold_critical,
+            kv_cache_threshold: self.v1.kv_cache_threshold,
+        }
+    }
+
     /// Builds the scheduler these settings select.
     pub fn build(&self) -> Scheduler {
         self.build_observed(None)
@@ -186,10 +194,7 @@ impl SchedulerEnv {
 
     /// Like [`SchedulerEnv::build`], reporting prefix matches to `observer`.
     pub fn build_observed(&self, observer: Option<Arc<dyn PrefixObserver>>) -> Scheduler {
-        let saturation = HasCapacityFilter {
-            queue_threshold: self.v1.queue_threshold_critical,
-            kv_cache_threshold: self.v1.kv_cache_threshold,
-        };
+        let saturation = self.saturation();
         if !self.use_v2 {
             return Scheduler::new(v1::profile(self.v1), None).with_saturation(saturation);
         }

@@ -3,6 +3,7 @@
 
 pub mod endpoints_file;
 pub mod env;
+pub mod picker_config;
 
 /// A configuration problem, naming the setting at fault.
 #[derive(Debug, thiserror::Error)]
@@ -17,4 +18,6 @@ pub enum ConfigError {
     EndpointsFile { path: String, reason: String },
     #[error("--endpoints: {0}")]
     Endpoints(String),
+    #[error(transparent)]
+    PickerConfig(#[from] picker_config::PickerConfigError),
 }

@@ -86,21 +86,32 @@ pub fn spawn_and_wait(
 
 /// Starts epp with a static endpoints file; returns it and its ext_proc and metrics ports.
 pub fn start_epp(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16, u16) {
+    let (p, grpc, metrics, _) = start_epp_full(endpoints_file, extra);
+    (p, grpc, metrics)
+}
+
+/// Like [`start_epp`], also returning the health port.
+pub fn start_epp_full(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16, u16, u16) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
     cmd.args([
         "--grpc-port",
         "0",
         "--metrics-port",
         "0",
+        "--grpc-health-port",
+        "0",
         "--bind-address",
         "127.0.0.1",
-        "--secure-serving=false",
         "--refresh-metrics-interval",
         "20ms",
         "--endpoints-file",
     ])
     .arg(endpoints_file)
     .args(extra)
+    .args(
+        (!extra.iter().any(|a| a.starts_with("--secure-serving")))
+            .then_some("--secure-serving=false"),
+    )
     .env("EXPERIMENTAL_USE_SCHEDULER_V2", "true")
     .env("ENABLE_PREFIX_CACHE_SCHEDULING", "true")
     .env("RUST_LOG", "info")
@@ -114,12 +125,12 @@ pub fn start_epp(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let logs = proc.logs();
-        if let Some(l) = logs
-            .lines()
-            .find(|l| l.contains("ext_proc server listening address="))
-        {
-            let grpc = port_from(l);
-            return (proc, grpc, metrics_port);
+        let find = |what: &str| logs.lines().find(|l| l.contains(what)).map(port_from);
+        if let (Some(grpc), Some(health)) = (
+            find("ext_proc server listening address="),
+            find("health server listening address="),
+        ) {
+            return (proc, grpc, metrics_port, health);
         }
         assert!(Instant::now() < deadline, "epp did not start:\n{logs}");
         std::thread::sleep(Duration::from_millis(20));
@@ -127,7 +138,13 @@ pub fn start_epp(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16
 }
 
 fn port_from(line: &str) -> u16 {
-    let addr = line.rsplit("address=").next().unwrap().trim();
+    let addr = line
+        .rsplit("address=")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
@@ -138,8 +155,14 @@ pub enum BodyMode {
     Buffered,
 }
 
-/// Renders deploy/envoy/envoy.yaml for a test: gateway on port 0, epp on `epp_port`.
+/// Renders deploy/envoy/envoy.yaml for a test: gateway on port 0, epp on `epp_port` in
+/// plaintext.
 pub fn envoy_config(epp_port: u16, mode: BodyMode) -> String {
+    envoy_config_tls(epp_port, mode, false)
+}
+
+/// Like [`envoy_config`]; `tls`: talk to epp over TLS (the shipped default).
+pub fn envoy_config_tls(epp_port: u16, mode: BodyMode, tls: bool) -> String {
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
     )
@@ -149,6 +172,11 @@ pub fn envoy_config(epp_port: u16, mode: BodyMode) -> String {
         .replace("port_value: 19000", "port_value: 0")
         .replace("port_value: 9002", &format!("port_value: {epp_port}"))
         .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    if !tls {
+        let start = text.find("    # tls:begin").expect("tls:begin marker");
+        let end = text.find("    # tls:end\n").expect("tls:end marker") + "    # tls:end\n".len();
+        text.replace_range(start..end, "");
+    }
     if mode == BodyMode::Buffered {
         text = text.replace(
             "request_body_mode: FULL_DUPLEX_STREAMED",
@@ -230,6 +258,7 @@ pub struct Stack {
     pub envoy: Proc,
     pub gateway: u16,
     pub epp_metrics_port: u16,
+    pub health_port: u16,
     pub dir: tempfile::TempDir,
     pub client: HttpClient,
 }
@@ -249,8 +278,9 @@ impl Stack {
             text.push_str(&format!("  - address: {}\n    name: {}\n", b.addr, b.id));
         }
         std::fs::write(&endpoints, text).unwrap();
-        let (epp, grpc, epp_metrics_port) = start_epp(&endpoints, epp_args);
-        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config(grpc, mode));
+        let (epp, grpc, epp_metrics_port, health_port) = start_epp_full(&endpoints, epp_args);
+        let tls = epp_args.contains(&"--secure-serving=true");
+        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config_tls(grpc, mode, tls));
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let stack = Stack {
             backends,
@@ -258,6 +288,7 @@ impl Stack {
             envoy,
             gateway,
             epp_metrics_port,
+            health_port,
             dir,
             client,
         };
