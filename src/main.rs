@@ -57,9 +57,16 @@ struct Cli {
     /// Static endpoints file (YAML; reloaded when it changes).
     #[arg(long)]
     endpoints_file: Option<PathBuf>,
-    /// Name of the pool (labels the pool metrics).
-    #[arg(long, default_value = "static")]
-    pool_name: String,
+    /// InferencePool to follow (Kubernetes discovery); also labels the pool metrics.
+    #[arg(long)]
+    pool_name: Option<String>,
+    /// Namespace of the InferencePool.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pool_namespace: String,
+    /// API group of the InferencePool: inference.networking.k8s.io (v1) or
+    /// inference.networking.x-k8s.io (v1alpha2).
+    #[arg(long, default_value = discovery::kube::GROUP_V1)]
+    pool_group: String,
     /// Model-server metrics scrape interval.
     #[arg(long, default_value = "50ms", value_parser = duration::parse)]
     refresh_metrics_interval: Duration,
@@ -84,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init_tracing(cli.verbosity);
 
     // Configuration → scheduler (config file over environment).
-    let metrics = Metrics::new(&cli.pool_name);
+    let metrics = Metrics::new(cli.pool_name.as_deref().unwrap_or("static"));
     let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
     let env = SchedulerEnv::from_env()?;
     let scheduler = match picker_config::load(
@@ -103,17 +110,35 @@ async fn main() -> anyhow::Result<()> {
     if let Some(observer) = scheduler.endpoint_observer() {
         datastore.add_observer(observer);
     }
-    let _discovery = match (&cli.endpoints, &cli.endpoints_file) {
-        (Some(_), Some(_)) => bail!("give either --endpoints or --endpoints-file, not both"),
-        (Some(list), None) => {
+    let _discovery = match (&cli.endpoints, &cli.endpoints_file, &cli.pool_name) {
+        (Some(_), Some(_), _) => bail!("give either --endpoints or --endpoints-file, not both"),
+        (Some(list), None, _) => {
             discovery::static_::install_list(&datastore, endpoints_file::parse_list(list)?);
             None
         }
-        (None, Some(path)) => Some(discovery::static_::watch_file(
+        (None, Some(path), _) => Some(discovery::static_::watch_file(
             datastore.clone(),
             path.clone(),
         )?),
-        (None, None) => bail!("no endpoint source: pass --endpoints or --endpoints-file"),
+        (None, None, Some(name)) => {
+            let pool = discovery::kube::PoolRef {
+                name: name.clone(),
+                namespace: cli.pool_namespace.clone(),
+                group: cli.pool_group.clone(),
+            };
+            pool.api_resource()?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            Some(tokio::spawn(discovery::kube::run(
+                client,
+                pool,
+                datastore.clone(),
+            )))
+        }
+        (None, None, None) => bail!(
+            "no endpoint source: pass --pool-name (Kubernetes), --endpoints or --endpoints-file"
+        ),
     };
     let _scrapers = scrape::spawn(
         datastore.clone(),

@@ -1,3 +1,4 @@
 //! Endpoint sources: they keep the datastore's endpoint set current.
 
+pub mod kube;
 pub mod static_;
