@@ -188,7 +188,7 @@ impl State {
 
 enum Change {
     Pool(watcher::Event<DynamicObject>),
-    Pod(watcher::Event<Pod>),
+    Pod(Box<watcher::Event<Pod>>),
 }
 
 /// Follows `pool` until the task is dropped.
@@ -211,7 +211,7 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
     .map(|e| e.map(Change::Pool));
     let pod_events = watcher(pods, watcher::Config::default())
         .default_backoff()
-        .map(|e| e.map(Change::Pod));
+        .map(|e| e.map(|ev| Change::Pod(Box::new(ev))));
     let mut events = std::pin::pin!(futures::stream::select(pool_events, pod_events));
     let mut state = State::default();
     tracing::info!(pool = %pool.name, namespace = %pool.namespace, group = %pool.group, "watching InferencePool");
@@ -238,7 +238,7 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
                 watcher::Event::Init => {}
                 watcher::Event::InitDone => state.pool_listed = true,
             },
-            Change::Pod(ev) => match ev {
+            Change::Pod(ev) => match *ev {
                 watcher::Event::Apply(p) => {
                     let name = p.metadata.name.clone().unwrap_or_default();
                     state.pods.insert(name, p);
