@@ -187,7 +187,7 @@ impl State {
 }
 
 enum Change {
-    Pool(watcher::Event<DynamicObject>),
+    Pool(Box<watcher::Event<DynamicObject>>),
     Pod(Box<watcher::Event<Pod>>),
 }
 
@@ -208,7 +208,7 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
         watcher::Config::default().fields(&format!("metadata.name={}", pool.name)),
     )
     .default_backoff()
-    .map(|e| e.map(Change::Pool));
+    .map(|e| e.map(|ev| Change::Pool(Box::new(ev))));
     let pod_events = watcher(pods, watcher::Config::default())
         .default_backoff()
         .map(|e| e.map(|ev| Change::Pod(Box::new(ev))));
@@ -224,7 +224,7 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
             }
         };
         match change {
-            Change::Pool(ev) => match ev {
+            Change::Pool(ev) => match *ev {
                 watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
                     match parse_pool(&obj, &pool.group) {
                         Ok(spec) => state.pool = Some(spec),
