@@ -80,6 +80,10 @@ struct Cli {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]
     max_request_body_bytes: usize,
+    /// Leader election across replicas (only the leader reports ready). Not available in
+    /// this build: epp refuses to start rather than run several active replicas unknowingly.
+    #[arg(long)]
+    ha_enable_leader_election: bool,
     /// Log verbosity (0 info, 1–2 debug, 3+ trace); RUST_LOG overrides.
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     verbosity: u8,
@@ -89,6 +93,9 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.verbosity);
+    if cli.ha_enable_leader_election {
+        bail!("--ha-enable-leader-election is not available in this build of epp");
+    }
 
     // Configuration → scheduler (config file over environment).
     let metrics = Metrics::new(cli.pool_name.as_deref().unwrap_or("static"));
