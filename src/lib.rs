@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod duration;
 pub mod extproc;
 pub mod index;
+pub mod leader;
 pub mod request;
 pub mod scheduling;
 pub mod scrape;

@@ -80,8 +80,8 @@ struct Cli {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]
     max_request_body_bytes: usize,
-    /// Leader election across replicas (only the leader reports ready). Not available in
-    /// this build: epp refuses to start rather than run several active replicas unknowingly.
+    /// Leader election across replicas with a Lease (only the leader reports ready);
+    /// needs --pool-name.
     #[arg(long)]
     ha_enable_leader_election: bool,
     /// Log verbosity (0 info, 1–2 debug, 3+ trace); RUST_LOG overrides.
@@ -93,8 +93,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.verbosity);
-    if cli.ha_enable_leader_election {
-        bail!("--ha-enable-leader-election is not available in this build of epp");
+    if cli.ha_enable_leader_election && cli.pool_name.is_none() {
+        bail!("--ha-enable-leader-election needs --pool-name (a Kubernetes pool)");
     }
 
     // Configuration → scheduler (config file over environment).
@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(observer) = scheduler.endpoint_observer() {
         datastore.add_observer(observer);
     }
+    let mut leader: Option<Arc<std::sync::atomic::AtomicBool>> = None;
     let _discovery = match (&cli.endpoints, &cli.endpoints_file, &cli.pool_name) {
         (Some(_), Some(_), _) => bail!("give either --endpoints or --endpoints-file, not both"),
         (Some(list), None, _) => {
@@ -137,6 +138,19 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
+            if cli.ha_enable_leader_election {
+                let identity = std::env::var("POD_NAME")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
+                let elector = epp::leader::Elector::new(
+                    kube::Api::namespaced(client.clone(), &pool.namespace),
+                    epp::leader::lease_name(&pool.name),
+                    identity,
+                    epp::leader::Timing::default(),
+                );
+                leader = Some(elector.leader_flag());
+                tokio::spawn(elector.run());
+            }
             Some(tokio::spawn(discovery::kube::run(
                 client,
                 pool,
@@ -187,7 +201,11 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(telemetry::health::maintain(
         health_reporter,
         datastore.clone(),
-        || true,
+        move || {
+            leader
+                .as_ref()
+                .is_none_or(|l| l.load(std::sync::atomic::Ordering::Acquire))
+        },
     ));
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
