@@ -390,3 +390,51 @@ fn bad_config_file_fails_startup_naming_the_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_file_reload_removes_pods_and_empty_pool_gets_503() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    assert_eq!(stack.complete("before").await.status, 200);
+    let file = stack.dir.path().join("endpoints.yaml");
+    // Keep only backend b1: everything goes there from now on.
+    let b1 = &stack.backends[1];
+    std::fs::write(
+        &file,
+        format!(
+            "endpoints:\n  - address: {}\n    name: {}\n",
+            b1.addr, b1.id
+        ),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let hits: HashSet<String> = {
+            let mut s = HashSet::new();
+            for i in 0..6 {
+                s.insert(stack.complete(&format!("after reload {i}")).await.backend());
+            }
+            s
+        };
+        if hits.len() == 1 && hits.contains(&b1.id) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied: {hits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No endpoints at all: 503 with epp's message, and epp keeps serving.
+    std::fs::write(&file, "endpoints: []\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = stack.complete("nobody home").await;
+        if r.status == 503 {
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+            assert!(msg.contains("no ready endpoints"), "{msg}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {}", r.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

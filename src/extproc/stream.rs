@@ -487,3 +487,229 @@ fn route_message(e: &RouteError) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpTrailers, ProtocolConfiguration, processing_response::Response,
+    };
+    use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
+
+    use crate::config::env::SchedulerEnv;
+    use crate::datastore::{Datastore, EndpointSpec};
+
+    fn handler(endpoints: u8) -> StreamHandler {
+        let ds = Arc::new(Datastore::new());
+        ds.set_endpoints(
+            (0..endpoints)
+                .map(|i| EndpointSpec::new(format!("p{i}"), ([127, 0, 0, i + 1], 8000).into()))
+                .collect(),
+        );
+        let director = Director::new(
+            ds,
+            Arc::new(SchedulerEnv::default().build()),
+            Duration::from_secs(2),
+        );
+        StreamHandler::new(Shared {
+            director: Arc::new(director),
+            metrics: None,
+            limits: Limits::default(),
+        })
+    }
+
+    fn headers(path: &str, end_of_stream: bool, mode: BodySendMode) -> ProcessingRequest {
+        ProcessingRequest {
+            protocol_config: Some(ProtocolConfiguration {
+                request_body_mode: mode as i32,
+                response_body_mode: BodySendMode::FullDuplexStreamed as i32,
+                ..Default::default()
+            }),
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: ":path".into(),
+                        raw_value: path.as_bytes().to_vec(),
+                        ..Default::default()
+                    }],
+                }),
+                end_of_stream,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn body(b: &[u8], end_of_stream: bool) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody {
+                body: b.to_vec(),
+                end_of_stream,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    const BODY: &[u8] = br#"{"model":"m","prompt":"hello"}"#;
+
+    #[test]
+    fn duplex_waits_for_body_end_then_routes() {
+        let mut h = handler(2);
+        assert!(
+            h.handle(headers(
+                "/v1/completions",
+                false,
+                BodySendMode::FullDuplexStreamed
+            ))
+            .is_empty()
+        );
+        assert!(h.handle(body(&BODY[..5], false)).is_empty());
+        let out = h.handle(body(&BODY[5..], true));
+        assert_eq!(out.len(), 2, "headers response + one body chunk");
+        assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+        assert!(out[0].dynamic_metadata.is_some());
+        assert!(matches!(out[1].response, Some(Response::RequestBody(_))));
+    }
+
+    #[test]
+    fn duplex_body_ended_by_trailers() {
+        let mut h = handler(1);
+        h.handle(headers(
+            "/v1/completions",
+            false,
+            BodySendMode::FullDuplexStreamed,
+        ));
+        assert!(h.handle(body(BODY, false)).is_empty());
+        let out = h.handle(ProcessingRequest {
+            request: Some(Request::RequestTrailers(HttpTrailers::default())),
+            ..Default::default()
+        });
+        assert_eq!(out.len(), 3, "headers, body, trailers responses");
+        assert!(matches!(
+            out[2].response,
+            Some(Response::RequestTrailers(_))
+        ));
+    }
+
+    #[test]
+    fn buffered_answers_headers_at_once_and_routes_on_body() {
+        let mut h = handler(1);
+        let out = h.handle(headers("/v1/completions", false, BodySendMode::Buffered));
+        assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+        let out = h.handle(body(BODY, true));
+        let Some(Response::RequestBody(b)) = &out[0].response else {
+            panic!("expected a body response")
+        };
+        let set = &b
+            .response
+            .as_ref()
+            .unwrap()
+            .header_mutation
+            .as_ref()
+            .unwrap()
+            .set_headers;
+        assert_eq!(set[0].header.as_ref().unwrap().raw_value, b"127.0.0.1:8000");
+    }
+
+    #[test]
+    fn no_endpoints_is_503_and_ends_the_stream() {
+        let mut h = handler(0);
+        let out = h.handle(headers(
+            "/v1/models",
+            true,
+            BodySendMode::FullDuplexStreamed,
+        ));
+        let Some(Response::ImmediateResponse(r)) = &out[0].response else {
+            panic!("expected an immediate response")
+        };
+        assert_eq!(r.status.unwrap().code, 503);
+        assert!(h.is_done());
+        assert!(
+            h.handle(body(BODY, true)).is_empty(),
+            "nothing after an immediate response"
+        );
+    }
+
+    fn hint(values: Vec<&str>) -> Option<Metadata> {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: values
+                    .into_iter()
+                    .map(|v| Value {
+                        kind: Some(Kind::StringValue(v.into())),
+                    })
+                    .collect(),
+            })),
+        };
+        Some(Metadata {
+            filter_metadata: [(
+                msg::SUBSET_NAMESPACE.to_owned(),
+                Struct {
+                    fields: [(msg::SUBSET_KEY.to_owned(), list)].into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn subset_hint_parsing() {
+        assert_eq!(subset_hint(&None), None);
+        assert_eq!(
+            subset_hint(&hint(vec!["10.0.0.1:8000", "10.0.0.2", "junk"])),
+            Some(vec![
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ])
+        );
+        assert_eq!(subset_hint(&hint(vec![])), Some(vec![]));
+    }
+
+    #[test]
+    fn subset_hint_restricts_routing_end_to_end() {
+        let mut h = handler(3);
+        let mut req = headers("/v1/completions", false, BodySendMode::FullDuplexStreamed);
+        req.metadata_context = hint(vec!["127.0.0.3:8000"]);
+        h.handle(req);
+        let out = h.handle(body(BODY, true));
+        let Some(md) = &out[0].dynamic_metadata else {
+            panic!("no metadata")
+        };
+        let Some(Kind::StructValue(lb)) = &md.fields["envoy.lb"].kind else {
+            panic!()
+        };
+        assert_eq!(
+            lb.fields["x-gateway-destination-endpoint"].kind,
+            Some(Kind::StringValue("127.0.0.3:8000".into()))
+        );
+        let mut h = handler(3);
+        let mut req = headers("/v1/completions", false, BodySendMode::FullDuplexStreamed);
+        req.metadata_context = hint(vec![]);
+        h.handle(req);
+        let out = h.handle(body(BODY, true));
+        let Some(Response::ImmediateResponse(r)) = &out[0].response else {
+            panic!()
+        };
+        assert_eq!(r.status.unwrap().code, 503);
+    }
+
+    #[test]
+    fn model_swap_replaces_every_occurrence() {
+        assert_eq!(
+            replace_all(
+                b"a\"model\":\"x\"b\"model\":\"x\"",
+                b"\"model\":\"x\"",
+                b"\"model\":\"yy\""
+            )
+            .unwrap(),
+            b"a\"model\":\"yy\"b\"model\":\"yy\"".to_vec()
+        );
+        assert_eq!(replace_all(b"nothing", b"zz", b"y"), None);
+    }
+}
