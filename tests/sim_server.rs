@@ -199,3 +199,26 @@ async fn epp_routes_repeated_prefixes_to_the_warm_simulated_pod() {
         "system prompt reused: {cached:?}"
     );
 }
+
+#[test]
+fn official_openai_python_client_works_unchanged() {
+    let python = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "run scripts/setup.sh (creates .venv with the openai package)"
+    );
+    let (_sim, addr) = start_sim("s0");
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "OK",
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
