@@ -29,10 +29,13 @@ pub fn pods(n: usize) -> Vec<Candidate> {
                 format!("pod-{i}"),
                 ([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000).into(),
             );
+            // Equal load everywhere: with fixed unequal figures every new prefix group would
+            // pick the same least-loaded pods (nothing updates the figures between decisions
+            // here), leaving "100 pods" really two.
             let metrics = EndpointMetrics {
-                waiting_queue: (i % 7) as u32,
+                waiting_queue: 1,
                 running: 4,
-                kv_cache_usage: (i % 10) as f64 / 10.0,
+                kv_cache_usage: 0.3,
                 updated: Some(std::time::Instant::now()),
                 ..Default::default()
             };

@@ -2,11 +2,11 @@
 //!
 //! Layout, chosen for a small per-entry footprint and no global lock:
 //!
-//! * **Reverse map**, sharded: `SHARDS` hash tables behind their own `RwLock`, storing 12-byte
-//!   entries `(block hash, pod slot, count)`. A block held by several pods has one entry per pod
-//!   (a multimap), so "who holds block h" is one probe sequence. The block hash is already
-//!   uniform, so it is the table hash; the shard comes from bits 32..40, which hashbrown uses
-//!   for neither bucket index nor tag.
+//! * **Reverse map**, sharded: `SHARDS` hash tables ([`table`]: linear probing, no tombstones)
+//!   behind their own `RwLock`, storing 12-byte entries `(block hash, pod slot, count)`. A block
+//!   held by several pods has one entry per pod (a multimap), so "who holds block h" is one
+//!   probe run. The block hash is already uniform: its low bits pick the slot, bits 32..40 the
+//!   shard.
 //! * **Per-pod LRU**: a ring of block hashes in recency order behind the pod's own mutex. A
 //!   block refreshed again is pushed again; the entry's `count` says how many ring slots refer
 //!   to it, so popping the front evicts the block only when its count drops to zero (no newer
@@ -23,16 +23,19 @@
 //! Recording groups a request's blocks by shard and takes each shard's lock once.
 
 pub mod hash;
+mod ring;
+mod table;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
 pub use hash::{BlockHash, BlockHasher};
+use ring::Ring;
+use table::Table;
 
 /// Identity of a pod as the datastore knows it (the endpoint id).
 pub type PodId = u32;
@@ -43,8 +46,9 @@ type Slot = u16;
 /// model: ~73 GB of HBM for KV at 128 KiB per token is ~500k tokens = 31,250 blocks of 16).
 pub const DEFAULT_LRU_CAPACITY_PER_SERVER: usize = 31_250;
 
-const SHARDS: usize = 256;
-/// Duplicate ring slots tolerated (beyond half the live blocks) before a ring is compacted.
+const SHARDS: usize = 64;
+/// Duplicate ring slots tolerated (beyond as many as there are live blocks) before a ring is
+/// compacted.
 const RING_SLACK: usize = 256;
 
 /// 12 bytes: the hash is split so the struct needs only 4-byte alignment.
@@ -62,17 +66,13 @@ impl Entry {
     fn hash(&self) -> BlockHash {
         (u64::from(self.hash_hi) << 32) | u64::from(self.hash_lo)
     }
-    #[inline]
-    fn is(&self, hash: BlockHash, slot: Slot) -> bool {
-        self.hash() == hash && self.slot == slot
-    }
 }
 
 #[derive(Debug)]
 struct PodLru {
     slot: Slot,
     /// Block hashes, oldest first; a block may appear more than once (see `Entry::count`).
-    ring: VecDeque<BlockHash>,
+    ring: Ring,
     live: usize,
     capacity: usize,
     removed: bool,
@@ -113,10 +113,10 @@ struct Pods {
 /// line, and two threads recording into different shards would still contend for it.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard(RwLock<HashTable<Entry>>);
+struct Shard(RwLock<Table>);
 
 impl std::ops::Deref for Shard {
-    type Target = RwLock<HashTable<Entry>>;
+    type Target = RwLock<Table>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -188,7 +188,7 @@ impl PrefixIndex {
             .read()
             .by_id
             .values()
-            .map(|p| p.lock().ring.capacity() * std::mem::size_of::<BlockHash>())
+            .map(|p| p.lock().ring.bytes())
             .sum();
         tables + rings
     }
@@ -197,12 +197,7 @@ impl PrefixIndex {
     fn holders(&self, hash: BlockHash, out: &mut Vec<Slot>) {
         out.clear();
         let shard = self.shards[shard_of(hash)].read();
-        out.extend(
-            shard
-                .iter_hash(hash)
-                .filter(|e| e.hash() == hash)
-                .map(|e| e.slot),
-        );
+        out.extend(shard.iter_hash(hash).map(|e| e.slot));
     }
 
     /// For each pod, how many of the leading `hashes` it holds (binary search per group of
@@ -264,26 +259,27 @@ impl PrefixIndex {
         if lru.ring.len() + hashes.len() >= usize::from(u16::MAX) {
             self.compact(&mut lru);
         }
-        lru.ring.extend(hashes.iter().rev());
+        for &h in hashes.iter().rev() {
+            lru.ring.push_back(h);
+        }
         let mut added = 0;
         self.for_each_by_shard(hashes, |table, h| {
-            if let Some(e) = table.find_mut(h, |e| e.is(h, slot)) {
+            if let Some(e) = table.find_mut(h, |e| e.slot == slot) {
                 e.count += 1;
             } else {
-                let e = Entry {
+                table.insert(Entry {
                     hash_lo: h as u32,
                     hash_hi: (h >> 32) as u32,
                     slot,
                     count: 1,
-                };
-                table.insert_unique(h, e, |e| e.hash());
+                });
                 added += 1;
             }
         });
         lru.live += added;
         self.entries.fetch_add(added, Ordering::Relaxed);
         self.evict_to_capacity(&mut lru);
-        if lru.ring.len() > lru.live + lru.live / 2 + RING_SLACK {
+        if lru.ring.len() > 2 * lru.live + RING_SLACK {
             self.compact(&mut lru);
         }
     }
@@ -291,11 +287,7 @@ impl PrefixIndex {
     /// Runs `f` on every hash with its shard's table locked, each shard locked once. Hashes
     /// are grouped by shard with a counting sort (O(n); a comparison sort cost more than the
     /// table work it saves).
-    fn for_each_by_shard(
-        &self,
-        hashes: &[BlockHash],
-        mut f: impl FnMut(&mut HashTable<Entry>, BlockHash),
-    ) {
+    fn for_each_by_shard(&self, hashes: &[BlockHash], mut f: impl FnMut(&mut Table, BlockHash)) {
         let mut starts = [0u32; SHARDS + 1];
         for &h in hashes {
             starts[shard_of(h) + 1] += 1;
@@ -328,14 +320,14 @@ impl PrefixIndex {
     /// Pops `n` slots from the front of the ring, dropping blocks no newer slot refers to.
     fn pop_front(&self, lru: &mut PodLru, n: usize) {
         let slot = lru.slot;
-        let popped: Vec<BlockHash> = lru.ring.drain(..n.min(lru.ring.len())).collect();
+        let popped = lru.ring.drain_front(n);
         let mut removed = 0;
         self.for_each_by_shard(&popped, |table, h| {
-            if let Ok(mut entry) = table.find_entry(h, |e| e.is(h, slot)) {
-                let e = entry.get_mut();
+            if let Some(i) = table.find(h, |e| e.slot == slot) {
+                let e = table.get_mut(i);
                 e.count -= 1;
                 if e.count == 0 {
-                    entry.remove();
+                    table.remove_at(i);
                     removed += 1;
                 }
             }
@@ -357,19 +349,21 @@ impl PrefixIndex {
         let mut seen: HashSet<BlockHash, BuildHasherDefault<IdHasher>> =
             HashSet::with_capacity_and_hasher(lru.live, Default::default());
         let mut kept: Vec<BlockHash> = Vec::with_capacity(lru.live);
-        for &h in lru.ring.iter().rev() {
+        for h in lru.ring.iter().rev() {
             if seen.insert(h) {
                 kept.push(h);
             }
         }
         kept.reverse();
         self.for_each_by_shard(&kept, |table, h| {
-            if let Some(e) = table.find_mut(h, |e| e.is(h, slot)) {
+            if let Some(e) = table.find_mut(h, |e| e.slot == slot) {
                 e.count = 1;
             }
         });
-        let mut ring = VecDeque::with_capacity(kept.len() + RING_SLACK);
-        ring.extend(kept);
+        let mut ring = Ring::default();
+        for h in kept {
+            ring.push_back(h);
+        }
         lru.ring = ring;
     }
 
@@ -413,14 +407,14 @@ impl PrefixIndex {
         let slot = lru.slot;
         let ring = std::mem::take(&mut lru.ring);
         let unique: Vec<BlockHash> = ring
-            .into_iter()
+            .iter()
             .collect::<HashSet<_, BuildHasherDefault<IdHasher>>>()
             .into_iter()
             .collect();
         let mut removed = 0;
         self.for_each_by_shard(&unique, |table, h| {
-            if let Ok(entry) = table.find_entry(h, |e| e.is(h, slot)) {
-                entry.remove();
+            if let Some(i) = table.find(h, |e| e.slot == slot) {
+                table.remove_at(i);
                 removed += 1;
             }
         });
@@ -453,7 +447,7 @@ impl PrefixIndex {
         pods.owner[slot] = Some(pod);
         let lru = Arc::new(Mutex::new(PodLru {
             slot: slot as Slot,
-            ring: VecDeque::new(),
+            ring: Ring::default(),
             live: 0,
             capacity: self.default_capacity,
             removed: false,
