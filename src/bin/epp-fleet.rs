@@ -56,6 +56,15 @@ struct Cli {
     quiet: bool,
 }
 
+/// Prints to stdout; a closed pipe (e.g. `| head`) ends the program quietly.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{text}").is_err() {
+        std::process::exit(0);
+    }
+}
+
 fn list<T>(s: &str, what: &str, f: impl Fn(&str) -> Option<T>) -> anyhow::Result<Vec<T>> {
     s.split(',')
         .map(str::trim)
@@ -148,14 +157,14 @@ fn main() -> anyhow::Result<()> {
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     let table = report::markdown(&rows);
-    println!("{table}");
-    println!(
+    say(&table);
+    say(&format!(
         "{} pods, {} simulated requests in {:.1} s ({:.0} requests/s of wall time)",
         cli.pods,
         total,
         wall,
         total as f64 / wall
-    );
+    ));
 
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(cli.out.join("results.md"), &table)?;
@@ -167,7 +176,7 @@ fn main() -> anyhow::Result<()> {
             name.replace([' ', '/', ':', '.'], "-")
         ));
         report::plot_ttft(&rows, name, &file).map_err(anyhow::Error::msg)?;
-        println!("plot: {}", file.display());
+        say(&format!("plot: {}", file.display()));
     }
     Ok(())
 }

@@ -10,7 +10,8 @@
 //! * **Per-pod LRU**: a ring of block hashes in recency order behind the pod's own mutex. A
 //!   block refreshed again is pushed again; the entry's `count` says how many ring slots refer
 //!   to it, so popping the front evicts the block only when its count drops to zero (no newer
-//!   slot exists). Compaction drops duplicate slots once they outnumber live blocks.
+//!   slot exists). Duplicate slots are dropped by incremental compaction, a bounded batch per
+//!   record (see `compact_step`), so no decision pays for a whole ring.
 //!
 //! **Prefix closure.** A request's blocks are pushed last block first, and block `i`'s chained
 //! hash only ever arrives together with blocks `0..i`, so block `j < i` is always more recent
@@ -34,7 +35,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 pub use hash::{BlockHash, BlockHasher};
-use ring::Ring;
+use ring::LruOrder;
 use table::Table;
 
 /// Identity of a pod as the datastore knows it (the endpoint id).
@@ -47,9 +48,12 @@ type Slot = u16;
 pub const DEFAULT_LRU_CAPACITY_PER_SERVER: usize = 31_250;
 
 const SHARDS: usize = 64;
-/// Duplicate ring slots tolerated (beyond as many as there are live blocks) before a ring is
-/// compacted.
+/// Duplicate ring slots tolerated (beyond as many as there are live blocks) before a
+/// compaction round starts.
 const RING_SLACK: usize = 256;
+/// Dirty slots checked per slot pushed while a compaction round runs: a round over `d` slots
+/// finishes after `d / 4` pushes, so the ring stays within ~2.25× its live blocks.
+const COMPACT_PER_PUSH: usize = 4;
 
 /// 12 bytes: the hash is split so the struct needs only 4-byte alignment.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +76,7 @@ impl Entry {
 struct PodLru {
     slot: Slot,
     /// Block hashes, oldest first; a block may appear more than once (see `Entry::count`).
-    ring: Ring,
+    ring: LruOrder,
     live: usize,
     capacity: usize,
     removed: bool,
@@ -255,7 +259,8 @@ impl PrefixIndex {
             return;
         }
         let slot = lru.slot;
-        // A block's count is bounded by the ring length; compact before it could overflow.
+        // A block's count is bounded by the ring length; compact fully before it could
+        // overflow (only rings longer than 65,535 slots, i.e. very large capacities).
         if lru.ring.len() + hashes.len() >= usize::from(u16::MAX) {
             self.compact(&mut lru);
         }
@@ -279,8 +284,36 @@ impl PrefixIndex {
         lru.live += added;
         self.entries.fetch_add(added, Ordering::Relaxed);
         self.evict_to_capacity(&mut lru);
-        if lru.ring.len() > 2 * lru.live + RING_SLACK {
-            self.compact(&mut lru);
+        self.compact_step(&mut lru, COMPACT_PER_PUSH * hashes.len());
+    }
+
+    /// One bounded step of incremental compaction: starts a round once duplicates outnumber
+    /// live blocks, then checks `budget` of the oldest dirty slots. Processing oldest first
+    /// makes the test local: a slot whose block has other slots (`count > 1`) has a newer one
+    /// and is dropped; the only slot of its block is live and kept, in order.
+    fn compact_step(&self, lru: &mut PodLru, budget: usize) {
+        if !lru.ring.compacting() {
+            if lru.ring.len() <= 2 * lru.live + RING_SLACK {
+                return;
+            }
+            lru.ring.start_round();
+        }
+        let slot = lru.slot;
+        let batch = lru.ring.take_dirty(budget);
+        let mut keep = vec![false; batch.len()];
+        self.for_each_by_shard_indexed(&batch, |table, i, h| {
+            if let Some(e) = table.find_mut(h, |e| e.slot == slot) {
+                if e.count > 1 {
+                    e.count -= 1;
+                } else {
+                    keep[i] = true;
+                }
+            }
+        });
+        for (h, k) in batch.into_iter().zip(keep) {
+            if k {
+                lru.ring.push_clean(h);
+            }
         }
     }
 
@@ -288,6 +321,16 @@ impl PrefixIndex {
     /// are grouped by shard with a counting sort (O(n); a comparison sort cost more than the
     /// table work it saves).
     fn for_each_by_shard(&self, hashes: &[BlockHash], mut f: impl FnMut(&mut Table, BlockHash)) {
+        self.for_each_by_shard_indexed(hashes, |t, _, h| f(t, h));
+    }
+
+    /// Like [`Self::for_each_by_shard`], also passing each hash's index in `hashes`. Within a
+    /// shard, hashes keep their order (the counting sort is stable).
+    fn for_each_by_shard_indexed(
+        &self,
+        hashes: &[BlockHash],
+        mut f: impl FnMut(&mut Table, usize, BlockHash),
+    ) {
         let mut starts = [0u32; SHARDS + 1];
         for &h in hashes {
             starts[shard_of(h) + 1] += 1;
@@ -296,10 +339,10 @@ impl PrefixIndex {
             starts[i] += starts[i - 1];
         }
         let mut next = starts;
-        let mut grouped = vec![0u64; hashes.len()];
-        for &h in hashes {
+        let mut grouped = vec![0u32; hashes.len()];
+        for (i, &h) in hashes.iter().enumerate() {
             let s = shard_of(h);
-            grouped[next[s] as usize] = h;
+            grouped[next[s] as usize] = i as u32;
             next[s] += 1;
         }
         // Start at a random shard so that concurrent writers do not walk the shards in lockstep.
@@ -311,8 +354,8 @@ impl PrefixIndex {
                 continue;
             }
             let mut table = self.shards[s].write();
-            for &h in group {
-                f(&mut table, h);
+            for &i in group {
+                f(&mut table, i as usize, hashes[i as usize]);
             }
         }
     }
@@ -349,7 +392,8 @@ impl PrefixIndex {
         let mut seen: HashSet<BlockHash, BuildHasherDefault<IdHasher>> =
             HashSet::with_capacity_and_hasher(lru.live, Default::default());
         let mut kept: Vec<BlockHash> = Vec::with_capacity(lru.live);
-        for h in lru.ring.iter().rev() {
+        let all: Vec<BlockHash> = lru.ring.iter().collect();
+        for &h in all.iter().rev() {
             if seen.insert(h) {
                 kept.push(h);
             }
@@ -360,11 +404,7 @@ impl PrefixIndex {
                 e.count = 1;
             }
         });
-        let mut ring = Ring::default();
-        for h in kept {
-            ring.push_back(h);
-        }
-        lru.ring = ring;
+        lru.ring.replace(kept);
     }
 
     /// Sets one pod's capacity in blocks (e.g. its `num_gpu_blocks` when autoTune is on),
@@ -447,7 +487,7 @@ impl PrefixIndex {
         pods.owner[slot] = Some(pod);
         let lru = Arc::new(Mutex::new(PodLru {
             slot: slot as Slot,
-            ring: Ring::default(),
+            ring: LruOrder::default(),
             live: 0,
             capacity: self.default_capacity,
             removed: false,
@@ -522,6 +562,44 @@ mod tests {
             assert_eq!(idx.match_prefix(c).blocks_for(1), walked);
         }
         assert!(idx.pod_len(1) <= 40);
+    }
+
+    #[test]
+    fn incremental_compaction_keeps_counts_order_and_bounds() {
+        // Under capacity (no eviction): only compaction removes duplicate slots.
+        let idx = PrefixIndex::new(1_000_000);
+        let mut rng = fastrand::Rng::with_seed(9);
+        let chains: Vec<Vec<u64>> = (0..20).map(|c| hashes(c * 1000..c * 1000 + 64)).collect();
+        for round in 0..3000 {
+            let c = &chains[rng.usize(..chains.len())];
+            let n = rng.usize(1..=c.len());
+            idx.record(7, &c[..n]);
+            if round % 250 != 0 {
+                continue;
+            }
+            let lru = idx.pod_lru(7).unwrap();
+            let lru = lru.lock();
+            let slots: Vec<u64> = lru.ring.iter().collect();
+            assert!(slots.len() <= 3 * lru.live + RING_SLACK + 4 * 64);
+            // Every live block's count equals its number of ring slots.
+            let mut per_block: HashMap<u64, u16> = HashMap::new();
+            for h in &slots {
+                *per_block.entry(*h).or_default() += 1;
+            }
+            assert_eq!(per_block.len(), lru.live);
+            for (h, n) in per_block {
+                let shard = idx.shards[shard_of(h)].read();
+                let e = shard.iter_hash(h).find(|e| e.slot == lru.slot).unwrap();
+                assert_eq!(e.count, n, "count of {h:x}");
+            }
+        }
+        for c in &chains {
+            let walked = c
+                .iter()
+                .take_while(|h| idx.match_prefix(&[**h]).blocks_for(7) == 1)
+                .count();
+            assert_eq!(idx.match_prefix(c).blocks_for(7), walked);
+        }
     }
 
     #[test]
