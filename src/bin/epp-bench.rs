@@ -188,21 +188,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut arrivals = if let Some(path) = args.workload.strip_prefix("trace:") {
         workload::load_trace(path.as_ref(), &args.model)?
     } else {
-        let mut shape = match args.workload.as_str() {
-            "high" => SharedPrefix::high_reuse(),
-            "low" => SharedPrefix::low_reuse(),
-            other => bail!("unknown workload {other:?} (high, low, trace:<path>)"),
-        };
-        if let Some(g) = args.groups {
-            shape.groups = g;
-        }
-        if let Some(p) = args.prompts_per_group {
-            shape.prompts_per_group = p;
-        }
-        if let Some(o) = args.output_tokens {
-            shape.output_tokens = o;
-        }
-        shape.poisson(args.rate, &args.model, args.seed)
+        SharedPrefix::named(
+            &args.workload,
+            args.groups,
+            args.prompts_per_group,
+            args.output_tokens,
+        )
+        .map_err(anyhow::Error::msg)?
+        .poisson(args.rate, &args.model, args.seed)
     };
     arrivals.truncate(args.max_requests);
     if arrivals.is_empty() {

@@ -105,17 +105,8 @@ fn main() -> anyhow::Result<()> {
             runs.push((format!("trace {path}"), 0.0, arrivals));
             continue;
         }
-        let mut shape = match w {
-            "high" => SharedPrefix::high_reuse(),
-            "low" => SharedPrefix::low_reuse(),
-            other => bail!("unknown workload {other:?} (high, low, trace:<path>)"),
-        };
-        if let Some(g) = cli.groups {
-            shape.groups = g;
-        }
-        if let Some(p) = cli.prompts_per_group {
-            shape.prompts_per_group = p;
-        }
+        let shape = SharedPrefix::named(w, cli.groups, cli.prompts_per_group, None)
+            .map_err(anyhow::Error::msg)?;
         for &rate in &rates {
             let name = format!("{w} reuse");
             runs.push((name, rate, shape.poisson(rate, "model", cli.seed)));

@@ -120,13 +120,8 @@ impl LruOrder {
     /// Removes up to `n` of the oldest slots.
     pub fn drain_front(&mut self, n: usize) -> Vec<BlockHash> {
         let mut out = self.clean.drain_front(n);
-        while out.len() < n
-            && let Some(seg) = self.dirty.front_mut()
-        {
-            out.extend(seg.drain_front(n - out.len()));
-            if seg.is_empty() {
-                self.dirty.pop_front();
-            }
+        if out.len() < n {
+            out.extend(self.take_dirty(n - out.len()));
         }
         if out.len() < n {
             out.extend(self.fresh.drain_front(n - out.len()));

@@ -51,6 +51,28 @@ impl SharedPrefix {
         }
     }
 
+    /// A named shape (`high` or `low`) with optional overrides of its sizes.
+    pub fn named(
+        name: &str,
+        groups: Option<usize>,
+        prompts_per_group: Option<usize>,
+        output_tokens: Option<usize>,
+    ) -> Result<Self, String> {
+        let mut shape = match name {
+            "high" => Self::high_reuse(),
+            "low" => Self::low_reuse(),
+            other => {
+                return Err(format!(
+                    "unknown workload {other:?} (high, low, trace:<path>)"
+                ));
+            }
+        };
+        shape.groups = groups.unwrap_or(shape.groups);
+        shape.prompts_per_group = prompts_per_group.unwrap_or(shape.prompts_per_group);
+        shape.output_tokens = output_tokens.unwrap_or(shape.output_tokens);
+        Ok(shape)
+    }
+
     /// The prompts, shuffled (groups interleave, as in SGLang's benchmark).
     pub fn prompts(&self, rng: &mut fastrand::Rng) -> Vec<Arc<[u8]>> {
         let mut out = Vec::with_capacity(self.groups * self.prompts_per_group);
