@@ -4,11 +4,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use epp::config::env::SchedulerEnv;
@@ -19,7 +21,7 @@ use epp::extproc::{ExtProcService, Limits, Shared};
 use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
 use epp::telemetry::{self, Metrics};
-use epp::{discovery, duration, scrape, tls};
+use epp::{discovery, duration, leader, scrape, tls};
 
 /// Endpoint Picker for LLM inference gateways (Envoy ext_proc). Flag names follow the Go EPP.
 #[derive(Debug, Parser)]
@@ -70,8 +72,8 @@ struct Cli {
     /// Model-server metrics scrape interval.
     #[arg(long, default_value = "50ms", value_parser = duration::parse)]
     refresh_metrics_interval: Duration,
-    /// Interval of epp's own pool-metrics refresh (the pool gauges are computed per scrape of
-    /// epp's /metrics, so this only bounds their age).
+    /// Accepted for compatibility with the Go EPP; epp computes its pool gauges whenever its
+    /// /metrics is scraped, so they are never older than the scrape.
     #[arg(long, default_value = "5s", value_parser = duration::parse)]
     refresh_prometheus_metrics_interval: Duration,
     /// Age after which an endpoint's metrics are stale.
@@ -117,50 +119,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(observer) = scheduler.endpoint_observer() {
         datastore.add_observer(observer);
     }
-    let mut leader: Option<Arc<std::sync::atomic::AtomicBool>> = None;
-    let _discovery = match (&cli.endpoints, &cli.endpoints_file, &cli.pool_name) {
-        (Some(_), Some(_), _) => bail!("give either --endpoints or --endpoints-file, not both"),
-        (Some(list), None, _) => {
-            discovery::static_::install_list(&datastore, endpoints_file::parse_list(list)?);
-            None
-        }
-        (None, Some(path), _) => Some(discovery::static_::watch_file(
-            datastore.clone(),
-            path.clone(),
-        )?),
-        (None, None, Some(name)) => {
-            let pool = discovery::kube::PoolRef {
-                name: name.clone(),
-                namespace: cli.pool_namespace.clone(),
-                group: cli.pool_group.clone(),
-            };
-            pool.api_resource()?;
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
-            if cli.ha_enable_leader_election {
-                let identity = std::env::var("POD_NAME")
-                    .or_else(|_| std::env::var("HOSTNAME"))
-                    .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
-                let elector = epp::leader::Elector::new(
-                    kube::Api::namespaced(client.clone(), &pool.namespace),
-                    epp::leader::lease_name(&pool.name),
-                    identity,
-                    epp::leader::Timing::default(),
-                );
-                leader = Some(elector.leader_flag());
-                tokio::spawn(elector.run());
-            }
-            Some(tokio::spawn(discovery::kube::run(
-                client,
-                pool,
-                datastore.clone(),
-            )))
-        }
-        (None, None, None) => bail!(
-            "no endpoint source: pass --pool-name (Kubernetes), --endpoints or --endpoints-file"
-        ),
-    };
+    let (_discovery, leader) = start_discovery(&cli, &datastore).await?;
     let _scrapers = scrape::spawn(
         datastore.clone(),
         scrape::ScrapeConfig {
@@ -201,11 +160,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(telemetry::health::maintain(
         health_reporter,
         datastore.clone(),
-        move || {
-            leader
-                .as_ref()
-                .is_none_or(|l| l.load(std::sync::atomic::Ordering::Acquire))
-        },
+        move || leader.as_ref().is_none_or(|l| l.load(Ordering::Acquire)),
     ));
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -242,6 +197,58 @@ async fn main() -> anyhow::Result<()> {
     health_server.abort();
     tracing::info!("epp stopped");
     Ok(())
+}
+
+/// Starts the endpoint source the flags name; returns its task and, with leader election,
+/// the flag telling whether this replica leads.
+async fn start_discovery(
+    cli: &Cli,
+    datastore: &Arc<Datastore>,
+) -> anyhow::Result<(Option<JoinHandle<()>>, Option<Arc<AtomicBool>>)> {
+    match (&cli.endpoints, &cli.endpoints_file, &cli.pool_name) {
+        (Some(_), Some(_), _) => bail!("give either --endpoints or --endpoints-file, not both"),
+        (Some(list), None, _) => {
+            discovery::static_::install_list(datastore, endpoints_file::parse_list(list)?);
+            Ok((None, None))
+        }
+        (None, Some(path), _) => Ok((
+            Some(discovery::static_::watch_file(
+                datastore.clone(),
+                path.clone(),
+            )?),
+            None,
+        )),
+        (None, None, Some(name)) => {
+            let pool = discovery::kube::PoolRef {
+                name: name.clone(),
+                namespace: cli.pool_namespace.clone(),
+                group: cli.pool_group.clone(),
+            };
+            pool.api_resource()?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let mut leader = None;
+            if cli.ha_enable_leader_election {
+                let identity = std::env::var("POD_NAME")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
+                let elector = leader::Elector::new(
+                    kube::Api::namespaced(client.clone(), &pool.namespace),
+                    leader::lease_name(&pool.name),
+                    identity,
+                    leader::Timing::default(),
+                );
+                leader = Some(elector.leader_flag());
+                tokio::spawn(elector.run());
+            }
+            let task = tokio::spawn(discovery::kube::run(client, pool, datastore.clone()));
+            Ok((Some(task), leader))
+        }
+        (None, None, None) => bail!(
+            "no endpoint source: pass --pool-name (Kubernetes), --endpoints or --endpoints-file"
+        ),
+    }
 }
 
 async fn shutdown_signal() {
