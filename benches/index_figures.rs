@@ -21,12 +21,9 @@ fn latency() {
     println!("| pods | p50 µs | p99 µs | p99.9 µs |");
     println!("|---:|---:|---:|---:|");
     for n in [4usize, 100, 1000] {
-        let scheduler = support::scheduler();
         let pods = support::pods(n);
-        let requests: Vec<_> = (0..4096).map(support::request).collect();
-        for r in &requests {
-            scheduler.schedule(r, &pods).unwrap();
-        }
+        let requests = support::requests();
+        let scheduler = support::warmed_scheduler(&pods, &requests);
         let mut samples = Vec::with_capacity(20_000);
         for i in 0..20_000 {
             let r = &requests[i % requests.len()];
@@ -77,14 +74,8 @@ fn memory() {
 /// real case) or one each (no shared state at all: the machine's own scaling limit).
 fn rate(threads: usize, shared: bool) -> f64 {
     let pods = Arc::new(support::pods(100));
-    let requests: Arc<Vec<_>> = Arc::new((0..4096).map(support::request).collect());
-    let make = || {
-        let s = Arc::new(support::scheduler());
-        for r in requests.iter() {
-            s.schedule(r, &pods).unwrap();
-        }
-        s
-    };
+    let requests = Arc::new(support::requests());
+    let make = || Arc::new(support::warmed_scheduler(&pods, &requests));
     let one = make();
     let schedulers: Vec<_> = (0..threads)
         .map(|_| if shared { one.clone() } else { make() })

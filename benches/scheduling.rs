@@ -31,13 +31,9 @@ fn hashing(c: &mut Criterion) {
 fn decision(c: &mut Criterion) {
     let mut g = c.benchmark_group("schedule_32k_prompt");
     for n in [4usize, 100, 1000] {
-        let scheduler = support::scheduler();
         let pods = support::pods(n);
-        let requests: Vec<_> = (0..4096).map(support::request).collect();
-        // Warm the index so matches are real.
-        for r in &requests {
-            scheduler.schedule(r, &pods).unwrap();
-        }
+        let requests = support::requests();
+        let scheduler = support::warmed_scheduler(&pods, &requests);
         let mut i = 0;
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {

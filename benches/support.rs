@@ -63,3 +63,18 @@ pub fn request(i: usize) -> LlmRequest {
         ..Default::default()
     }
 }
+
+/// The bench workload: 4,096 requests (see [`request`]).
+pub fn requests() -> Vec<LlmRequest> {
+    (0..4096).map(request).collect()
+}
+
+/// A scheduler whose index already holds `requests` (each scheduled once over `pods`), so
+/// that measured decisions match real prefixes.
+pub fn warmed_scheduler(pods: &[Candidate], requests: &[LlmRequest]) -> Scheduler {
+    let s = scheduler();
+    for r in requests {
+        s.schedule(r, pods).unwrap();
+    }
+    s
+}
