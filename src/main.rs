@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Servers.
-    let metrics_listener = telemetry::bind(SocketAddr::new(cli.bind_address, cli.metrics_port))
+    let metrics_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.metrics_port))
         .await
         .context("binding the metrics port")?;
     tracing::info!(address = %metrics_listener.local_addr()?, "metrics server listening");

@@ -296,17 +296,13 @@ impl StreamHandler {
             ));
             request.target_model = target;
         }
+        let id = request.request_id.clone();
         let dest = match self.route(request) {
             Ok(d) => d,
             Err((status, message)) => return self.fail(status, &message),
         };
         let body = body_out.unwrap_or_else(|| std::mem::take(&mut self.body));
         let generated_id = self.info.request_id.is_none();
-        let id = self
-            .routed
-            .as_ref()
-            .map(|r| r.request.request_id.clone())
-            .unwrap_or_default();
         let extra: Vec<(&str, &[u8])> = if generated_id {
             vec![(REQUEST_ID_HEADER, id.as_bytes())]
         } else {
@@ -331,7 +327,7 @@ impl StreamHandler {
         }
     }
 
-    fn request_id(&mut self) -> String {
+    fn request_id(&self) -> String {
         if let Some(id) = &self.info.request_id {
             return id.clone();
         }

@@ -3,7 +3,6 @@
 pub mod health;
 pub mod metrics;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -35,11 +34,6 @@ pub async fn serve_metrics(
         .route("/metrics", get(metrics_page))
         .with_state((metrics, datastore));
     axum::serve(listener, app).await
-}
-
-/// Binds the metrics port.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Logging: `-v N` maps to a level (0 info, 1–2 debug, 3+ trace) unless `RUST_LOG` is set.
