@@ -13,6 +13,7 @@ fn hashing(c: &mut Criterion) {
     let hasher = BlockHasher {
         block_size: 64,
         max_blocks: usize::MAX,
+        max_bytes: 0,
     };
     let capped = BlockHasher::default();
     let seed = BlockHasher::seed("llama", None);
@@ -22,7 +23,7 @@ fn hashing(c: &mut Criterion) {
     g.bench_function("all_512_blocks", |b| {
         b.iter(|| hasher.hash_into(seed, std::hint::black_box(&req.prompt), &mut out))
     });
-    g.bench_function("capped_256_blocks", |b| {
+    g.bench_function("default_dense_256_then_coarse", |b| {
         b.iter(|| capped.hash_into(seed, std::hint::black_box(&req.prompt), &mut out))
     });
     g.finish();

@@ -33,9 +33,9 @@ pub fn pods(n: usize) -> Vec<Candidate> {
             // pick the same least-loaded pods (nothing updates the figures between decisions
             // here), leaving "100 pods" really two.
             let metrics = EndpointMetrics {
-                waiting_queue: 1,
-                running: 4,
-                kv_cache_usage: 0.3,
+                waiting_queue: Some(1),
+                running: Some(4),
+                kv_cache_usage: Some(0.3),
                 updated: Some(std::time::Instant::now()),
                 ..Default::default()
             };

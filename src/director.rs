@@ -2,15 +2,19 @@
 //!
 //! 1. take the datastore snapshot; none ⇒ 503;
 //! 2. apply the subset hint (keep endpoints whose IP is listed; listed-but-empty ⇒ 503);
-//! 3. prefer endpoints with fresh metrics (all of them if none is fresh, e.g. right after start);
+//! 3. judge each endpoint's metrics ([`Health`]): stale, failing or never-scraped endpoints stay
+//!    candidates — their load then comes from epp's own accounting and they lose ties — so one
+//!    endpoint with fresh metrics never takes all traffic; only endpoints whose serving port
+//!    refused the last scrape are left out, and only while another endpoint is reachable;
 //! 4. admission: a sheddable request (priority < 0) while every candidate is saturated ⇒ 429;
-//! 5. run the scheduler; everything filtered out ⇒ 429.
+//! 5. run the scheduler, which reserves the request's load on its target; everything filtered
+//!    out ⇒ 429.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::datastore::{Candidate, Datastore};
+use crate::datastore::{Candidate, Datastore, Health};
 use crate::request::LlmRequest;
 use crate::scheduling::{ScheduleError, ScheduleResult, Scheduler};
 
@@ -57,34 +61,39 @@ impl Director {
         }
     }
 
-    /// Picks the endpoint(s) for `request`. `subset`: `None` without a hint, otherwise the IPs
-    /// the hint allows.
-    pub fn route(
-        &self,
-        request: &LlmRequest,
-        subset: Option<&[IpAddr]>,
-    ) -> Result<ScheduleResult, RouteError> {
+    /// The endpoints `request` may go to, with their health judged now (step 1–3 above).
+    pub fn candidates(&self, subset: Option<&[IpAddr]>) -> Result<Vec<Candidate>, RouteError> {
         let snapshot = self.datastore.snapshot();
         if snapshot.candidates.is_empty() {
             return Err(RouteError::NoEndpoints);
         }
         let now = Instant::now();
-        let allowed =
-            |c: &Candidate| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip()));
-        let in_subset = snapshot.candidates.iter().filter(|c| allowed(c));
-        let fresh: Vec<Candidate> = in_subset
-            .clone()
-            .filter(|c| c.is_fresh(now, self.staleness_threshold))
+        let mut candidates: Vec<Candidate> = snapshot
+            .candidates
+            .iter()
+            .filter(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())))
             .cloned()
             .collect();
-        let candidates = if fresh.is_empty() {
-            in_subset.cloned().collect()
-        } else {
-            fresh
-        };
         if candidates.is_empty() {
             return Err(RouteError::SubsetEmpty);
         }
+        for c in &mut candidates {
+            c.assess(now, self.staleness_threshold);
+        }
+        if candidates.iter().any(|c| c.health != Health::Unreachable) {
+            candidates.retain(|c| c.health != Health::Unreachable);
+        }
+        Ok(candidates)
+    }
+
+    /// Picks the endpoint(s) for `request` and reserves its load there. `subset`: `None`
+    /// without a hint, otherwise the IPs the hint allows.
+    pub fn route(
+        &self,
+        request: &LlmRequest,
+        subset: Option<&[IpAddr]>,
+    ) -> Result<ScheduleResult, RouteError> {
+        let candidates = self.candidates(subset)?;
         if request.priority < 0 && self.scheduler.is_saturated(&candidates) {
             return Err(RouteError::Shed);
         }
@@ -101,7 +110,16 @@ impl Director {
 mod tests {
     use super::*;
     use crate::config::env::SchedulerEnv;
-    use crate::datastore::{EndpointMetrics, EndpointSpec};
+    use crate::datastore::{EndpointMetrics, EndpointSpec, ScrapeFailure};
+
+    fn request(prompt: &str) -> LlmRequest {
+        LlmRequest {
+            model: "m".into(),
+            target_model: "m".into(),
+            prompt: prompt.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
 
     fn director(n: u8) -> Director {
         let ds = Arc::new(Datastore::new());
@@ -139,35 +157,72 @@ mod tests {
         );
     }
 
+    fn fresh(q: u32) -> EndpointMetrics {
+        EndpointMetrics {
+            waiting_queue: Some(q),
+            running: Some(0),
+            kv_cache_usage: Some(0.1),
+            updated: Some(Instant::now()),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn fresh_metrics_are_preferred() {
+    fn one_fresh_endpoint_never_takes_all_traffic() {
+        // Regression (issue 7): endpoints without fresh metrics used to be dropped whenever one
+        // endpoint had fresh metrics, so that one took every request.
+        let d = director(4);
+        let eps = d.datastore.endpoints();
+        d.datastore.update_metrics(eps[1].id, fresh(0));
+        let mut held = Vec::new();
+        let mut per = [0usize; 4];
+        for i in 0..200 {
+            let r = d
+                .route(
+                    &request(&format!("distinct prompt {i} {}", "x".repeat(300))),
+                    None,
+                )
+                .unwrap();
+            per[r.primary().endpoint.id as usize] += 1;
+            held.push(r);
+        }
+        assert!(per.iter().all(|n| *n >= 30), "{per:?}");
+        drop(held);
+        assert!(eps.iter().all(|e| e.load.is_idle()));
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_avoided_while_others_serve() {
         let d = director(3);
         let eps = d.datastore.endpoints();
-        d.datastore.update_metrics(
-            eps[1].id,
-            EndpointMetrics {
-                updated: Some(Instant::now()),
-                ..Default::default()
-            },
-        );
-        for _ in 0..20 {
-            let r = d.route(&LlmRequest::default(), None).unwrap();
-            assert_eq!(r.primary().endpoint.id, eps[1].id);
+        d.datastore
+            .scrape_failed(eps[0].id, ScrapeFailure::Unreachable);
+        for i in 0..50 {
+            let r = d.route(&request(&format!("p{i}")), None).unwrap();
+            assert_ne!(r.primary().endpoint.id, eps[0].id);
         }
+        // A failing metrics page (not a refused connection) only de-prioritizes.
+        d.datastore
+            .scrape_failed(eps[0].id, ScrapeFailure::BadStatus);
+        let hits = (0..60)
+            .filter(|i| {
+                let r = d.route(&request(&format!("q{i}")), None).unwrap();
+                r.primary().endpoint.id == eps[0].id
+            })
+            .count();
+        assert!(hits > 0, "a degraded endpoint still gets traffic");
+        // When every endpoint is unreachable, routing still happens (Envoy reports the error).
+        for e in &eps {
+            d.datastore.scrape_failed(e.id, ScrapeFailure::Unreachable);
+        }
+        assert!(d.route(&request("z"), None).is_ok());
     }
 
     #[test]
     fn sheddable_request_is_429_when_saturated() {
         let d = director(2);
         for ep in d.datastore.endpoints() {
-            d.datastore.update_metrics(
-                ep.id,
-                EndpointMetrics {
-                    waiting_queue: 50,
-                    updated: Some(Instant::now()),
-                    ..Default::default()
-                },
-            );
+            d.datastore.update_metrics(ep.id, fresh(50));
         }
         let sheddable = LlmRequest {
             priority: -1,

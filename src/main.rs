@@ -20,6 +20,7 @@ use epp::director::Director;
 use epp::extproc::{ExtProcService, Limits, Shared};
 use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
+use epp::telemetry::endpoints::EndpointCollector;
 use epp::telemetry::{self, Metrics};
 use epp::{discovery, duration, leader, scrape, tls};
 
@@ -99,8 +100,19 @@ async fn main() -> anyhow::Result<()> {
         bail!("--ha-enable-leader-election needs --pool-name (a Kubernetes pool)");
     }
 
+    if cli.refresh_metrics_interval.is_zero() {
+        bail!("--refresh-metrics-interval must be greater than 0");
+    }
+
     // Configuration → scheduler (config file over environment).
-    let metrics = Metrics::new(cli.pool_name.as_deref().unwrap_or("static"));
+    let datastore = Arc::new(Datastore::new());
+    let metrics = Metrics::new(
+        cli.pool_name.as_deref().unwrap_or("static"),
+        Some(EndpointCollector::new(
+            datastore.clone(),
+            cli.metrics_staleness_threshold,
+        )),
+    );
     let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
     let env = SchedulerEnv::from_env()?;
     let scheduler = match picker_config::load(
@@ -114,8 +126,7 @@ async fn main() -> anyhow::Result<()> {
     let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
     tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
 
-    // Datastore and discovery.
-    let datastore = Arc::new(Datastore::new());
+    // Discovery.
     if let Some(observer) = scheduler.endpoint_observer() {
         datastore.add_observer(observer);
     }

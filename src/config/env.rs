@@ -154,6 +154,7 @@ impl SchedulerEnv {
                 hasher: BlockHasher {
                     block_size: positive("PREFIX_CACHE_HASH_BLOCK_SIZE", block_size, block_size)?,
                     max_blocks: positive("PREFIX_CACHE_MAX_PREFIX_BLOCKS", max_blocks, max_blocks)?,
+                    max_bytes: d.prefix.hasher.max_bytes,
                 },
                 lru_capacity_per_server: positive("PREFIX_CACHE_LRU_CAPACITY", lru, lru)?,
                 auto_tune: d.prefix.auto_tune,

@@ -158,6 +158,20 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A non-negative integer.
+    fn count(&mut self, key: &'a str) -> Result<Option<usize>, PickerConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+                None => Err(err(
+                    self.path(key),
+                    format!("must be an integer ≥ 0, got {v}"),
+                )),
+            },
+        }
+    }
+
     fn number(&mut self, key: &'a str) -> Result<Option<f64>, PickerConfigError> {
         match self.get(key) {
             None => Ok(None),
@@ -209,8 +223,14 @@ fn prefix_config(p: &mut Params<'_>) -> Result<PrefixConfig, PickerConfigError> 
     if let Some(n) = p.positive("maxPrefixBlocksToMatch")? {
         c.hasher.max_blocks = n;
     }
-    if let Some(t) = p.positive("maxPrefixTokensToMatch")? {
-        c.hasher.max_blocks = (t * CHARS_PER_TOKEN).div_ceil(c.hasher.block_size);
+    // Dense blocks cover the head; maxPrefixTokensToMatch is the whole coverage (0: the dense
+    // head only, as in GIE), the coarse tail filling the rest (see index::hash).
+    if let Some(t) = p.count("maxPrefixTokensToMatch")? {
+        c.hasher.max_bytes = t.saturating_mul(CHARS_PER_TOKEN);
+        if t > 0 {
+            let dense = c.hasher.max_bytes.div_ceil(c.hasher.block_size);
+            c.hasher.max_blocks = c.hasher.max_blocks.min(dense);
+        }
     }
     if let Some(n) = p.positive("lruCapacityPerServer")? {
         c.lru_capacity_per_server = n;
@@ -538,7 +558,8 @@ mod tests {
             cfg.hasher,
             BlockHasher {
                 block_size: 128,
-                max_blocks: 10
+                max_blocks: 10,
+                max_bytes: crate::index::hash::DEFAULT_MAX_BYTES,
             }
         );
         assert_eq!(cfg.lru_capacity_per_server, 99);

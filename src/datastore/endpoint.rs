@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Instant;
 
+use super::load::EndpointLoad;
+
 /// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
 pub type EndpointId = u32;
 
@@ -71,7 +73,7 @@ impl EndpointSpec {
 }
 
 /// An endpoint in the datastore.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Endpoint {
     pub id: EndpointId,
     pub name: String,
@@ -80,6 +82,8 @@ pub struct Endpoint {
     pub address_str: String,
     pub metrics_address: SocketAddr,
     pub engine: EngineType,
+    /// What epp has routed here and not yet seen finish (live, shared by all snapshots).
+    pub load: EndpointLoad,
 }
 
 impl Endpoint {
@@ -91,6 +95,7 @@ impl Endpoint {
             address: spec.address,
             metrics_address: spec.metrics_address,
             engine: spec.engine,
+            load: EndpointLoad::default(),
         }
     }
 
@@ -104,15 +109,41 @@ impl Endpoint {
     }
 }
 
-/// Latest metrics scraped from an endpoint. `updated == None` means never scraped.
+/// Why the latest scrape of an endpoint failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScrapeFailure {
+    /// The connection was refused, reset or timed out: the server is probably down.
+    Unreachable,
+    /// The page did not arrive in time.
+    Timeout,
+    /// The server answered with an error status.
+    BadStatus,
+    /// The page could not be read or parsed.
+    BadPage,
+}
+
+impl ScrapeFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScrapeFailure::Unreachable => "unreachable",
+            ScrapeFailure::Timeout => "timeout",
+            ScrapeFailure::BadStatus => "bad status",
+            ScrapeFailure::BadPage => "bad page",
+        }
+    }
+}
+
+/// Latest metrics scraped from an endpoint. A value is `None` when the page lacked its family
+/// (some engines export a series only after their first request): absent, not a failure.
+/// `updated == None` means never scraped successfully.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointMetrics {
     /// Requests waiting in the engine's queue.
-    pub waiting_queue: u32,
+    pub waiting_queue: Option<u32>,
     /// Requests being decoded/prefilled.
-    pub running: u32,
+    pub running: Option<u32>,
     /// KV-cache utilisation, 0..=1.
-    pub kv_cache_usage: f64,
+    pub kv_cache_usage: Option<f64>,
     /// LoRA adapters currently loaded and running.
     pub active_loras: Vec<String>,
     /// LoRA adapters requested but waiting for a slot.
@@ -123,6 +154,11 @@ pub struct EndpointMetrics {
     pub block_size_tokens: Option<u32>,
     /// Number of KV blocks on the device, from the engine's cache config.
     pub num_gpu_blocks: Option<u64>,
-    /// When these values were scraped.
+    /// When the values above were scraped.
     pub updated: Option<Instant>,
+    /// The endpoint's [`EndpointLoad::dispatched`] count when that scrape started: requests
+    /// routed since then are not in the scraped figures yet.
+    pub dispatched_at_scrape: u64,
+    /// Set when the most recent scrape attempt failed (the values above are then older).
+    pub failure: Option<ScrapeFailure>,
 }

@@ -5,6 +5,7 @@
 //! first reader after a change, so a busy scrape loop costs nothing until someone schedules.
 
 mod endpoint;
+pub mod load;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -13,18 +14,71 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-pub use endpoint::{Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType};
+pub use endpoint::{
+    Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
+};
+pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation};
 
-/// One endpoint with the metrics it had when the snapshot was taken.
+/// How far epp trusts an endpoint's scraped metrics at decision time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    /// Scraped successfully within the staleness threshold.
+    Fresh,
+    /// Never scraped yet, stale, or the last scrape failed without proving the server down:
+    /// still routable, but its load is taken from epp's own accounting and it loses ties.
+    Degraded,
+    /// The last scrape could not connect to the serving port: avoided while any other
+    /// endpoint is reachable.
+    Unreachable,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Fresh => "fresh",
+            Health::Degraded => "degraded",
+            Health::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// One endpoint with the metrics it had when the snapshot was taken; its load
+/// ([`Endpoint::load`]) is live.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub endpoint: Arc<Endpoint>,
     pub metrics: Arc<EndpointMetrics>,
+    pub health: Health,
 }
 
 impl Candidate {
+    /// A candidate whose health is judged from its metrics alone (scraped and not failing ⇒
+    /// fresh); [`Candidate::assess`] also applies the staleness threshold.
     pub fn new(endpoint: Arc<Endpoint>, metrics: Arc<EndpointMetrics>) -> Self {
-        Self { endpoint, metrics }
+        let health = if metrics.updated.is_some() && metrics.failure.is_none() {
+            Health::Fresh
+        } else {
+            Health::Degraded
+        };
+        Self {
+            endpoint,
+            metrics,
+            health,
+        }
+    }
+
+    /// Sets [`Candidate::health`] as of `now`.
+    pub fn assess(&mut self, now: Instant, staleness: Duration) {
+        let m = &self.metrics;
+        self.health = if m.failure == Some(ScrapeFailure::Unreachable)
+            && self.endpoint.metrics_address == self.endpoint.address
+        {
+            Health::Unreachable
+        } else if m.failure.is_some() || !self.is_fresh(now, staleness) {
+            Health::Degraded
+        } else {
+            Health::Fresh
+        };
     }
 
     /// Whether the metrics were refreshed within `threshold` of `now`.
@@ -33,6 +87,46 @@ impl Candidate {
             .updated
             .is_some_and(|t| now.saturating_duration_since(t) <= threshold)
     }
+
+    /// Requests epp routed here after the metrics were scraped (so not in the scraped
+    /// figures) that may still be in flight: at most the ones in flight now.
+    pub fn unseen_requests(&self) -> u64 {
+        let load = &self.endpoint.load;
+        load.dispatched()
+            .saturating_sub(self.metrics.dispatched_at_scrape)
+            .min(load.requests())
+    }
+
+    /// Requests epp has in flight on this endpoint.
+    pub fn inflight_requests(&self) -> u32 {
+        clamp_u32(self.endpoint.load.requests())
+    }
+
+    /// Waiting requests as the scorers should see them: the scraped queue plus what epp sent
+    /// since that scrape when the metrics are fresh; otherwise epp's own in-flight count.
+    pub fn waiting(&self) -> u32 {
+        match (self.health, self.metrics.waiting_queue) {
+            (Health::Fresh, Some(q)) => clamp_u32(u64::from(q) + self.unseen_requests()),
+            _ => self.inflight_requests(),
+        }
+    }
+
+    /// Running requests: the scraped figure when fresh, else epp's own in-flight count.
+    pub fn running(&self) -> u32 {
+        match (self.health, self.metrics.running) {
+            (Health::Fresh, Some(r)) => r,
+            _ => self.inflight_requests(),
+        }
+    }
+
+    /// KV-cache utilisation in `[0, 1]`: the last value scraped, 0 if none ever was.
+    pub fn kv_usage(&self) -> f64 {
+        self.metrics.kv_cache_usage.unwrap_or(0.0).clamp(0.0, 1.0)
+    }
+}
+
+fn clamp_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 /// An immutable view of all endpoints, shared by every request scheduled until the next change.
@@ -61,6 +155,9 @@ pub struct Datastore {
     next_id: AtomicU32,
     observers: Mutex<Vec<Arc<dyn EndpointObserver>>>,
     ready: std::sync::atomic::AtomicBool,
+    /// Removed endpoints that still had requests in flight (kept for the load metrics until
+    /// they drain).
+    draining: Mutex<Vec<Arc<Endpoint>>>,
 }
 
 impl std::fmt::Debug for Datastore {
@@ -86,6 +183,7 @@ impl Datastore {
             next_id: AtomicU32::new(0),
             observers: Mutex::new(Vec::new()),
             ready: false.into(),
+            draining: Mutex::new(Vec::new()),
         }
     }
 
@@ -190,6 +288,28 @@ impl Datastore {
         }
     }
 
+    /// Records a failed scrape: the last values stay, marked as failing with `failure`.
+    pub fn scrape_failed(&self, id: EndpointId, failure: ScrapeFailure) {
+        let mut entries = self.entries.lock();
+        if let Some(e) = entries.iter_mut().find(|e| e.endpoint.id == id)
+            && e.metrics.failure != Some(failure)
+        {
+            let mut m = (*e.metrics).clone();
+            m.failure = Some(failure);
+            e.metrics = Arc::new(m);
+            drop(entries);
+            self.bump();
+        }
+    }
+
+    /// Endpoints that left the datastore with requests still in flight (drained ones are
+    /// dropped from the list as a side effect).
+    pub fn draining(&self) -> Vec<Arc<Endpoint>> {
+        let mut d = self.draining.lock();
+        d.retain(|e| !e.load.is_idle());
+        d.clone()
+    }
+
     /// Current endpoints, in discovery order.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.entries
@@ -238,6 +358,9 @@ impl Datastore {
         if removed.is_empty() {
             return;
         }
+        self.draining
+            .lock()
+            .extend(removed.iter().filter(|e| !e.load.is_idle()).cloned());
         let observers = self.observers.lock().clone();
         for ep in removed {
             tracing::info!(endpoint = %ep.name, address = %ep.address, "endpoint removed");
@@ -291,14 +414,14 @@ mod tests {
         ds.update_metrics(
             id,
             EndpointMetrics {
-                waiting_queue: 7,
+                waiting_queue: Some(7),
                 ..Default::default()
             },
         );
         let s3 = ds.snapshot();
-        assert_eq!(s3.candidates[0].metrics.waiting_queue, 7);
+        assert_eq!(s3.candidates[0].metrics.waiting_queue, Some(7));
         assert_eq!(
-            s1.candidates[0].metrics.waiting_queue, 0,
+            s1.candidates[0].metrics.waiting_queue, None,
             "old snapshot unchanged"
         );
     }

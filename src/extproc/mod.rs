@@ -66,7 +66,7 @@ impl ExternalProcessor for ExtProcService {
                     }
                 }
             }
-            handler.finish();
+            drop(handler);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

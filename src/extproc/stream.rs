@@ -27,6 +27,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 
 use super::messages as msg;
+use crate::datastore::Reservation;
 use crate::director::{Director, RouteError};
 use crate::request::usage::{Usage, UsageParser};
 use crate::request::{self, Api, LlmRequest};
@@ -65,10 +66,41 @@ struct RequestInfo {
     model_rewrite: Option<String>,
 }
 
+/// A routed request: what it was, where it went, and its share of that endpoint's load.
 #[derive(Debug)]
 struct Routed {
     request: LlmRequest,
     destination: String,
+    /// Released when the response ends, or when the handler is dropped (any other end).
+    reservation: Option<Reservation>,
+    /// Decrements `running_requests` when dropped.
+    _running: Option<RunningGuard>,
+}
+
+/// One `inference_objective_running_requests` unit, given back on drop.
+#[derive(Debug)]
+struct RunningGuard {
+    metrics: Arc<Metrics>,
+    labels: RunningLabels,
+}
+
+impl RunningGuard {
+    fn new(metrics: Arc<Metrics>, model: &str) -> Self {
+        let labels = RunningLabels {
+            model_name: model.to_owned(),
+        };
+        metrics.running_requests.get_or_create(&labels).inc();
+        Self { metrics, labels }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .running_requests
+            .get_or_create(&self.labels)
+            .dec();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -342,7 +374,7 @@ impl StreamHandler {
             m.scheduler_e2e.observe(started.elapsed().as_secs_f64());
         }
         match result {
-            Ok(r) => {
+            Ok(mut r) => {
                 let destination = r.destination();
                 tracing::debug!(
                     request_id = %request.request_id,
@@ -351,21 +383,19 @@ impl StreamHandler {
                     score = r.scores[0],
                     "request routed"
                 );
-                if let Some(m) = &self.shared.metrics {
+                let running = self.shared.metrics.as_ref().map(|m| {
                     let labels = model_labels(&request);
                     m.request_total.get_or_create(&labels).inc();
                     m.request_sizes
                         .get_or_create(&labels)
                         .observe(self.body.len() as f64);
-                    m.running_requests
-                        .get_or_create(&RunningLabels {
-                            model_name: request.model.clone(),
-                        })
-                        .inc();
-                }
+                    RunningGuard::new(m.clone(), &request.model)
+                });
                 self.routed = Some(Routed {
                     request,
                     destination: destination.clone(),
+                    reservation: r.reservation.take(),
+                    _running: running,
                 });
                 Ok(destination)
             }
@@ -401,20 +431,41 @@ impl StreamHandler {
         let content_type = header_value(&h.headers, "content-type");
         self.response.usage = Some(UsageParser::new(content_type.as_deref()));
         if h.end_of_stream {
-            self.response.complete = true;
+            self.response_ended();
         }
         vec![msg::continue_response_headers()]
     }
 
+    /// The model server's first bytes mean the prompt was computed: its prefill work leaves the
+    /// endpoint's queue in epp's accounting.
+    fn first_response_bytes(&mut self) {
+        if self.response.first_byte.is_none() {
+            self.response.first_byte = Some(Instant::now());
+            if let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut()) {
+                r.prefill_done();
+            }
+        }
+    }
+
+    /// The response is complete: the request no longer loads its endpoint.
+    fn response_ended(&mut self) {
+        self.response.complete = true;
+        if let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut()) {
+            r.release();
+        }
+    }
+
     fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
-        self.response.first_byte.get_or_insert_with(Instant::now);
+        if !b.body.is_empty() {
+            self.first_response_bytes();
+        }
         self.response.bytes += b.body.len();
         self.response
             .usage
             .get_or_insert_with(|| UsageParser::new(None))
             .push(&b.body);
         if b.end_of_stream {
-            self.response.complete = true;
+            self.response_ended();
         }
         if self.response_mode != BodySendMode::FullDuplexStreamed {
             return vec![msg::continue_response_body()];
@@ -426,19 +477,15 @@ impl StreamHandler {
         vec![msg::streamed_response_body(body, b.end_of_stream)]
     }
 
-    /// Ends the stream: records the request's metrics.
-    pub fn finish(mut self) {
+    /// Records the finished request's metrics (once; also on drop). The reservation and the
+    /// running-requests unit are given back when `routed` is dropped.
+    fn record_finished(&mut self) {
         let Some(routed) = self.routed.take() else {
             return;
         };
         let Some(m) = self.shared.metrics.clone() else {
             return;
         };
-        m.running_requests
-            .get_or_create(&RunningLabels {
-                model_name: routed.request.model.clone(),
-            })
-            .dec();
         if !self.response.complete {
             return;
         }
@@ -467,6 +514,14 @@ impl StreamHandler {
                 .observe(u.cached_tokens as f64);
         }
         tracing::trace!(request_id = %routed.request.request_id, destination = %routed.destination, "request finished");
+    }
+}
+
+impl Drop for StreamHandler {
+    /// However the stream ended — response complete, error, reset, or a panic unwinding through
+    /// the handler — the request's metrics are recorded and its load is released.
+    fn drop(&mut self) {
+        self.record_finished();
     }
 }
 

@@ -1,8 +1,7 @@
 //! Prefix block hashing.
 //!
-//! A prompt is cut into blocks of `block_size` bytes (default 64: vLLM's 16-token KV block at
-//! ~4 characters per token). Each block's hash is chained to the previous one, so equal hashes at
-//! block `i` mean equal prompts up to and including block `i`:
+//! A prompt is cut into blocks. Each block's hash is chained to the previous one, so equal hashes
+//! at block `i` mean equal prompts up to and including block `i`:
 //!
 //! ```text
 //! seed  = xxh3_64(target_model ‖ 0x00 ‖ cache_salt)
@@ -11,9 +10,17 @@
 //! ```
 //!
 //! Using the previous hash as the xxh3 seed chains the blocks without copying them into a
-//! scratch buffer (DESIGN §5 allows xxh3 since the index is process-local). The trailing partial
-//! block is hashed too, and at most `max_blocks` hashes are produced (default 256, i.e. the first
-//! 16 KiB of the prompt with 64-byte blocks).
+//! scratch buffer (DESIGN §5 allows xxh3 since the index is process-local).
+//!
+//! **Dense head, coarse tail.** The first `max_blocks` blocks (default 256) are `block_size`
+//! bytes (default 64: vLLM's 16-token KV block at ~4 characters per token), so the first 16 KiB
+//! — system prompts, few-shot examples — match to the block. Past that, blocks are
+//! [`COARSE_STRIDE`] × `block_size` bytes (1 KiB by default) up to `max_bytes` (default 512 KiB:
+//! llm-d's 131,072-token default × 4), so multi-turn and agentic contexts well past 16 KiB still
+//! tell apart the endpoints that hold more of them, for ~500 more hashes instead of ~8,000. A
+//! coarse block's hash has its top bit set ([`is_coarse`]) so the index can weigh it as the
+//! [`COARSE_STRIDE`] blocks of KV cache it stands for. The trailing partial block is hashed
+//! too.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -22,16 +29,38 @@ pub type BlockHash = u64;
 
 /// Default block size in bytes: vLLM's 16-token block × ~4 characters per token.
 pub const DEFAULT_BLOCK_SIZE: usize = 64;
-/// Default cap on the number of blocks hashed and matched per request (GIE's default).
+/// Default number of dense (block-size) blocks hashed before the coarse tail (GIE's cap).
 pub const DEFAULT_MAX_BLOCKS: usize = 256;
 /// Characters per token used to turn token-denominated settings into bytes.
 pub const CHARS_PER_TOKEN: usize = 4;
+/// Default prompt coverage: llm-d's `maxPrefixTokensToMatch` default (128 Ki tokens) × 4.
+pub const DEFAULT_MAX_BYTES: usize = 131_072 * CHARS_PER_TOKEN;
+/// A coarse block is this many dense blocks long.
+pub const COARSE_STRIDE: usize = 16;
+const COARSE_BIT: u64 = 1 << 63;
+
+/// Whether `h` is a coarse (tail) block's hash.
+#[inline]
+pub fn is_coarse(h: BlockHash) -> bool {
+    h & COARSE_BIT != 0
+}
+
+/// KV blocks (of `block_size`) one indexed hash stands for.
+#[inline]
+pub fn weight(h: BlockHash) -> usize {
+    if is_coarse(h) { COARSE_STRIDE } else { 1 }
+}
 
 /// How prompts are cut into blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockHasher {
+    /// Dense block size in bytes.
     pub block_size: usize,
+    /// Dense blocks before the coarse tail.
     pub max_blocks: usize,
+    /// Prompt bytes covered in all (the coarse tail ends here); at most the dense part when
+    /// smaller.
+    pub max_bytes: usize,
 }
 
 impl Default for BlockHasher {
@@ -39,6 +68,7 @@ impl Default for BlockHasher {
         Self {
             block_size: DEFAULT_BLOCK_SIZE,
             max_blocks: DEFAULT_MAX_BLOCKS,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -59,17 +89,43 @@ impl BlockHasher {
         }
     }
 
-    /// Hashes `prompt` into `out` (cleared first): one chained hash per block, the trailing
-    /// partial block included, at most `max_blocks`.
+    fn dense_bytes(&self) -> usize {
+        self.block_size.max(1).saturating_mul(self.max_blocks)
+    }
+
+    /// Most prompt bytes ever hashed (parsers need render no more than this).
+    pub fn hashed_limit(&self) -> usize {
+        self.dense_bytes().max(self.max_bytes)
+    }
+
+    /// Prompt bytes the first `n` hashes of a `prompt_len`-byte prompt cover.
+    pub fn covered_bytes(&self, n: usize, prompt_len: usize) -> usize {
+        let bs = self.block_size.max(1);
+        let bytes = if n <= self.max_blocks {
+            n * bs
+        } else {
+            self.dense_bytes() + (n - self.max_blocks) * bs * COARSE_STRIDE
+        };
+        bytes.min(prompt_len).min(self.hashed_limit())
+    }
+
+    /// Hashes `prompt` into `out` (cleared first): dense blocks first, then coarse ones, the
+    /// trailing partial block included.
     pub fn hash_into(&self, seed: u64, prompt: &[u8], out: &mut Vec<BlockHash>) {
         out.clear();
-        let block_size = self.block_size.max(1);
-        let n = prompt.len().div_ceil(block_size).min(self.max_blocks);
-        out.reserve(n);
+        let bs = self.block_size.max(1);
+        let dense_end = prompt.len().min(self.dense_bytes());
+        let coarse_end = prompt.len().min(self.hashed_limit()).max(dense_end);
+        let coarse = bs * COARSE_STRIDE;
+        out.reserve(dense_end.div_ceil(bs) + (coarse_end - dense_end).div_ceil(coarse));
         let mut prev = seed;
-        for block in prompt.chunks(block_size).take(n) {
+        for block in prompt[..dense_end].chunks(bs) {
             prev = xxh3_64_with_seed(block, prev);
-            out.push(prev);
+            out.push(prev & !COARSE_BIT);
+        }
+        for block in prompt[dense_end..coarse_end].chunks(coarse) {
+            prev = xxh3_64_with_seed(block, prev);
+            out.push(prev | COARSE_BIT);
         }
     }
 
@@ -114,14 +170,39 @@ mod tests {
     }
 
     #[test]
-    fn respects_block_cap_and_empty_prompt() {
+    fn respects_caps_and_empty_prompt() {
         let h = BlockHasher {
             block_size: 4,
             max_blocks: 3,
+            max_bytes: 0,
         };
         assert_eq!(h.hash(1, &[0; 100]).len(), 3);
         assert!(h.hash(1, b"").is_empty());
         assert_eq!(h.hash(1, b"abcde").len(), 2);
+        assert_eq!(h.hashed_limit(), 12);
+    }
+
+    #[test]
+    fn coarse_tail_covers_long_prompts_with_few_hashes() {
+        let h = BlockHasher::default();
+        let prompt = vec![b'q'; 200_000];
+        let v = h.hash(7, &prompt);
+        // 256 dense blocks (16 KiB), then ceil((200,000 − 16,384) / 1,024) = 180 coarse ones.
+        assert_eq!(v.len(), 256 + 180);
+        assert!(v[..256].iter().all(|x| !is_coarse(*x)));
+        assert!(
+            v[256..]
+                .iter()
+                .all(|x| is_coarse(*x) && weight(*x) == COARSE_STRIDE)
+        );
+        assert_eq!(h.covered_bytes(256, prompt.len()), 16_384);
+        assert_eq!(h.covered_bytes(258, prompt.len()), 16_384 + 2_048);
+        assert_eq!(h.covered_bytes(v.len(), prompt.len()), 200_000);
+        // Coverage stops at max_bytes.
+        let huge = vec![b'q'; DEFAULT_MAX_BYTES + 10_000];
+        let v = h.hash(7, &huge);
+        assert_eq!(h.covered_bytes(v.len(), huge.len()), DEFAULT_MAX_BYTES);
+        assert_eq!(v.len(), 256 + (DEFAULT_MAX_BYTES - 16_384) / 1_024);
     }
 
     #[test]
@@ -129,6 +210,7 @@ mod tests {
         let h = BlockHasher {
             block_size: 4,
             max_blocks: 10,
+            max_bytes: 0,
         };
         let v = h.hash(7, b"abcdabcd");
         assert_ne!(v[0], v[1]);

@@ -77,7 +77,11 @@ struct PodLru {
     slot: Slot,
     /// Block hashes, oldest first; a block may appear more than once (see `Entry::count`).
     ring: LruOrder,
+    /// Distinct blocks held.
     live: usize,
+    /// KV blocks they stand for (a coarse block counts [`hash::COARSE_STRIDE`]); bounded by
+    /// `capacity`.
+    weight: usize,
     capacity: usize,
     removed: bool,
 }
@@ -268,6 +272,7 @@ impl PrefixIndex {
             lru.ring.push_back(h);
         }
         let mut added = 0;
+        let mut weight = 0;
         self.for_each_by_shard(hashes, |table, h| {
             if let Some(e) = table.find_mut(h, |e| e.slot == slot) {
                 e.count += 1;
@@ -279,9 +284,11 @@ impl PrefixIndex {
                     count: 1,
                 });
                 added += 1;
+                weight += hash::weight(h);
             }
         });
         lru.live += added;
+        lru.weight += weight;
         self.entries.fetch_add(added, Ordering::Relaxed);
         self.evict_to_capacity(&mut lru);
         self.compact_step(&mut lru, COMPACT_PER_PUSH * hashes.len());
@@ -365,6 +372,7 @@ impl PrefixIndex {
         let slot = lru.slot;
         let popped = lru.ring.drain_front(n);
         let mut removed = 0;
+        let mut weight = 0;
         self.for_each_by_shard(&popped, |table, h| {
             if let Some(i) = table.find(h, |e| e.slot == slot) {
                 let e = table.get_mut(i);
@@ -372,16 +380,20 @@ impl PrefixIndex {
                 if e.count == 0 {
                     table.remove_at(i);
                     removed += 1;
+                    weight += hash::weight(h);
                 }
             }
         });
         lru.live -= removed;
+        lru.weight -= weight;
         self.entries.fetch_sub(removed, Ordering::Relaxed);
     }
 
     fn evict_to_capacity(&self, lru: &mut PodLru) {
-        while lru.live > lru.capacity && !lru.ring.is_empty() {
-            let excess = lru.live - lru.capacity;
+        while lru.weight > lru.capacity && !lru.ring.is_empty() {
+            // Popping n slots frees at most n × COARSE_STRIDE and at least 0 blocks (a slot
+            // may be a duplicate); this converges without overshooting by more than one block.
+            let excess = (lru.weight - lru.capacity).div_ceil(hash::COARSE_STRIDE);
             self.pop_front(lru, excess);
         }
     }
@@ -427,13 +439,22 @@ impl PrefixIndex {
             .map_or(self.default_capacity, |l| l.lock().capacity)
     }
 
-    /// Number of live blocks held by one pod.
+    /// Number of distinct blocks held by one pod.
     pub fn pod_len(&self, pod: PodId) -> usize {
         self.pods
             .read()
             .by_id
             .get(&pod)
             .map_or(0, |l| l.lock().live)
+    }
+
+    /// KV blocks one pod is thought to hold (coarse blocks weighted).
+    pub fn pod_weight(&self, pod: PodId) -> usize {
+        self.pods
+            .read()
+            .by_id
+            .get(&pod)
+            .map_or(0, |l| l.lock().weight)
     }
 
     /// Forgets a pod and every entry it held (called when it leaves the datastore).
@@ -459,6 +480,7 @@ impl PrefixIndex {
             }
         });
         lru.live = 0;
+        lru.weight = 0;
         self.entries.fetch_sub(removed, Ordering::Relaxed);
         // Only now, with its entries gone, may the slot be reused.
         pods.owner[usize::from(slot)] = None;
@@ -489,6 +511,7 @@ impl PrefixIndex {
             slot: slot as Slot,
             ring: LruOrder::default(),
             live: 0,
+            weight: 0,
             capacity: self.default_capacity,
             removed: false,
         }));
@@ -503,8 +526,9 @@ mod tests {
 
     fn hashes(range: std::ops::Range<u64>) -> Vec<u64> {
         // Spread ids over shards and tags the way real hashes are spread.
+        // Dense-block hashes (top bit clear: weight 1).
         range
-            .map(|i| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
+            .map(|i| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) >> 1)
             .collect()
     }
 

@@ -76,6 +76,16 @@ pub struct LlmRequest {
     pub cache_salt: Option<String>,
     /// Negative priorities are sheddable; 0 (the default) is critical.
     pub priority: i32,
+    /// The client's output cap (`max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens`), when it gave one.
+    pub max_tokens: Option<u64>,
+}
+
+impl LlmRequest {
+    /// Length of the rendered prompt in bytes.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
 }
 
 #[derive(Deserialize)]
@@ -95,6 +105,12 @@ struct Common {
     input: Option<Value>,
     #[serde(default)]
     instructions: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
 }
 
 /// Parses a request body for `api`.
@@ -186,6 +202,13 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
             }
         }
     }
+    let max_tokens = [
+        &c.max_tokens,
+        &c.max_completion_tokens,
+        &c.max_output_tokens,
+    ]
+    .into_iter()
+    .find_map(|v| v.as_ref().and_then(Value::as_u64));
     Ok(LlmRequest {
         request_id: String::new(),
         target_model: model.clone(),
@@ -194,6 +217,7 @@ pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
         stream,
         cache_salt,
         priority: 0,
+        max_tokens,
     })
 }
 

@@ -71,9 +71,7 @@ impl Scheduler {
 
     /// True when every candidate is saturated: sheddable requests are then refused.
     pub fn is_saturated(&self, candidates: &[Candidate]) -> bool {
-        candidates
-            .iter()
-            .all(|c| !self.saturation.has_capacity(&c.metrics))
+        candidates.iter().all(|c| !self.saturation.has_capacity(c))
     }
 
     pub fn schedule(

@@ -10,7 +10,8 @@
 //! Gauges with several series (one per model name) are summed (queues) or averaged (KV use).
 //! LoRA state comes from `vllm:lora_requests_info`: the series with the largest value (its
 //! timestamp) wins; labels `running_lora_adapters` and `waiting_lora_adapters` are comma lists,
-//! `max_lora` the slot count. The waiting queue and KV use are required; the rest is optional.
+//! `max_lora` the slot count. Every family is optional: one the page lacks (some engines export
+//! a series only after their first request) leaves that value absent, which is not an error.
 
 use std::time::Instant;
 
@@ -23,8 +24,6 @@ use crate::datastore::{EndpointMetrics, EngineType};
 pub enum MetricsError {
     #[error("invalid Prometheus text: {0}")]
     Parse(String),
-    #[error("metric {0} not found")]
-    Missing(&'static str),
 }
 
 struct Names {
@@ -74,6 +73,22 @@ fn list(s: Option<&str>) -> Vec<String> {
         .filter(|a| !a.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// The load families (waiting, running, KV use) that a parsed page lacked.
+pub fn absent_families(engine: EngineType, m: &EndpointMetrics) -> Vec<&'static str> {
+    let n = names(engine);
+    let mut out = Vec::new();
+    if m.waiting_queue.is_none() {
+        out.push(n.waiting);
+    }
+    if m.running.is_none() {
+        out.push(n.running);
+    }
+    if m.kv_cache_usage.is_none() {
+        out.push(n.kv[0]);
+    }
+    out
 }
 
 /// Every metric family read for `engine`.
@@ -129,24 +144,28 @@ pub fn parse_metrics(
     now: Instant,
 ) -> Result<EndpointMetrics, MetricsError> {
     let page = relevant_lines(text, &wanted(engine));
+    if page.is_empty() {
+        // None of the families epp reads (yet): every value absent.
+        return Ok(EndpointMetrics {
+            updated: Some(now),
+            ..Default::default()
+        });
+    }
     let scrape = Scrape::parse(&page).map_err(|e| MetricsError::Parse(format!("{e:?}")))?;
     let find = |name: &str| scrape.metrics.iter().find(|m| m.name == name);
     let n = names(engine);
 
-    let waiting = find(n.waiting).ok_or(MetricsError::Missing(n.waiting))?;
-    let kv =
+    let sum = |name: &str| find(name).map(|m| values(m).sum::<f64>().max(0.0));
+    let kv_values: Option<Vec<f64>> =
         n.kv.iter()
             .find_map(|name| find(name))
-            .ok_or(MetricsError::Missing(n.kv[0]))?;
-    let kv_values: Vec<f64> = values(kv).collect();
+            .map(|m| values(m).collect());
     let mut out = EndpointMetrics {
-        waiting_queue: values(waiting).sum::<f64>().max(0.0) as u32,
-        running: find(n.running).map_or(0.0, |m| values(m).sum::<f64>().max(0.0)) as u32,
-        kv_cache_usage: if kv_values.is_empty() {
-            0.0
-        } else {
-            (kv_values.iter().sum::<f64>() / kv_values.len() as f64).clamp(0.0, 1.0)
-        },
+        waiting_queue: sum(n.waiting).map(|v| v.min(f64::from(u32::MAX)) as u32),
+        running: sum(n.running).map(|v| v.min(f64::from(u32::MAX)) as u32),
+        kv_cache_usage: kv_values
+            .filter(|v| !v.is_empty())
+            .map(|v| (v.iter().sum::<f64>() / v.len() as f64).clamp(0.0, 1.0)),
         updated: Some(now),
         ..Default::default()
     };
@@ -219,9 +238,9 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     fn vllm_page() {
         let now = Instant::now();
         let m = parse_metrics(EngineType::Vllm, VLLM, now).unwrap();
-        assert_eq!(m.waiting_queue, 3);
-        assert_eq!(m.running, 2);
-        assert_eq!(m.kv_cache_usage, 0.25);
+        assert_eq!(m.waiting_queue, Some(3));
+        assert_eq!(m.running, Some(2));
+        assert_eq!(m.kv_cache_usage, Some(0.25));
         assert_eq!(m.active_loras, vec!["a", "b"]);
         assert_eq!(m.waiting_loras, vec!["c"]);
         assert_eq!(m.max_lora, 2);
@@ -234,19 +253,19 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     fn older_vllm_kv_name() {
         let text = "vllm:num_requests_waiting 1\nvllm:gpu_cache_usage_perc 0.5\n";
         let m = parse_metrics(EngineType::Vllm, text, Instant::now()).unwrap();
-        assert_eq!(m.kv_cache_usage, 0.5);
-        assert_eq!(m.running, 0);
+        assert_eq!(m.kv_cache_usage, Some(0.5));
+        assert_eq!(m.running, None);
     }
 
     #[test]
     fn sglang_and_trtllm_pages() {
         let text = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\nsglang:cache_config_info{page_size=\"1\",num_pages=\"5000\"} 1\n";
         let m = parse_metrics(EngineType::Sglang, text, Instant::now()).unwrap();
-        assert_eq!((m.waiting_queue, m.running), (4, 1));
+        assert_eq!((m.waiting_queue, m.running), (Some(4), Some(1)));
         assert_eq!(m.num_gpu_blocks, Some(5000));
         let text = "trtllm_num_requests_waiting 2\ntrtllm_kv_cache_utilization 0.1\ntrtllm_kv_cache_tokens_per_block 32\ntrtllm_kv_cache_max_blocks 900\n";
         let m = parse_metrics(EngineType::TrtllmServe, text, Instant::now()).unwrap();
-        assert_eq!(m.waiting_queue, 2);
+        assert_eq!(m.waiting_queue, Some(2));
         assert_eq!(m.block_size_tokens, Some(32));
         assert_eq!(m.num_gpu_blocks, Some(900));
     }
@@ -259,22 +278,40 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
             "# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total 5\n{VLLM}"
         );
         let m = parse_metrics(EngineType::Vllm, &text, Instant::now()).unwrap();
-        assert_eq!(m.waiting_queue, 3);
+        assert_eq!(m.waiting_queue, Some(3));
         assert_eq!(line_metric("# HELP a:b text"), Some("a:b"));
         assert_eq!(line_metric("a{x=\"1\"} 2"), Some("a"));
         assert_eq!(line_metric("# just a comment"), None);
     }
 
     #[test]
-    fn missing_or_garbage_is_an_error() {
+    fn absent_families_are_absent_values_not_errors() {
+        // Regression (issue 7): a page without the vllm:* families (an engine before its first
+        // request) used to fail the scrape, so the endpoint went stale and lost all traffic.
+        let m = parse_metrics(EngineType::Vllm, "", Instant::now()).unwrap();
         assert_eq!(
+            (m.waiting_queue, m.running, m.kv_cache_usage),
+            (None, None, None)
+        );
+        assert!(m.updated.is_some());
+        let m = parse_metrics(
+            EngineType::Vllm,
+            "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\nvllm:kv_cache_usage_perc 0.1\n",
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!((m.waiting_queue, m.kv_cache_usage), (None, Some(0.1)));
+    }
+
+    #[test]
+    fn garbage_in_a_wanted_family_is_an_error() {
+        assert!(
             parse_metrics(
                 EngineType::Vllm,
-                "vllm:kv_cache_usage_perc 0.1\n",
+                "vllm:num_requests_waiting{{{ not prometheus",
                 Instant::now()
-            ),
-            Err(MetricsError::Missing("vllm:num_requests_waiting"))
+            )
+            .is_err()
         );
-        assert!(parse_metrics(EngineType::Vllm, "{{{ not prometheus", Instant::now()).is_err());
     }
 }

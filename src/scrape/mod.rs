@@ -1,7 +1,11 @@
 //! Scraping model-server metrics: one loop per endpoint, `GET http://<metrics address>/metrics`
-//! every `--refresh-metrics-interval` (default 50 ms), each request bounded by a timeout. A
-//! failed scrape leaves the previous metrics in place; they go stale after
-//! `--metrics-staleness-threshold` and the scheduler then prefers endpoints with fresh metrics.
+//! every `--refresh-metrics-interval` (default 50 ms), each request bounded by a timeout.
+//!
+//! A page that lacks a family is a successful scrape with that value absent. A failed scrape
+//! keeps the previous values and marks the endpoint as failing, with the kind of failure
+//! (unreachable, timeout, bad status, bad page); the director then de-prioritizes it and takes
+//! its load from epp's own accounting (see [`crate::datastore::Health`]). Each change of an
+//! endpoint's scrape state is logged once, with its reason.
 
 pub mod engine;
 
@@ -16,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 
-use crate::datastore::{Datastore, Endpoint};
+use crate::datastore::{Datastore, Endpoint, EndpointMetrics, ScrapeFailure};
 
 pub use engine::{MetricsError, parse_metrics};
 
@@ -28,6 +32,10 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(100);
 /// Why one scrape failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
+    #[error("GET {url}: cannot connect: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("GET {url}: status {status}")]
+    Status { url: String, status: u16 },
     #[error("GET {url}: {reason}")]
     Http { url: String, reason: String },
     #[error("GET {url}: timed out after {timeout:?}")]
@@ -58,6 +66,21 @@ impl Default for ScrapeConfig {
     }
 }
 
+/// The shortest scrape interval used (a zero interval would make the timer panic).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+impl ScrapeError {
+    /// The failure as the datastore records it.
+    pub fn failure(&self) -> ScrapeFailure {
+        match self {
+            ScrapeError::Connect { .. } => ScrapeFailure::Unreachable,
+            ScrapeError::Timeout { .. } => ScrapeFailure::Timeout,
+            ScrapeError::Status { .. } => ScrapeFailure::BadStatus,
+            ScrapeError::Http { .. } | ScrapeError::Metrics { .. } => ScrapeFailure::BadPage,
+        }
+    }
+}
+
 /// Scrapes one endpoint once.
 pub async fn scrape_once(
     client: &HttpClient,
@@ -71,9 +94,21 @@ pub async fn scrape_once(
     };
     let fetch = async {
         let uri: hyper::Uri = url.parse().map_err(|e| http(format!("{e}")))?;
-        let resp = client.get(uri).await.map_err(|e| http(format!("{e}")))?;
+        let resp = client.get(uri).await.map_err(|e| {
+            if e.is_connect() {
+                ScrapeError::Connect {
+                    url: url.clone(),
+                    reason: error_chain(&e),
+                }
+            } else {
+                http(error_chain(&e))
+            }
+        })?;
         if !resp.status().is_success() {
-            return Err(http(format!("status {}", resp.status())));
+            return Err(ScrapeError::Status {
+                url: url.clone(),
+                status: resp.status().as_u16(),
+            });
         }
         let body = Limited::new(resp.into_body(), MAX_PAGE_BYTES)
             .collect()
@@ -92,30 +127,81 @@ pub async fn scrape_once(
         .map_err(|source| ScrapeError::Metrics { url, source })
 }
 
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// What the log last said about an endpoint's scrapes, so that each change is logged once.
+#[derive(Debug, Default, PartialEq)]
+struct ScrapeState {
+    failure: Option<ScrapeFailure>,
+    /// Families the page lacked (absent values), by name.
+    absent: Vec<&'static str>,
+}
+
+impl ScrapeState {
+    fn on_success(&mut self, endpoint: &Endpoint, m: &EndpointMetrics) {
+        if let Some(f) = self.failure.take() {
+            tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
+        }
+        let absent = engine::absent_families(endpoint.engine, m);
+        if absent != self.absent {
+            if absent.is_empty() {
+                tracing::info!(endpoint = %endpoint.name, "metrics page now has every family epp reads");
+            } else {
+                tracing::info!(
+                    endpoint = %endpoint.name,
+                    absent = ?absent,
+                    "metrics page lacks families; their values are taken from epp's own load accounting"
+                );
+            }
+            self.absent = absent;
+        }
+    }
+
+    fn on_failure(&mut self, endpoint: &Endpoint, e: &ScrapeError) {
+        let f = e.failure();
+        if self.failure != Some(f) {
+            tracing::warn!(
+                endpoint = %endpoint.name,
+                state = f.as_str(),
+                error = %e,
+                "metrics scrape failing; endpoint de-prioritized"
+            );
+            self.failure = Some(f);
+        }
+    }
+}
+
 async fn scrape_loop(
     client: HttpClient,
     datastore: Arc<Datastore>,
     endpoint: Arc<Endpoint>,
     cfg: ScrapeConfig,
 ) {
-    let mut failing = false;
-    let mut ticker = tokio::time::interval(cfg.interval);
+    let mut state = ScrapeState::default();
+    let mut ticker = tokio::time::interval(cfg.interval.max(MIN_INTERVAL));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let dispatched = endpoint.load.dispatched();
         match scrape_once(&client, &endpoint, cfg.timeout).await {
-            Ok(m) => {
-                if failing {
-                    tracing::info!(endpoint = %endpoint.name, "metrics scrape recovered");
-                    failing = false;
-                }
+            Ok(mut m) => {
+                state.on_success(&endpoint, &m);
+                m.dispatched_at_scrape = dispatched;
                 datastore.update_metrics(endpoint.id, m);
             }
             Err(e) => {
-                if !failing {
-                    tracing::warn!(endpoint = %endpoint.name, error = %e, "metrics scrape failed");
-                    failing = true;
-                }
+                state.on_failure(&endpoint, &e);
+                datastore.scrape_failed(endpoint.id, e.failure());
             }
         }
     }

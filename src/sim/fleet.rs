@@ -244,9 +244,9 @@ pub fn simulate(
                 Candidate::new(
                     e.clone(),
                     Arc::new(EndpointMetrics {
-                        waiting_queue: m.waiting as u32,
-                        running: m.running as u32,
-                        kv_cache_usage: m.kv_usage,
+                        waiting_queue: Some(m.waiting as u32),
+                        running: Some(m.running as u32),
+                        kv_cache_usage: Some(m.kv_usage),
                         num_gpu_blocks: Some(m.num_blocks as u64),
                         block_size_tokens: Some(m.block_tokens as u32),
                         updated: Some(std::time::Instant::now()),

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
 use prometheus_client::registry::Registry;
 
+use super::endpoints::EndpointCollector;
 use crate::datastore::Datastore;
 use crate::scheduling::PluginTimer;
 use crate::scheduling::plugins::prefix::PrefixObserver;
@@ -97,8 +98,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric. `pool_name` labels the pool gauges.
-    pub fn new(pool_name: &str) -> Arc<Self> {
+    /// Creates and registers every metric. `pool_name` labels the pool gauges; the
+    /// per-endpoint gauges are read from `endpoints` at each scrape.
+    pub fn new(pool_name: &str, endpoints: Option<EndpointCollector>) -> Arc<Self> {
         let mut registry = Registry::default();
         let m = Metrics {
             pool_name: pool_name.to_owned(),
@@ -215,6 +217,9 @@ impl Metrics {
             "Length of the prefix match in bytes",
             m.prefix_hit_bytes.clone(),
         );
+        if let Some(c) = endpoints {
+            registry.register_collector(Box::new(c));
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -227,8 +232,8 @@ impl Metrics {
         };
         let (kv, q) = snap.candidates.iter().fold((0.0, 0.0), |(kv, q), c| {
             (
-                kv + c.metrics.kv_cache_usage,
-                q + f64::from(c.metrics.waiting_queue),
+                kv + c.metrics.kv_cache_usage.unwrap_or(0.0),
+                q + f64::from(c.metrics.waiting_queue.unwrap_or(0)),
             )
         });
         let avg = |x: f64| if n == 0 { 0.0 } else { x / n as f64 };
@@ -255,13 +260,12 @@ impl PluginTimer for Metrics {
 }
 
 impl PrefixObserver for Metrics {
-    fn observe_match(&self, matched_blocks: usize, total_blocks: usize, block_size: usize) {
-        if total_blocks > 0 {
+    fn observe_match(&self, matched_bytes: usize, hashed_bytes: usize) {
+        if hashed_bytes > 0 {
             self.prefix_hit_ratio
-                .observe(matched_blocks as f64 / total_blocks as f64);
+                .observe(matched_bytes as f64 / hashed_bytes as f64);
         }
-        self.prefix_hit_bytes
-            .observe((matched_blocks * block_size) as f64);
+        self.prefix_hit_bytes.observe(matched_bytes as f64);
     }
 
     fn observe_index_size(&self, entries: usize) {

@@ -1,5 +1,6 @@
 //! epp's own observability: Prometheus metrics on `--metrics-port`, and logging.
 
+pub mod endpoints;
 pub mod health;
 pub mod metrics;
 

@@ -4,7 +4,7 @@
 //! `QUEUE_THRESHOLD_CRITICAL` = 5 and `KV_CACHE_THRESHOLD` = 0.8. The same thresholds decide
 //! saturation for admission control of sheddable requests.
 
-use crate::datastore::{Candidate, EndpointMetrics};
+use crate::datastore::Candidate;
 use crate::scheduling::framework::{Filter, SchedulingContext};
 
 pub const TYPE: &str = "has-capacity-filter";
@@ -27,8 +27,9 @@ impl Default for HasCapacityFilter {
 }
 
 impl HasCapacityFilter {
-    pub fn has_capacity(&self, m: &EndpointMetrics) -> bool {
-        m.waiting_queue <= self.queue_threshold && m.kv_cache_usage <= self.kv_cache_threshold
+    /// Uses the candidate's effective queue and KV use (see [`Candidate::waiting`]).
+    pub fn has_capacity(&self, c: &Candidate) -> bool {
+        c.waiting() <= self.queue_threshold && c.kv_usage() <= self.kv_cache_threshold
     }
 }
 
@@ -42,7 +43,7 @@ impl Filter for HasCapacityFilter {
         _: &mut SchedulingContext<'_>,
         mut candidates: Vec<&'a Candidate>,
     ) -> Vec<&'a Candidate> {
-        candidates.retain(|c| self.has_capacity(&c.metrics));
+        candidates.retain(|c| self.has_capacity(c));
         candidates
     }
 }

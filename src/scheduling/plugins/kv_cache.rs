@@ -1,6 +1,7 @@
 //! `kv-cache-utilization-scorer`: prefers endpoints with free KV-cache space.
 //!
-//! Algorithm: `score = 1 − kv_cache_usage` (usage in `[0, 1]` as scraped). No parameters.
+//! Algorithm: `score = 1 − kv_cache_usage` (usage in `[0, 1]`, the last value scraped; 0 for an
+//! endpoint that never reported it). No parameters.
 
 use crate::datastore::Candidate;
 use crate::scheduling::framework::{SchedulingContext, Scorer};
@@ -17,7 +18,7 @@ impl Scorer for KvCacheScorer {
 
     fn score(&self, _: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
         for (c, s) in candidates.iter().zip(scores.iter_mut()) {
-            *s = 1.0 - c.metrics.kv_cache_usage.clamp(0.0, 1.0);
+            *s = 1.0 - c.kv_usage();
         }
     }
 }

@@ -25,12 +25,12 @@ impl Filter for LeastKvCacheFilter {
             return candidates;
         }
         let n = candidates.len() as f64;
-        let kv = candidates.iter().map(|c| c.metrics.kv_cache_usage);
+        let kv = candidates.iter().map(|c| c.kv_usage());
         let (min, max) = kv.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), k| {
             (lo.min(k), hi.max(k))
         });
         let limit = min + (max - min) / n;
-        candidates.retain(|c| c.metrics.kv_cache_usage <= limit);
+        candidates.retain(|c| c.kv_usage() <= limit);
         candidates
     }
 }

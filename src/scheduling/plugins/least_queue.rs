@@ -25,10 +25,10 @@ impl Filter for LeastQueueFilter {
         if n == 0 {
             return candidates;
         }
-        let queues = candidates.iter().map(|c| c.metrics.waiting_queue);
+        let queues = candidates.iter().map(|c| c.waiting());
         let (min, max) = queues.fold((u32::MAX, 0), |(lo, hi), q| (lo.min(q), hi.max(q)));
         let limit = min + (max - min) / n;
-        candidates.retain(|c| c.metrics.waiting_queue <= limit);
+        candidates.retain(|c| c.waiting() <= limit);
         candidates
     }
 }
@@ -43,7 +43,7 @@ mod tests {
         let cs = candidates(&[metrics_q(0), metrics_q(3), metrics_q(4), metrics_q(12)]);
         let kept = LeastQueueFilter.filter(&mut ctx_for(), cs.iter().collect());
         // limit = 0 + 12 / 4 = 3
-        let qs: Vec<u32> = kept.iter().map(|c| c.metrics.waiting_queue).collect();
+        let qs: Vec<u32> = kept.iter().map(|c| c.waiting()).collect();
         assert_eq!(qs, vec![0, 3]);
     }
 }

@@ -32,7 +32,7 @@ impl Filter for LowQueueFilter {
         _: &mut SchedulingContext<'_>,
         mut candidates: Vec<&'a Candidate>,
     ) -> Vec<&'a Candidate> {
-        candidates.retain(|c| c.metrics.waiting_queue <= self.threshold);
+        candidates.retain(|c| c.waiting() <= self.threshold);
         candidates
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod decision_tree;
 pub mod has_capacity;
+pub mod inflight_load;
 pub mod kv_cache;
 pub mod least_kv_cache;
 pub mod least_queue;
@@ -37,14 +38,16 @@ pub(crate) mod test_support {
 
     pub fn metrics_q(q: u32) -> EndpointMetrics {
         EndpointMetrics {
-            waiting_queue: q,
+            waiting_queue: Some(q),
+            updated: Some(std::time::Instant::now()),
             ..Default::default()
         }
     }
 
     pub fn metrics_kv(kv: f64) -> EndpointMetrics {
         EndpointMetrics {
-            kv_cache_usage: kv,
+            kv_cache_usage: Some(kv),
+            updated: Some(std::time::Instant::now()),
             ..Default::default()
         }
     }

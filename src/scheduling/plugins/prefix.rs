@@ -1,26 +1,30 @@
 //! `prefix-cache-scorer`: routes a request to where its prompt prefix is (probably) cached.
 //!
 //! Algorithm (GIE proposal 0602, DESIGN §5):
-//! 1. *pre-schedule*: hash the prompt into chained blocks of `blockSize` bytes (default 64 = 16
-//!    tokens × ~4 chars), at most `maxPrefixBlocksToMatch` (default 256), seeded by the target
-//!    model and `cache_salt`; look the hashes up in the [`PrefixIndex`] to get, per endpoint, the
-//!    number of leading blocks it holds.
-//! 2. *score*: `matched_blocks / total_blocks` (0 for an empty prompt).
+//! 1. *pre-schedule*: hash the prompt into chained blocks (see [`crate::index::hash`]: 64-byte
+//!    blocks for the first `maxPrefixBlocksToMatch` (256), then 1 KiB blocks up to
+//!    `maxPrefixTokensToMatch` (131,072) × 4 bytes), seeded by the target model and
+//!    `cache_salt`; look the hashes up in the [`PrefixIndex`] to get, per endpoint, the number
+//!    of leading blocks it holds, and publish the match in bytes as the context's
+//!    [`PrefixMatchInfo`] (read by the affinity filter and the load accounting).
+//! 2. *score*: `matched_bytes / hashed_bytes` (0 for an empty prompt).
 //! 3. *post-schedule*: record all the request's blocks as held by the chosen endpoint, at once,
 //!    not when the response arrives (so a burst sharing a prefix follows the first request).
 //!
-//! Each endpoint holds at most `lruCapacityPerServer` blocks (default 31,250), least recently
-//! used evicted first. With `autoTune` (default true) an endpoint that reports its cache size
-//! (`vllm:cache_config_info`) gets a capacity of exactly that many tokens, in epp blocks.
-//! Endpoints leaving the datastore are purged from the index.
+//! Each endpoint holds at most `lruCapacityPerServer` KV blocks (default 31,250; a coarse block
+//! counts 16), least recently used evicted first. With `autoTune` (default true) an endpoint
+//! that reports its cache size (`vllm:cache_config_info`) gets a capacity of exactly that many
+//! tokens, in epp blocks. Endpoints leaving the datastore are purged from the index.
+//! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
 use std::sync::Arc;
 
 use crate::datastore::{Candidate, Endpoint, EndpointObserver};
 use crate::index::hash::CHARS_PER_TOKEN;
-use crate::index::{BlockHash, BlockHasher, PrefixIndex, PrefixMatch};
+use crate::index::{BlockHash, BlockHasher, PrefixIndex};
 use crate::scheduling::framework::{
-    PostSchedule, PreSchedule, ScheduleResult, SchedulingContext, Scorer,
+    PluginId, PostSchedule, PreSchedule, PrefixMatchInfo, ScheduleResult, SchedulingContext,
+    Scorer, next_plugin_id,
 };
 
 pub const TYPE: &str = "prefix-cache-scorer";
@@ -45,14 +49,15 @@ impl Default for PrefixConfig {
 
 /// Observes prefix-match quality (epp's metrics implement it).
 pub trait PrefixObserver: Send + Sync {
-    /// `matched_blocks` of `total_blocks` were already on the chosen endpoint.
-    fn observe_match(&self, matched_blocks: usize, total_blocks: usize, block_size: usize);
+    /// `matched_bytes` of the `hashed_bytes` hashed were already on the chosen endpoint.
+    fn observe_match(&self, matched_bytes: usize, hashed_bytes: usize);
     /// Index size changed.
     fn observe_index_size(&self, entries: usize);
 }
 
 /// The prefix-cache plugin: pre-schedule, scorer and post-schedule in one.
 pub struct PrefixCachePlugin {
+    id: PluginId,
     config: PrefixConfig,
     index: Arc<PrefixIndex>,
     observer: Option<Arc<dyn PrefixObserver>>,
@@ -67,15 +72,16 @@ impl std::fmt::Debug for PrefixCachePlugin {
     }
 }
 
-/// What pre-schedule learned about this request (private to this plugin).
+/// What pre-schedule learned about this request (private to this plugin instance).
 struct PrefixState {
     hashes: Vec<BlockHash>,
-    matched: PrefixMatch,
+    info: PrefixMatchInfo,
 }
 
 impl PrefixCachePlugin {
     pub fn new(config: PrefixConfig) -> Self {
         Self {
+            id: next_plugin_id(),
             index: Arc::new(PrefixIndex::new(config.lru_capacity_per_server)),
             config,
             observer: None,
@@ -101,6 +107,10 @@ impl PrefixCachePlugin {
         let chars = tokens.saturating_mul(CHARS_PER_TOKEN as u64);
         (chars / self.config.hasher.block_size.max(1) as u64).max(1) as usize
     }
+
+    fn state<'c>(&self, ctx: &'c SchedulingContext<'_>) -> Option<&'c PrefixState> {
+        ctx.state.get::<PrefixState>(self.id)
+    }
 }
 
 impl PreSchedule for PrefixCachePlugin {
@@ -110,10 +120,23 @@ impl PreSchedule for PrefixCachePlugin {
 
     fn pre_schedule(&self, ctx: &mut SchedulingContext<'_>, _: &[Candidate]) {
         let req = ctx.request;
+        let hasher = &self.config.hasher;
         let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
-        let hashes = self.config.hasher.hash(seed, &req.prompt);
+        let hashes = hasher.hash(seed, &req.prompt);
         let matched = self.index.match_prefix(&hashes);
-        ctx.state.insert(PrefixState { hashes, matched });
+        let len = req.prompt_len();
+        let info = PrefixMatchInfo {
+            hashed_bytes: hasher.covered_bytes(hashes.len(), len),
+            matched: matched
+                .pods
+                .iter()
+                .map(|&(pod, blocks)| (pod, hasher.covered_bytes(blocks, len)))
+                .collect(),
+        };
+        if ctx.prefix.is_none() {
+            ctx.prefix = Some(info.clone());
+        }
+        ctx.state.insert(self.id, PrefixState { hashes, info });
     }
 }
 
@@ -123,15 +146,11 @@ impl Scorer for PrefixCachePlugin {
     }
 
     fn score(&self, ctx: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
-        let Some(state) = ctx.state.get::<PrefixState>() else {
+        let Some(state) = self.state(ctx) else {
             return;
         };
-        let total = state.hashes.len();
-        if total == 0 || state.matched.pods.is_empty() {
-            return;
-        }
         for (c, s) in candidates.iter().zip(scores.iter_mut()) {
-            *s = state.matched.blocks_for(c.endpoint.id) as f64 / total as f64;
+            *s = state.info.ratio(c.endpoint.id);
         }
     }
 }
@@ -142,7 +161,7 @@ impl PostSchedule for PrefixCachePlugin {
     }
 
     fn post_schedule(&self, ctx: &SchedulingContext<'_>, result: &ScheduleResult) {
-        let Some(state) = ctx.state.get::<PrefixState>() else {
+        let Some(state) = self.state(ctx) else {
             return;
         };
         let target = result.primary();
@@ -160,11 +179,7 @@ impl PostSchedule for PrefixCachePlugin {
         }
         self.index.record(pod, &state.hashes);
         if let Some(o) = &self.observer {
-            o.observe_match(
-                state.matched.blocks_for(pod),
-                state.hashes.len(),
-                self.config.hasher.block_size,
-            );
+            o.observe_match(state.info.matched_bytes(pod), state.info.hashed_bytes);
             o.observe_index_size(self.index.len());
         }
     }
@@ -205,6 +220,7 @@ mod tests {
             targets: vec![cs[pick].clone()],
             scores: vec![0.0],
             profile: "t".into(),
+            reservation: None,
         };
         p.post_schedule(&ctx, &result);
         s

@@ -1,7 +1,8 @@
 //! `queue-scorer`: prefers endpoints with short waiting queues.
 //!
-//! Algorithm: with `q` the endpoint's waiting-queue length and `minQ`/`maxQ` taken over the
-//! candidates, `score = (maxQ − q) / (maxQ − minQ)`; every candidate scores 1 when all queues
+//! Algorithm: with `q` the endpoint's waiting-queue length (the scraped queue plus the requests
+//! epp routed there since that scrape; epp's own in-flight count when the metrics are stale or
+//! lack the family, see [`Candidate::waiting`]) and `minQ`/`maxQ` taken over the candidates, `score = (maxQ − q) / (maxQ − minQ)`; every candidate scores 1 when all queues
 //! are equal. No parameters.
 
 use crate::datastore::Candidate;
@@ -18,13 +19,13 @@ impl Scorer for QueueScorer {
     }
 
     fn score(&self, _: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
-        let queues = candidates.iter().map(|c| c.metrics.waiting_queue);
+        let queues = candidates.iter().map(|c| c.waiting());
         let (min, max) = queues.fold((u32::MAX, 0), |(lo, hi), q| (lo.min(q), hi.max(q)));
         for (c, s) in candidates.iter().zip(scores.iter_mut()) {
             *s = if max == min {
                 1.0
             } else {
-                f64::from(max - c.metrics.waiting_queue) / f64::from(max - min)
+                f64::from(max - c.waiting()) / f64::from(max - min)
             };
         }
     }

@@ -1,0 +1,233 @@
+//! epp's own load accounting: what epp routed to each endpoint and has not yet seen finish.
+//!
+//! Scraped metrics are at best one scrape interval old and frozen between scrapes, so every
+//! decision in between would see the same picture and pile onto the same endpoint. epp
+//! therefore counts, per endpoint, the work it dispatched itself:
+//!
+//! | counter | added when | released when |
+//! |---|---|---|
+//! | `requests` | the request is routed | the response ends, fails or is reset |
+//! | `prompt_tokens` | routed (estimated prompt tokens) | as `requests` |
+//! | `pending_prefill` | routed (prompt tokens minus the prefix epp expects cached there) | the first response byte (prefill done), or the end |
+//! | `output_tokens` | routed, only when output estimation is on (`inflight-load-producer`) | as `requests` |
+//! | `dispatched` | routed (monotonic; never released) | — |
+//!
+//! A [`Reservation`] adds its amounts inside the scheduling decision (so concurrent decisions
+//! see each other) and takes them back exactly once: early for the prefill part
+//! ([`Reservation::prefill_done`]), and everything else on [`Reservation::release`] or when it
+//! is dropped — a stream that ends in any way, a panic unwinding through its handler included,
+//! cannot leak load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Endpoint;
+
+/// Live counters of one endpoint (shared by every reservation against it).
+#[derive(Debug, Default)]
+pub struct EndpointLoad {
+    requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    pending_prefill: AtomicU64,
+    output_tokens: AtomicU64,
+    dispatched: AtomicU64,
+}
+
+/// A consistent-enough reading of [`EndpointLoad`] (each field is read once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadSnapshot {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub pending_prefill: u64,
+    pub output_tokens: u64,
+    pub dispatched: u64,
+}
+
+impl LoadSnapshot {
+    /// In-flight tokens as llm-d's `inflight-load-producer` counts them: uncached prompt
+    /// tokens still being prefilled, plus estimated output tokens when that is enabled.
+    pub fn tokens(&self) -> u64 {
+        self.pending_prefill + self.output_tokens
+    }
+}
+
+impl EndpointLoad {
+    pub fn snapshot(&self) -> LoadSnapshot {
+        LoadSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            pending_prefill: self.pending_prefill.load(Ordering::Relaxed),
+            output_tokens: self.output_tokens.load(Ordering::Relaxed),
+            dispatched: self.dispatched.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn pending_prefill(&self) -> u64 {
+        self.pending_prefill.load(Ordering::Relaxed)
+    }
+
+    /// Requests routed here since the process started (monotonic).
+    pub fn dispatched(&self) -> u64 {
+        self.dispatched.load(Ordering::Relaxed)
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_idle(&self) -> bool {
+        let s = self.snapshot();
+        s.requests == 0 && s.prompt_tokens == 0 && s.pending_prefill == 0 && s.output_tokens == 0
+    }
+}
+
+/// What one request adds to its endpoint's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadAmount {
+    pub prompt_tokens: u64,
+    /// Prompt tokens epp expects the endpoint to compute (not cached there).
+    pub uncached_tokens: u64,
+    /// Estimated output tokens (0 unless output estimation is on).
+    pub output_tokens: u64,
+}
+
+/// One request's share of an endpoint's load; released exactly once (see the module docs).
+#[derive(Debug)]
+pub struct Reservation {
+    endpoint: Arc<Endpoint>,
+    amount: LoadAmount,
+    prefill_held: bool,
+    held: bool,
+}
+
+impl Reservation {
+    /// Adds `amount` to `endpoint`'s load.
+    pub fn new(endpoint: Arc<Endpoint>, amount: LoadAmount) -> Self {
+        let load = &endpoint.load;
+        load.requests.fetch_add(1, Ordering::Relaxed);
+        load.prompt_tokens
+            .fetch_add(amount.prompt_tokens, Ordering::Relaxed);
+        load.pending_prefill
+            .fetch_add(amount.uncached_tokens, Ordering::Relaxed);
+        load.output_tokens
+            .fetch_add(amount.output_tokens, Ordering::Relaxed);
+        load.dispatched.fetch_add(1, Ordering::Relaxed);
+        Self {
+            endpoint,
+            amount,
+            prefill_held: true,
+            held: true,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    pub fn amount(&self) -> LoadAmount {
+        self.amount
+    }
+
+    /// The first response byte arrived: the prompt has been computed, so its prefill work
+    /// leaves the endpoint's queue. Later calls do nothing.
+    pub fn prefill_done(&mut self) {
+        if self.prefill_held {
+            self.prefill_held = false;
+            self.endpoint
+                .load
+                .pending_prefill
+                .fetch_sub(self.amount.uncached_tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The request is over (completed, failed or reset). Later calls, and the drop, do
+    /// nothing.
+    pub fn release(&mut self) {
+        self.prefill_done();
+        if self.held {
+            self.held = false;
+            let load = &self.endpoint.load;
+            load.requests.fetch_sub(1, Ordering::Relaxed);
+            load.prompt_tokens
+                .fetch_sub(self.amount.prompt_tokens, Ordering::Relaxed);
+            load.output_tokens
+                .fetch_sub(self.amount.output_tokens, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::EndpointSpec;
+
+    fn endpoint() -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            0,
+            EndpointSpec::new("a", ([127, 0, 0, 1], 1).into()),
+        ))
+    }
+
+    const AMOUNT: LoadAmount = LoadAmount {
+        prompt_tokens: 100,
+        uncached_tokens: 60,
+        output_tokens: 7,
+    };
+
+    #[test]
+    fn reserve_prefill_done_release_balance() {
+        let ep = endpoint();
+        let mut r = Reservation::new(ep.clone(), AMOUNT);
+        let s = ep.load.snapshot();
+        assert_eq!(
+            (
+                s.requests,
+                s.prompt_tokens,
+                s.pending_prefill,
+                s.output_tokens
+            ),
+            (1, 100, 60, 7)
+        );
+        assert_eq!(s.tokens(), 67);
+        r.prefill_done();
+        r.prefill_done();
+        assert_eq!(ep.load.pending_prefill(), 0);
+        assert_eq!(ep.load.requests(), 1);
+        r.release();
+        r.release();
+        drop(r);
+        assert!(ep.load.is_idle());
+        assert_eq!(ep.load.dispatched(), 1, "the dispatch count is monotonic");
+    }
+
+    #[test]
+    fn drop_releases_everything_once() {
+        let ep = endpoint();
+        {
+            let _a = Reservation::new(ep.clone(), AMOUNT);
+            let mut b = Reservation::new(ep.clone(), AMOUNT);
+            b.prefill_done();
+            assert_eq!(ep.load.pending_prefill(), 60);
+        }
+        assert!(ep.load.is_idle());
+    }
+
+    #[test]
+    fn panicking_holder_still_releases() {
+        let ep = endpoint();
+        let ep2 = ep.clone();
+        let result = std::panic::catch_unwind(move || {
+            let _r = Reservation::new(ep2, AMOUNT);
+            panic!("handler bug");
+        });
+        assert!(result.is_err());
+        assert!(ep.load.is_idle());
+    }
+}

@@ -1,0 +1,135 @@
+//! Per-endpoint gauges read live at each `/metrics` scrape (a collector, so departed endpoints
+//! leave no stale series): epp's own load accounting and each endpoint's scrape health.
+//!
+//! | metric | labels | value |
+//! |---|---|---|
+//! | `llm_d_epp_inflight_requests` | `endpoint_name` | requests routed there and not finished (llm-d's name) |
+//! | `llm_d_epp_inflight_tokens` | `endpoint_name` | uncached prompt tokens still prefilling + estimated output tokens (llm-d's name) |
+//! | `epp_inflight_prompt_tokens` | `endpoint_name` | prompt tokens of the in-flight requests |
+//! | `epp_endpoint_health` | `endpoint_name`, `state` | 1 for the endpoint's current state (fresh, degraded, unreachable) |
+//!
+//! Endpoints that left the pool with requests still in flight are reported until they drain.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::datastore::{Candidate, Datastore, Endpoint, Health};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    endpoint_name: String,
+    state: String,
+}
+
+/// Encodes the per-endpoint gauges from the datastore on every scrape.
+#[derive(Debug)]
+pub struct EndpointCollector {
+    datastore: Arc<Datastore>,
+    staleness: Duration,
+}
+
+impl EndpointCollector {
+    pub fn new(datastore: Arc<Datastore>, staleness: Duration) -> Self {
+        Self {
+            datastore,
+            staleness,
+        }
+    }
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(String, u64)],
+) -> Result<(), std::fmt::Error> {
+    let gauge_type = ConstGauge::new(0i64).metric_type();
+    let mut family = encoder.encode_descriptor(name, help, None, gauge_type)?;
+    for (endpoint, value) in values {
+        let labels = EndpointLabel {
+            endpoint_name: endpoint.clone(),
+        };
+        let gauge = ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX));
+        gauge.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for EndpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.datastore.snapshot();
+        let now = Instant::now();
+        let mut endpoints: Vec<Arc<Endpoint>> = snapshot
+            .candidates
+            .iter()
+            .map(|c| c.endpoint.clone())
+            .collect();
+        endpoints.extend(self.datastore.draining());
+        let loads: Vec<_> = endpoints
+            .iter()
+            .map(|e| (e.name.clone(), e.load.snapshot()))
+            .collect();
+        let column = |f: fn(&crate::datastore::LoadSnapshot) -> u64| -> Vec<(String, u64)> {
+            loads.iter().map(|(n, l)| (n.clone(), f(l))).collect()
+        };
+        gauge_family(
+            &mut encoder,
+            "llm_d_epp_inflight_requests",
+            "Requests epp routed to the endpoint that have not finished",
+            &column(|l| l.requests),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "llm_d_epp_inflight_tokens",
+            "Uncached prompt tokens still prefilling plus estimated output tokens, per endpoint",
+            &column(|l| l.tokens()),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "epp_inflight_prompt_tokens",
+            "Prompt tokens of the requests in flight, per endpoint",
+            &column(|l| l.prompt_tokens),
+        )?;
+        let gauge_type = ConstGauge::new(0i64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "epp_endpoint_health",
+            "1 for the endpoint's metrics state: fresh, degraded (stale, failing or never scraped) or unreachable",
+            None,
+            gauge_type,
+        )?;
+        for c in &snapshot.candidates {
+            let mut c: Candidate = c.clone();
+            c.assess(now, self.staleness);
+            let labels = HealthLabels {
+                endpoint_name: c.endpoint.name.clone(),
+                state: c.health.as_str().to_owned(),
+            };
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Health of every endpoint right now (for logs and tests).
+pub fn health_of(datastore: &Datastore, staleness: Duration) -> Vec<(String, Health)> {
+    let now = Instant::now();
+    datastore
+        .snapshot()
+        .candidates
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.assess(now, staleness);
+            (c.endpoint.name.clone(), c.health)
+        })
+        .collect()
+}
