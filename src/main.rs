@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
 
     // Discovery.
-    if let Some(observer) = scheduler.endpoint_observer() {
+    for observer in scheduler.endpoint_observers() {
         datastore.add_observer(observer);
     }
     let (_discovery, leader) = start_discovery(&cli, &datastore).await?;

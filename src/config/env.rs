@@ -197,7 +197,7 @@ impl SchedulerEnv {
     pub fn build_observed(&self, observer: Option<Arc<dyn PrefixObserver>>) -> Scheduler {
         let saturation = self.saturation();
         if !self.use_v2 {
-            return Scheduler::new(v1::profile(self.v1), None).with_saturation(saturation);
+            return Scheduler::new(v1::profile(self.v1), Vec::new()).with_saturation(saturation);
         }
         let mut profile = Profile::new("default", Arc::new(MaxScorePicker::default()));
         profile
@@ -218,7 +218,7 @@ impl SchedulerEnv {
             profile.post_schedule.push(plugin.clone());
             prefix = Some(plugin);
         }
-        Scheduler::new(profile, prefix).with_saturation(saturation)
+        Scheduler::new(profile, prefix.into_iter().collect()).with_saturation(saturation)
     }
 }
 

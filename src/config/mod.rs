@@ -3,7 +3,9 @@
 
 pub mod endpoints_file;
 pub mod env;
+pub mod params;
 pub mod picker_config;
+pub mod plugin_factory;
 
 /// A configuration problem, naming the setting at fault.
 #[derive(Debug, thiserror::Error)]

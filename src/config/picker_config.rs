@@ -20,8 +20,9 @@
 //! ```
 //!
 //! A profile's plugins run in their role's place (filters in the order listed, scorers with
-//! their weights, one picker — max-score by default). Unknown types, unknown parameters,
-//! missing references and bad values are startup errors naming the field.
+//! their weights, one picker — max-score by default, as the Go EPP injects it). Unknown types,
+//! unknown parameters, missing references and bad values are startup errors naming the field.
+//! The plugin types and their parameters are in [`super::plugin_factory`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,21 +30,13 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::index::hash::CHARS_PER_TOKEN;
+use super::params::Params;
+use super::plugin_factory::{self, Built};
 use crate::scheduling::Scheduler;
-use crate::scheduling::framework::{Filter, Picker, Profile};
+use crate::scheduling::framework::{Filter, Profile};
 use crate::scheduling::plugins::decision_tree::DecisionTreeFilter;
-use crate::scheduling::plugins::kv_cache::KvCacheScorer;
-use crate::scheduling::plugins::least_kv_cache::LeastKvCacheFilter;
-use crate::scheduling::plugins::least_queue::LeastQueueFilter;
-use crate::scheduling::plugins::lora_affinity::LoraAffinityScorer;
-use crate::scheduling::plugins::lora_affinity_filter::LoraAffinityFilter;
-use crate::scheduling::plugins::low_queue::LowQueueFilter;
 use crate::scheduling::plugins::max_score::MaxScorePicker;
-use crate::scheduling::plugins::prefix::{PrefixCachePlugin, PrefixConfig, PrefixObserver};
-use crate::scheduling::plugins::queue::QueueScorer;
-use crate::scheduling::plugins::random::RandomPicker;
-use crate::scheduling::plugins::weighted_random::WeightedRandomPicker;
+use crate::scheduling::plugins::prefix::{PrefixCachePlugin, PrefixObserver};
 
 /// A config problem: the field (path) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +46,7 @@ pub struct PickerConfigError {
     pub reason: String,
 }
 
-fn err(field: impl Into<String>, reason: impl Into<String>) -> PickerConfigError {
+pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> PickerConfigError {
     PickerConfigError {
         field: field.into(),
         reason: reason.into(),
@@ -105,147 +98,7 @@ struct RawRef {
     weight: Option<f64>,
 }
 
-/// An instantiated plugin, by role.
-#[derive(Clone)]
-enum Built {
-    Prefix(Arc<PrefixCachePlugin>),
-    Scorer(Arc<dyn crate::scheduling::framework::Scorer>),
-    Filter(Arc<dyn Filter>),
-    Picker(Arc<dyn Picker>),
-    ProfileHandler,
-}
-
-/// Typed access to a plugin's `parameters`, rejecting keys nobody read.
-struct Params<'a> {
-    field: String,
-    map: serde_json::Map<String, Value>,
-    seen: Vec<&'a str>,
-}
-
-impl<'a> Params<'a> {
-    fn new(field: String, v: &Option<Value>) -> Result<Self, PickerConfigError> {
-        let map = match v {
-            None | Some(Value::Null) => serde_json::Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(_) => return Err(err(field, "must be a mapping")),
-        };
-        Ok(Self {
-            field,
-            map,
-            seen: Vec::new(),
-        })
-    }
-
-    fn get(&mut self, key: &'a str) -> Option<Value> {
-        self.seen.push(key);
-        self.map.get(key).cloned().filter(|v| !v.is_null())
-    }
-
-    fn path(&self, key: &str) -> String {
-        format!("{}.{key}", self.field)
-    }
-
-    fn positive(&mut self, key: &'a str) -> Result<Option<usize>, PickerConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => Ok(Some(n as usize)),
-                _ => Err(err(
-                    self.path(key),
-                    format!("must be a positive integer, got {v}"),
-                )),
-            },
-        }
-    }
-
-    /// A non-negative integer.
-    fn count(&mut self, key: &'a str) -> Result<Option<usize>, PickerConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
-                None => Err(err(
-                    self.path(key),
-                    format!("must be an integer ≥ 0, got {v}"),
-                )),
-            },
-        }
-    }
-
-    fn number(&mut self, key: &'a str) -> Result<Option<f64>, PickerConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(n) if n.is_finite() && n >= 0.0 => Ok(Some(n)),
-                _ => Err(err(
-                    self.path(key),
-                    format!("must be a number ≥ 0, got {v}"),
-                )),
-            },
-        }
-    }
-
-    fn boolean(&mut self, key: &'a str) -> Result<Option<bool>, PickerConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(v) => Err(err(
-                self.path(key),
-                format!("must be true or false, got {v}"),
-            )),
-        }
-    }
-
-    /// Fails on any parameter not read.
-    fn finish(self) -> Result<(), PickerConfigError> {
-        match self.map.keys().find(|k| !self.seen.contains(&k.as_str())) {
-            Some(k) => Err(err(self.path(k), "unknown parameter")),
-            None => Ok(()),
-        }
-    }
-}
-
-fn prefix_config(p: &mut Params<'_>) -> Result<PrefixConfig, PickerConfigError> {
-    let mut c = PrefixConfig::default();
-    let bytes = p.positive("hashBlockSize")?.or(p.positive("blockSize")?);
-    let tokens = p.positive("blockSizeTokens")?;
-    c.hasher.block_size = match (bytes, tokens) {
-        (Some(_), Some(_)) => {
-            return Err(err(
-                p.path("blockSizeTokens"),
-                "give the block size in bytes (blockSize) or in tokens, not both",
-            ));
-        }
-        (Some(b), None) => b,
-        (None, Some(t)) => t * CHARS_PER_TOKEN,
-        (None, None) => c.hasher.block_size,
-    };
-    if let Some(n) = p.positive("maxPrefixBlocksToMatch")? {
-        c.hasher.max_blocks = n;
-    }
-    // Dense blocks cover the head; maxPrefixTokensToMatch is the whole coverage (0: the dense
-    // head only, as in GIE), the coarse tail filling the rest (see index::hash).
-    if let Some(t) = p.count("maxPrefixTokensToMatch")? {
-        c.hasher.max_bytes = t.saturating_mul(CHARS_PER_TOKEN);
-        if t > 0 {
-            let dense = c.hasher.max_bytes.div_ceil(c.hasher.block_size);
-            c.hasher.max_blocks = c.hasher.max_blocks.min(dense);
-        }
-    }
-    if let Some(n) = p.positive("lruCapacityPerServer")? {
-        c.lru_capacity_per_server = n;
-    }
-    if let Some(b) = p.boolean("autoTune")? {
-        c.auto_tune = b;
-    }
-    Ok(c)
-}
-
-fn max_endpoints(p: &mut Params<'_>) -> Result<usize, PickerConfigError> {
-    Ok(p.positive("maxNumOfEndpoints")?.unwrap_or(1))
-}
-
-/// The plugins of a parsed config, by name.
+/// The plugins of a parsed config, by name: `(type, instance)`.
 struct Registry {
     by_name: HashMap<String, (String, Built)>,
 }
@@ -290,17 +143,14 @@ fn decision_tree(
     m: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<DecisionTreeFilter, PickerConfigError> {
-    for k in m.keys() {
-        if ![
-            "current",
-            "nextOnSuccess",
-            "nextOnFailure",
-            "nextOnSuccessOrFailure",
-        ]
-        .contains(&k.as_str())
-        {
-            return Err(err(format!("{field}.{k}"), "unknown parameter"));
-        }
+    const KEYS: [&str; 4] = [
+        "current",
+        "nextOnSuccess",
+        "nextOnFailure",
+        "nextOnSuccessOrFailure",
+    ];
+    if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(err(format!("{field}.{k}"), "unknown parameter"));
     }
     let current = m
         .get("current")
@@ -319,11 +169,8 @@ fn decision_tree(
     })
 }
 
-/// Parses and builds a scheduler from config text (YAML or JSON).
-pub fn build_scheduler(
-    text: &str,
-    observer: Option<Arc<dyn PrefixObserver>>,
-) -> Result<Scheduler, PickerConfigError> {
+/// Parses the document and checks its header.
+fn parse_document(text: &str) -> Result<RawConfig, PickerConfigError> {
     let raw: RawConfig =
         serde_saphyr::from_str(text).map_err(|e| err("(document)", e.to_string()))?;
     if !API_VERSIONS.contains(&raw.api_version.as_str()) {
@@ -341,80 +188,38 @@ pub fn build_scheduler(
     if !raw.feature_gates.is_empty() {
         tracing::warn!(gates = ?raw.feature_gates, "featureGates are accepted but have no effect in epp");
     }
+    Ok(raw)
+}
 
-    // Leaf plugins first, decision trees (which reference others) after.
+/// Instantiates every plugin: leaf plugins first, decision trees (which reference others)
+/// after.
+fn register_plugins(
+    plugins: &[RawPlugin],
+    observer: Option<&Arc<dyn PrefixObserver>>,
+) -> Result<Registry, PickerConfigError> {
     let mut reg = Registry {
         by_name: HashMap::new(),
     };
-    let mut trees = Vec::new();
-    for (i, p) in raw.plugins.iter().enumerate() {
+    let mut trees: Vec<(usize, String, Option<Value>)> = Vec::new();
+    for (i, p) in plugins.iter().enumerate() {
         let field = format!("plugins[{i}]");
         let name = p.name.clone().unwrap_or_else(|| p.kind.clone());
-        if reg.by_name.contains_key(&name)
-            || trees
-                .iter()
-                .any(|(_, n, _): &(usize, String, _)| *n == name)
-        {
+        if reg.by_name.contains_key(&name) || trees.iter().any(|(_, n, _)| *n == name) {
             return Err(err(
                 format!("{field}.name"),
                 format!("duplicate plugin name {name:?}"),
             ));
         }
+        if p.kind == crate::scheduling::plugins::decision_tree::TYPE {
+            trees.push((i, name, p.parameters.clone()));
+            continue;
+        }
         let mut params = Params::new(format!("{field}.parameters"), &p.parameters)?;
-        let built = match p.kind.as_str() {
-            "prefix-cache-scorer" | "approx-prefix-cache-producer" => {
-                let cfg = prefix_config(&mut params)?;
-                let mut plugin = PrefixCachePlugin::new(cfg);
-                if let Some(o) = &observer {
-                    plugin = plugin.with_observer(o.clone());
-                }
-                Built::Prefix(Arc::new(plugin))
-            }
-            "queue-scorer" => Built::Scorer(Arc::new(QueueScorer)),
-            "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
-                Built::Scorer(Arc::new(KvCacheScorer))
-            }
-            "lora-affinity-scorer" => Built::Scorer(Arc::new(LoraAffinityScorer)),
-            "max-score-picker" => Built::Picker(Arc::new(MaxScorePicker {
-                max_endpoints: max_endpoints(&mut params)?,
-            })),
-            "random-picker" => Built::Picker(Arc::new(RandomPicker {
-                max_endpoints: max_endpoints(&mut params)?,
-            })),
-            "weighted-random-picker" => Built::Picker(Arc::new(WeightedRandomPicker {
-                max_endpoints: max_endpoints(&mut params)?,
-            })),
-            "single-profile-handler" => Built::ProfileHandler,
-            "low-queue-filter" => {
-                let threshold = params.positive("threshold")?.map(|t| t as u32);
-                Built::Filter(Arc::new(LowQueueFilter {
-                    threshold: threshold
-                        .unwrap_or(crate::scheduling::plugins::low_queue::DEFAULT_THRESHOLD),
-                }))
-            }
-            "lora-affinity-filter" => {
-                let t = params.number("threshold")?;
-                if t.is_some_and(|t| t > 1.0) {
-                    return Err(err(params.path("threshold"), "must be between 0 and 1"));
-                }
-                Built::Filter(Arc::new(LoraAffinityFilter {
-                    threshold: t.unwrap_or(
-                        crate::scheduling::plugins::lora_affinity_filter::DEFAULT_THRESHOLD,
-                    ),
-                }))
-            }
-            "least-queue-filter" => Built::Filter(Arc::new(LeastQueueFilter)),
-            "least-kv-cache-filter" => Built::Filter(Arc::new(LeastKvCacheFilter)),
-            "decision-tree-filter" => {
-                trees.push((i, name, p.parameters.clone()));
-                continue;
-            }
-            other => {
-                return Err(err(
-                    format!("{field}.type"),
-                    format!("unknown plugin type {other:?}"),
-                ));
-            }
+        let Some(built) = plugin_factory::build(&p.kind, &mut params, observer)? else {
+            return Err(err(
+                format!("{field}.type"),
+                format!("unknown plugin type {:?}", p.kind),
+            ));
         };
         params.finish()?;
         reg.by_name.insert(name, (p.kind.clone(), built));
@@ -433,7 +238,66 @@ pub fn build_scheduler(
             ("decision-tree-filter".into(), Built::Filter(Arc::new(tree))),
         );
     }
+    Ok(reg)
+}
 
+/// The weight a profile gives a plugin: only scorers take one (default 1).
+fn weight(r: &RawRef, kind: &str, built: &Built, field: &str) -> Result<f64, PickerConfigError> {
+    match r.weight {
+        None => Ok(1.0),
+        Some(w) if built.is_scorer() && w.is_finite() && w >= 0.0 => Ok(w),
+        Some(_) if built.is_scorer() => Err(err(format!("{field}.weight"), "must be a number ≥ 0")),
+        Some(_) => Err(err(
+            format!("{field}.weight"),
+            format!("{kind} is not a scorer"),
+        )),
+    }
+}
+
+/// Assembles the (single) scheduling profile from the registry.
+fn build_profile(
+    raw: &RawProfile,
+    reg: &Registry,
+) -> Result<(Profile, Vec<Arc<PrefixCachePlugin>>), PickerConfigError> {
+    let mut profile = Profile::new(raw.name.clone(), Arc::new(MaxScorePicker::default()));
+    let mut picker_set = false;
+    let mut prefixes = Vec::new();
+    for (j, r) in raw.plugins.iter().enumerate() {
+        let field = format!("schedulingProfiles[0].plugins[{j}]");
+        let (kind, built) = reg.get(&r.plugin_ref, &format!("{field}.pluginRef"))?;
+        let weight = weight(r, kind, built, &field)?;
+        match built.clone() {
+            Built::Prefix { plugin, scores } => {
+                profile.pre_schedule.push(plugin.clone());
+                if scores {
+                    profile.scorers.push((plugin.clone(), weight));
+                }
+                profile.post_schedule.push(plugin.clone());
+                prefixes.push(plugin);
+            }
+            Built::Scorer(s) => profile.scorers.push((s, weight)),
+            Built::Filter(f) => profile.filters.push(f),
+            Built::Picker(p) => {
+                if picker_set {
+                    return Err(err(field, "a profile has one picker"));
+                }
+                profile.picker = p;
+                picker_set = true;
+            }
+            Built::LoadProducer(l) => profile.load = l,
+            Built::ProfileHandler => {}
+        }
+    }
+    Ok((profile, prefixes))
+}
+
+/// Parses and builds a scheduler from config text (YAML or JSON).
+pub fn build_scheduler(
+    text: &str,
+    observer: Option<Arc<dyn PrefixObserver>>,
+) -> Result<Scheduler, PickerConfigError> {
+    let raw = parse_document(text)?;
+    let reg = register_plugins(&raw.plugins, observer.as_ref())?;
     let profile_raw = match raw.scheduling_profiles.as_slice() {
         [] => {
             return Err(err(
@@ -449,53 +313,8 @@ pub fn build_scheduler(
             ));
         }
     };
-    let mut profile = Profile::new(
-        profile_raw.name.clone(),
-        Arc::new(MaxScorePicker::default()),
-    );
-    let mut picker_set = false;
-    let mut prefix = None;
-    for (j, r) in profile_raw.plugins.iter().enumerate() {
-        let field = format!("schedulingProfiles[0].plugins[{j}]");
-        let (kind, built) = reg
-            .get(&r.plugin_ref, &format!("{field}.pluginRef"))?
-            .clone();
-        let scorer = matches!(built, Built::Prefix(_) | Built::Scorer(_));
-        let weight = match r.weight {
-            None => 1.0,
-            Some(w) if scorer && w.is_finite() && w >= 0.0 => w,
-            Some(_) if scorer => {
-                return Err(err(format!("{field}.weight"), "must be a number ≥ 0"));
-            }
-            Some(_) => {
-                return Err(err(
-                    format!("{field}.weight"),
-                    format!("{kind} is not a scorer"),
-                ));
-            }
-        };
-        match built {
-            Built::Prefix(p) => {
-                profile.pre_schedule.push(p.clone());
-                if kind == "prefix-cache-scorer" {
-                    profile.scorers.push((p.clone(), weight));
-                }
-                profile.post_schedule.push(p.clone());
-                prefix = Some(p);
-            }
-            Built::Scorer(s) => profile.scorers.push((s, weight)),
-            Built::Filter(f) => profile.filters.push(f),
-            Built::Picker(p) => {
-                if picker_set {
-                    return Err(err(field, "a profile has one picker"));
-                }
-                profile.picker = p;
-                picker_set = true;
-            }
-            Built::ProfileHandler => {}
-        }
-    }
-    Ok(Scheduler::new(profile, prefix))
+    let (profile, prefixes) = build_profile(profile_raw, &reg)?;
+    Ok(Scheduler::new(profile, prefixes))
 }
 
 /// Reads `--config-file` or uses `--config-text`.

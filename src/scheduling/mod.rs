@@ -20,7 +20,7 @@ pub use framework::{
 /// simulator (which passes its own seeded RNG).
 pub struct Scheduler {
     profile: Profile,
-    prefix: Option<Arc<PrefixCachePlugin>>,
+    prefixes: Vec<Arc<PrefixCachePlugin>>,
     saturation: HasCapacityFilter,
     timer: Option<Arc<dyn PluginTimer>>,
 }
@@ -34,12 +34,12 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler for `profile`. `prefix` is the profile's prefix plugin, if any, so that the
-    /// datastore can purge departed endpoints from its index.
-    pub fn new(profile: Profile, prefix: Option<Arc<PrefixCachePlugin>>) -> Self {
+    /// A scheduler for `profile`. `prefixes` are the profile's prefix plugins, so that the
+    /// datastore can purge departed endpoints from their indexes.
+    pub fn new(profile: Profile, prefixes: Vec<Arc<PrefixCachePlugin>>) -> Self {
         Self {
             profile,
-            prefix,
+            prefixes,
             saturation: HasCapacityFilter::default(),
             timer: None,
         }
@@ -60,13 +60,17 @@ impl Scheduler {
         &self.profile
     }
 
+    /// The profile's first prefix plugin, if any.
     pub fn prefix_plugin(&self) -> Option<&Arc<PrefixCachePlugin>> {
-        self.prefix.as_ref()
+        self.prefixes.first()
     }
 
     /// What the datastore should tell when endpoints leave.
-    pub fn endpoint_observer(&self) -> Option<Arc<dyn EndpointObserver>> {
-        self.prefix.clone().map(|p| p as Arc<dyn EndpointObserver>)
+    pub fn endpoint_observers(&self) -> Vec<Arc<dyn EndpointObserver>> {
+        self.prefixes
+            .iter()
+            .map(|p| p.clone() as Arc<dyn EndpointObserver>)
+            .collect()
     }
 
     /// True when every candidate is saturated: sheddable requests are then refused.

@@ -1,12 +1,18 @@
 //! `max-score-picker`: picks the highest-scoring endpoints.
 //!
-//! Algorithm: keep the `maxNumOfEndpoints` (default 1) highest scores; ties break uniformly at
-//! random. For one endpoint this is a single pass (reservoir sampling among the tied best);
-//! for more, the candidates are shuffled, then stable-sorted by score.
+//! Algorithm: scores within [`TIE_TOLERANCE`] of the best (1% of the most a candidate can
+//! score, i.e. of the weight sum) are ties — differences that small are noise in metrics that
+//! are tens of milliseconds old, and treating them as real sends every request of a burst to
+//! the same endpoint. Ties break by the healthier metrics ([`crate::datastore::Health`]), then
+//! by the fewest requests epp has in flight there (which changes with every decision, so a cold
+//! burst spreads), then uniformly at random. `maxNumOfEndpoints` (default 1) endpoints are
+//! picked one after the other that way.
 
 use crate::scheduling::framework::{Picker, SchedulingContext, ScoredEndpoint};
 
 pub const TYPE: &str = "max-score-picker";
+/// Scores this close to the best, as a fraction of the score scale, are ties.
+pub const TIE_TOLERANCE: f64 = 0.01;
 
 #[derive(Debug, Clone)]
 pub struct MaxScorePicker {
@@ -19,6 +25,33 @@ impl Default for MaxScorePicker {
     }
 }
 
+/// Index of the endpoint to pick from `scored` (not empty).
+fn pick_one(ctx: &mut SchedulingContext<'_>, scored: &[ScoredEndpoint<'_>]) -> usize {
+    let best = scored
+        .iter()
+        .map(|s| s.score)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let floor = best - TIE_TOLERANCE * ctx.score_scale;
+    let key = |s: &ScoredEndpoint<'_>| (s.candidate.health, s.candidate.inflight_requests());
+    let mut chosen = usize::MAX;
+    let mut ties = 0u32;
+    for (i, s) in scored.iter().enumerate() {
+        if s.score < floor {
+            continue;
+        }
+        if chosen == usize::MAX || key(s) < key(&scored[chosen]) {
+            chosen = i;
+            ties = 1;
+        } else if key(s) == key(&scored[chosen]) {
+            ties += 1;
+            if ctx.rng.u32(..ties) == 0 {
+                chosen = i;
+            }
+        }
+    }
+    chosen
+}
+
 impl Picker for MaxScorePicker {
     fn name(&self) -> &str {
         TYPE
@@ -29,30 +62,12 @@ impl Picker for MaxScorePicker {
         ctx: &mut SchedulingContext<'_>,
         mut scored: Vec<ScoredEndpoint<'a>>,
     ) -> Vec<ScoredEndpoint<'a>> {
-        if self.max_endpoints <= 1 {
-            let mut best: Option<ScoredEndpoint<'a>> = None;
-            let mut ties = 0u32;
-            for s in scored {
-                match &best {
-                    Some(b) if s.score < b.score => {}
-                    Some(b) if s.score == b.score => {
-                        ties += 1;
-                        if ctx.rng.u32(..ties) == 0 {
-                            best = Some(s);
-                        }
-                    }
-                    _ => {
-                        best = Some(s);
-                        ties = 1;
-                    }
-                }
-            }
-            return best.into_iter().collect();
+        let mut out = Vec::with_capacity(self.max_endpoints.max(1));
+        while out.len() < self.max_endpoints.max(1) && !scored.is_empty() {
+            let i = pick_one(ctx, &scored);
+            out.push(scored.swap_remove(i));
         }
-        ctx.rng.shuffle(&mut scored);
-        scored.sort_by(|a, b| b.score.total_cmp(&a.score));
-        scored.truncate(self.max_endpoints.max(1));
-        scored
+        out
     }
 }
 
@@ -91,5 +106,24 @@ mod tests {
             two.iter().map(|s| s.score).collect::<Vec<_>>(),
             vec![0.9, 0.5]
         );
+    }
+
+    #[test]
+    fn near_ties_go_to_the_endpoint_with_fewest_inflight() {
+        use crate::datastore::{LoadAmount, Reservation};
+        let cs = candidates(&vec![EndpointMetrics::default(); 3]);
+        let picker = MaxScorePicker::default();
+        let mut ctx = ctx_for();
+        let _busy = Reservation::new(cs[0].endpoint.clone(), LoadAmount::default());
+        let scored = cs
+            .iter()
+            .zip([0.995, 1.0, 0.5])
+            .map(|(candidate, score)| ScoredEndpoint { candidate, score })
+            .collect::<Vec<_>>();
+        // 0.995 and 1.0 tie (within 1% of a scale of 1); endpoint 0 has a request in flight.
+        for _ in 0..20 {
+            let p = picker.pick(&mut ctx, scored.clone());
+            assert_eq!(p[0].candidate.endpoint.id, cs[1].endpoint.id);
+        }
     }
 }

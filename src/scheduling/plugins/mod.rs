@@ -1,18 +1,23 @@
 //! Scheduling plugins, one per file; each file's doc states its algorithm and defaults.
 
+pub mod active_request;
 pub mod decision_tree;
 pub mod has_capacity;
 pub mod inflight_load;
 pub mod kv_cache;
 pub mod least_kv_cache;
 pub mod least_queue;
+pub mod load_aware;
 pub mod lora_affinity;
 pub mod lora_affinity_filter;
 pub mod low_queue;
 pub mod max_score;
 pub mod prefix;
+pub mod prefix_affinity_filter;
 pub mod queue;
 pub mod random;
+pub mod running_requests;
+pub mod token_load;
 pub mod weighted_random;
 
 #[cfg(test)]
