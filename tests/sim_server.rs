@@ -71,18 +71,23 @@ async fn completions_json_reports_usage_and_prefix_hits() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(headers["x-served-by"], "s0");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["choices"][0]["text"], "tok tok tok ");
+    let answer = v["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert!(!answer.is_empty());
     assert_eq!(v["usage"]["completion_tokens"], 3);
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
     // The same prompt again: every full block but the last is served from the cache.
     let (_, _, text) = call(&c, "POST", &url, &body.to_string()).await;
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["choices"][0]["text"], answer,
+        "greedy decoding is deterministic"
+    );
     let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .unwrap();
     assert!(
-        cached >= prompt_tokens - 32 && cached < prompt_tokens,
+        cached >= prompt_tokens.saturating_sub(32) && cached < prompt_tokens,
         "{cached} of {prompt_tokens}"
     );
 

@@ -1,10 +1,13 @@
-//! `epp-fleet`: the discrete-event fleet simulator. Runs a workload over N simulated vLLM pods
-//! under every routing policy (epp's own scheduler in-process for epp's policies) and prints a
-//! Markdown table; writes the table and an SVG plot per workload into `--out`.
+//! `epp-fleet`: the discrete-event fleet simulator. Runs workloads over N simulated vLLM pods
+//! under every routing policy — epp's configurations (its scheduler in-process), peer routers'
+//! policies and two oracles — on the same requests, prints a Markdown table, and writes the
+//! table, the rows (JSONL) and the pictures into `--out`.
 //!
 //! ```text
-//! epp-fleet --pods 4 --workload high --rates 2,4,8,12
-//! epp-fleet --workload trace:traffic.jsonl --policies round-robin,epp,oracle
+//! epp-fleet --pods 4 --workload high,low --rates 8,12,16 --seeds 1,2,3
+//! epp-fleet --workload burst,multiturn,docqa --rates 12
+//! epp-fleet --workload trace:traffic.jsonl --policies round-robin,epp,sglang,oracle-hits
+//! epp-fleet --policies epp,config:my-plugins.yaml        # judge your own EndpointPickerConfig
 //! ```
 
 use std::path::PathBuf;
@@ -15,9 +18,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use epp::sim::engine::EngineConfig;
-use epp::sim::fleet::{FleetConfig, Policy, simulate};
+use epp::sim::fleet::{FleetConfig, Policy, ScrapeModel, per_pod, prepare, simulate};
 use epp::sim::report::{self, Row};
-use epp::sim::workload::{self, SharedPrefix};
+use epp::sim::workload::{self, Overrides, Workload};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,28 +31,48 @@ struct Cli {
     /// Number of pods.
     #[arg(long, default_value_t = 4)]
     pods: usize,
-    /// Workloads, comma-separated: high, low, or trace:<path.jsonl>.
+    /// Workloads, comma-separated: high, low, burst, multiturn, docqa, trace:<path.jsonl>.
     #[arg(long, default_value = "high,low")]
     workload: String,
-    /// Poisson request rates (req/s), comma-separated (ignored for traces).
-    #[arg(long, default_value = "2,4,8,12")]
+    /// Request rates (req/s), comma-separated (traces keep their own timing).
+    #[arg(long, default_value = "8,12,16")]
     rates: String,
-    /// Policies, comma-separated (round-robin, random, least-queue, v1, v2, epp, oracle) or all.
-    #[arg(long, default_value = "all")]
+    /// Policies, comma-separated (round-robin, random, least-loaded, v1, gie, llm-d, epp,
+    /// sglang, dynamo, oracle-hits, oracle-balance, config:<path>) or `standard`.
+    #[arg(long, default_value = "standard")]
     policies: String,
-    /// Shared-prefix groups (default: the workload's own, 64).
+    /// Seeds, comma-separated: each runs the whole comparison with other requests and timing.
+    #[arg(long, default_value = "1")]
+    seeds: String,
+    /// Requests per run (default: the workload's own, 1,024).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Shared-prefix groups (high/low; default 64).
     #[arg(long)]
     groups: Option<usize>,
-    /// Prompts per group (default 16).
+    /// Prompts per group (high/low; default 16).
     #[arg(long)]
     prompts_per_group: Option<usize>,
-    /// KV blocks per pod (default: 6,500, an H100 80 GB with Llama-2-7B).
+    /// KV blocks per pod (default 6,500: an H100 80 GB with Llama-2-7B).
     #[arg(long)]
     kv_blocks: Option<usize>,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Directory for results.md and the plots.
-    #[arg(long, default_value = "bench-results")]
+    /// KV blocks the pods claim in their metrics (default: the truth).
+    #[arg(long)]
+    kv_blocks_reported: Option<usize>,
+    /// Seconds between scrapes.
+    #[arg(long, default_value_t = 0.05)]
+    scrape_interval: f64,
+    /// Seconds from a scrape's snapshot to epp seeing it.
+    #[arg(long, default_value_t = 0.005)]
+    scrape_latency: f64,
+    /// Probability that a scrape fails.
+    #[arg(long, default_value_t = 0.01)]
+    scrape_failures: f64,
+    /// Pods export their engine metrics from the start (default: only after a first request).
+    #[arg(long)]
+    early_metrics: bool,
+    /// Directory for results.md, results.jsonl and the pictures.
+    #[arg(long, default_value = "bench-results/fleet")]
     out: PathBuf,
     /// No progress bar.
     #[arg(long)]
@@ -65,56 +88,77 @@ fn say(text: &str) {
     }
 }
 
-fn list<T>(s: &str, what: &str, f: impl Fn(&str) -> Option<T>) -> anyhow::Result<Vec<T>> {
+fn list<T>(s: &str, what: &str, f: impl Fn(&str) -> Result<T, String>) -> anyhow::Result<Vec<T>> {
     s.split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| f(x).with_context(|| format!("unknown {what} {x:?}")))
+        .map(|x| {
+            f(x).map_err(anyhow::Error::msg)
+                .with_context(|| format!("{what} {x:?}"))
+        })
         .collect()
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
     if cli.pods == 0 {
         bail!("--pods must be at least 1");
     }
-    let policies = if cli.policies == "all" {
-        Policy::ALL.to_vec()
-    } else {
-        list(&cli.policies, "policy", Policy::parse)?
-    };
-    let rates = list(&cli.rates, "rate", |r| {
-        r.parse::<f64>().ok().filter(|r| *r > 0.0)
-    })?;
+    if !(cli.scrape_interval > 0.0 && cli.scrape_latency >= 0.0) {
+        bail!("--scrape-interval must be > 0 and --scrape-latency ≥ 0");
+    }
     let mut engine = EngineConfig::default();
     if let Some(b) = cli.kv_blocks {
         engine.num_blocks = b;
     }
-    let cfg = FleetConfig {
+    engine.reported_blocks = cli.kv_blocks_reported;
+    Ok(FleetConfig {
         pods: cli.pods,
         engine,
-        seed: cli.seed,
+        scrape: ScrapeModel {
+            interval: cli.scrape_interval,
+            latency: cli.scrape_latency,
+            failure_prob: cli.scrape_failures.clamp(0.0, 1.0),
+            late_families: !cli.early_metrics,
+            ..Default::default()
+        },
         ..Default::default()
-    };
+    })
+}
 
-    // (workload name, rate, arrivals)
-    let mut runs = Vec::new();
-    for w in cli.workload.split(',').map(str::trim) {
-        if let Some(path) = w.strip_prefix("trace:") {
-            let arrivals = workload::load_trace(path.as_ref(), "model")?;
-            runs.push((format!("trace {path}"), 0.0, arrivals));
-            continue;
-        }
-        let shape = SharedPrefix::named(w, cli.groups, cli.prompts_per_group, None)
-            .map_err(anyhow::Error::msg)?;
-        for &rate in &rates {
-            let name = format!("{w} reuse");
-            runs.push((name, rate, shape.poisson(rate, "model", cli.seed)));
+/// Every (seed, workload) to run.
+fn workloads(cli: &Cli, seeds: &[u64]) -> anyhow::Result<Vec<(u64, Workload)>> {
+    let rates = list(&cli.rates, "rate", |r| {
+        r.parse::<f64>()
+            .ok()
+            .filter(|r| *r > 0.0)
+            .ok_or_else(|| "not a positive number".to_owned())
+    })?;
+    let o = Overrides {
+        groups: cli.groups,
+        prompts_per_group: cli.prompts_per_group,
+        output_tokens: None,
+        requests: cli.requests,
+    };
+    let mut out = Vec::new();
+    for &seed in seeds {
+        for name in cli.workload.split(',').map(str::trim) {
+            let rates: &[f64] = if name.starts_with("trace:") {
+                &[0.0]
+            } else {
+                &rates
+            };
+            for &rate in rates {
+                let w =
+                    workload::named(name, rate, "model", seed, o).map_err(anyhow::Error::msg)?;
+                out.push((seed, w));
+            }
         }
     }
+    Ok(out)
+}
 
-    let total: usize = runs.iter().map(|r| r.2.len()).sum::<usize>() * policies.len();
-    let bar = if cli.quiet {
+fn progress(total: usize, quiet: bool) -> ProgressBar {
+    let bar = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total as u64)
@@ -125,23 +169,49 @@ fn main() -> anyhow::Result<()> {
         )
         .expect("static template"),
     );
+    bar
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = fleet_config(&cli)?;
+    let policies = if cli.policies == "standard" || cli.policies == "all" {
+        Policy::standard()
+    } else {
+        list(&cli.policies, "policy", Policy::parse)?
+    };
+    let seeds = list(&cli.seeds, "seed", |s| {
+        s.parse::<u64>().map_err(|e| e.to_string())
+    })?;
+    let runs = workloads(&cli, &seeds)?;
+    let total: usize = runs.iter().map(|(_, w)| w.len()).sum::<usize>() * policies.len();
+    let bar = progress(total, cli.quiet);
     let started = Instant::now();
     let mut rows = Vec::new();
-    for (name, rate, arrivals) in &runs {
-        for &p in &policies {
-            bar.set_message(format!("{name} @ {rate} req/s: {}", p.name()));
+    for (seed, w) in &runs {
+        let prepared = prepare(w);
+        let cfg = FleetConfig { seed: *seed, ..cfg };
+        let name = if seeds.len() > 1 {
+            format!("{} (seed {seed})", w.name)
+        } else {
+            w.name.clone()
+        };
+        for p in &policies {
+            bar.set_message(format!("{name} @ {:?} req/s: {}", w.rate, p.name()));
             let base = bar.position();
-            let result = simulate(p, arrivals, &cfg, |done| {
+            let result = simulate(p, w, &prepared, &cfg, |done| {
                 if done % 64 == 0 {
                     bar.set_position(base + done as u64);
                 }
             });
-            bar.set_position(base + arrivals.len() as u64);
+            bar.set_position(base + w.len() as u64);
             rows.push(Row {
                 workload: name.clone(),
-                rate: *rate,
-                policy: p.name().to_owned(),
+                rate: w.rate.unwrap_or(0.0),
+                policy: result.policy.clone(),
                 summary: result.summary(),
+                per_pod: per_pod(&result.outcomes, result.pods),
+                ttfts: result.ttfts(),
             });
         }
     }
@@ -150,24 +220,20 @@ fn main() -> anyhow::Result<()> {
     let table = report::markdown(&rows);
     say(&table);
     say(&format!(
-        "{} pods, {} simulated requests in {:.1} s ({:.0} requests/s of wall time)",
+        "{} pods, {total} simulated requests in {wall:.1} s ({:.0} requests/s of wall time)",
         cli.pods,
-        total,
-        wall,
         total as f64 / wall
     ));
-
     std::fs::create_dir_all(&cli.out)?;
     std::fs::write(cli.out.join("results.md"), &table)?;
-    let mut names: Vec<&String> = rows.iter().map(|r| &r.workload).collect();
-    names.dedup();
-    for name in names {
-        let file = cli.out.join(format!(
-            "ttft-{}.svg",
-            name.replace([' ', '/', ':', '.'], "-")
-        ));
-        report::plot_ttft(&rows, name, &file).map_err(anyhow::Error::msg)?;
-        say(&format!("plot: {}", file.display()));
+    let jsonl: Vec<String> = rows
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    std::fs::write(cli.out.join("results.jsonl"), jsonl.join("\n") + "\n")?;
+    let context = format!("{} simulated pods", cli.pods);
+    for f in report::write_pictures(&rows, &cli.out, &context).map_err(anyhow::Error::msg)? {
+        say(&format!("picture: {}", f.display()));
     }
     Ok(())
 }

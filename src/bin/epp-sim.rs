@@ -4,7 +4,13 @@
 //! `openai` client: `/v1/completions` and `/v1/chat/completions` (JSON or SSE with
 //! `stream_options.include_usage`), `/v1/models`, `/health`, and `/metrics` with vLLM's metric
 //! names. Every response reports `usage.prompt_tokens_details.cached_tokens`. Unknown request
-//! fields are ignored, as vLLM does. Output text is `tok` repeated, one per generated token.
+//! fields are ignored, as vLLM does.
+//!
+//! It shares nothing with epp's request handling: bodies are read here, prompts go through the
+//! simulator's own chat template and tokenizer (`epp::sim::tokenizer`), and the output is the
+//! engine's deterministic prose, one token per step. `--metrics-after-first-request` leaves the
+//! `vllm:*` families off `/metrics` until the first request (as some exporters do);
+//! `--kv-blocks-reported` makes the cache-config metric claim another size than the real one.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -29,9 +35,8 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
-use epp::request::{self, Api};
 use epp::sim::engine::{Engine, EngineConfig, EngineEvent, EngineRequest};
-use epp::sim::tokens;
+use epp::sim::tokenizer::{TokenId, tokenizer};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +55,12 @@ struct Cli {
     /// KV-cache blocks (default: H100 80 GB with Llama-2-7B).
     #[arg(long, default_value_t = 6_500)]
     kv_blocks: usize,
+    /// KV-cache blocks claimed in `vllm:cache_config_info` (default: the real number).
+    #[arg(long)]
+    kv_blocks_reported: Option<usize>,
+    /// Leave the `vllm:*` families off /metrics until the first request arrives.
+    #[arg(long)]
+    metrics_after_first_request: bool,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -191,6 +202,9 @@ struct Server {
     metrics: Metrics,
     /// Counter values already added (the engine keeps totals).
     reported: Mutex<(u64, u64)>,
+    /// `--metrics-after-first-request`, and whether a request has arrived.
+    late_metrics: bool,
+    served_any: std::sync::atomic::AtomicBool,
 }
 
 type St = Arc<Server>;
@@ -227,8 +241,8 @@ async fn engine_loop(s: St) {
                             .inc_by(output_tokens as u64);
                     }
                     let id = match ev {
-                        EngineEvent::FirstToken { id }
-                        | EngineEvent::Token { id }
+                        EngineEvent::FirstToken { id, .. }
+                        | EngineEvent::Token { id, .. }
                         | EngineEvent::Finished { id, .. } => id,
                     };
                     if let Some(tx) = waiters.get(&id) {
@@ -265,70 +279,209 @@ fn usage(prompt: usize, cached: usize, output: usize) -> Value {
     })
 }
 
-async fn generate(State(s): State<St>, uri: Uri, body: Bytes) -> Response {
-    let api = Api::from_path(uri.path());
-    let parsed = match request::parse(api, &body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequestError", &e.to_string()),
-    };
-    if parsed.model != s.model {
-        let msg = format!("The model `{}` does not exist.", parsed.model);
-        return error(StatusCode::NOT_FOUND, "NotFoundError", &msg);
-    }
-    let raw: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let max_tokens = raw
-        .get("max_tokens")
-        .or_else(|| raw.get("max_completion_tokens"))
-        .and_then(Value::as_u64)
-        .map_or(s.default_max_tokens, |n| n as usize)
-        .max(1);
-    let include_usage = raw
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let chat = api == Api::ChatCompletions;
+/// A request body as this server reads it.
+struct SimBody {
+    chat: bool,
+    model: String,
+    prompt: Vec<TokenId>,
+    max_tokens: usize,
+    stream: bool,
+    include_usage: bool,
+}
 
-    let prompt_tokens = tokens::count(&parsed.prompt);
+/// An OpenAI-style error answer.
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, self.kind, &self.message)
+    }
+}
+
+fn bad_request(message: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "BadRequestError",
+        message: message.to_owned(),
+    }
+}
+
+/// Message content: a string, or parts whose `text` fields are concatenated.
+fn content_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+        ),
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+/// The prompt's tokens: chat messages through the template, or a completions prompt (text, a
+/// one-element list of text, or token ids).
+fn prompt_tokens(chat: bool, v: &Value) -> Result<Vec<TokenId>, &'static str> {
+    let t = tokenizer();
+    if chat {
+        let Some(Value::Array(messages)) = v.get("messages") else {
+            return Err("\"messages\" must be an array");
+        };
+        let mut turns = Vec::with_capacity(messages.len());
+        for m in messages {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or("every message needs a \"role\"")?;
+            let content = content_text(m.get("content").unwrap_or(&Value::Null))
+                .ok_or("message content must be a string or a list of parts")?;
+            turns.push((role.to_owned(), content));
+        }
+        return Ok(t.render_chat(turns.iter().map(|(r, c)| (r.as_str(), c.as_str()))));
+    }
+    match v.get("prompt") {
+        Some(Value::String(p)) => Ok(t.render_completion(p)),
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            Ok(t.render_completion(items[0].as_str().unwrap_or_default()))
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => Ok(items
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|id| (id % t.vocab_size() as u64) as TokenId)
+            .collect()),
+        _ => Err("\"prompt\" must be a string or a list of token ids"),
+    }
+}
+
+fn parse_body(path: &str, body: &[u8]) -> Result<SimBody, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad_request(&format!("invalid JSON body: {e}")))?;
+    let chat = path.ends_with("/chat/completions");
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request("\"model\" is required"))?
+        .to_owned();
+    let prompt = prompt_tokens(chat, &v).map_err(bad_request)?;
+    let max_tokens = v
+        .get("max_tokens")
+        .or_else(|| v.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .map(|n| n as usize);
+    Ok(SimBody {
+        chat,
+        model,
+        prompt,
+        max_tokens: max_tokens.unwrap_or(0),
+        stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
+/// Queues the request on the engine; returns its id and event receiver.
+fn enqueue(
+    s: &St,
+    prompt: Vec<TokenId>,
+    max_tokens: usize,
+) -> Result<(u64, mpsc::UnboundedReceiver<EngineEvent>), ApiError> {
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     {
         let mut e = s.engine.lock();
-        if !e.fits(prompt_tokens, max_tokens) {
+        if !e.fits(prompt.len(), max_tokens) {
             let msg = format!(
-                "This model's KV cache holds {} tokens; the request needs {prompt_tokens} prompt + {max_tokens} output tokens.",
-                e.config().num_blocks * e.config().block_tokens
+                "This model's KV cache holds {} tokens; the request needs {} prompt + {max_tokens} output tokens.",
+                e.config().num_blocks * e.config().block_tokens,
+                prompt.len()
             );
-            return error(StatusCode::BAD_REQUEST, "BadRequestError", &msg);
+            return Err(bad_request(&msg));
         }
         s.waiters.lock().insert(id, tx);
-        let block_tokens = e.config().block_tokens;
         e.add_request(EngineRequest {
             id,
-            prompt_tokens,
-            block_hashes: tokens::block_hashes(&s.model, &parsed.prompt, block_tokens),
+            prompt: prompt.into(),
             max_tokens,
         });
     }
+    s.served_any.store(true, Ordering::Relaxed);
     s.wake.notify_one();
+    Ok((id, rx))
+}
 
-    let rid = if chat {
-        format!("chatcmpl-{id}")
-    } else {
-        format!("cmpl-{id}")
+async fn generate(State(s): State<St>, uri: Uri, body: Bytes) -> Response {
+    let b = match parse_body(uri.path(), &body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
-    let created = now_secs();
-    let model = s.model.clone();
+    if b.model != s.model {
+        let msg = format!("The model `{}` does not exist.", b.model);
+        return error(StatusCode::NOT_FOUND, "NotFoundError", &msg);
+    }
+    let max_tokens = if b.max_tokens == 0 {
+        s.default_max_tokens
+    } else {
+        b.max_tokens
+    };
+    let (id, rx) = match enqueue(&s, b.prompt, max_tokens) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let reply = Reply {
+        chat: b.chat,
+        id: if b.chat {
+            format!("chatcmpl-{id}")
+        } else {
+            format!("cmpl-{id}")
+        },
+        created: now_secs(),
+        model: s.model.clone(),
+    };
+    if b.stream {
+        reply.stream(s, id, rx, b.include_usage)
+    } else {
+        reply.json(s, id, rx).await
+    }
+}
 
-    if !parsed.stream {
-        let (prompt, cached, output) = loop {
+/// How a response names itself.
+struct Reply {
+    chat: bool,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Reply {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.chat, chunk) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        }
+    }
+
+    async fn json(self, s: St, id: u64, mut rx: mpsc::UnboundedReceiver<EngineEvent>) -> Response {
+        let mut tokens = Vec::new();
+        let usage_of = loop {
             match rx.recv().await {
+                Some(EngineEvent::FirstToken { token, .. } | EngineEvent::Token { token, .. }) => {
+                    tokens.push(token)
+                }
                 Some(EngineEvent::Finished {
                     prompt_tokens,
                     cached_tokens,
                     output_tokens,
                     ..
-                }) => break (prompt_tokens, cached_tokens, output_tokens),
-                Some(_) => {}
+                }) => break usage(prompt_tokens, cached_tokens, output_tokens),
                 None => {
                     return error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -339,94 +492,95 @@ async fn generate(State(s): State<St>, uri: Uri, body: Bytes) -> Response {
             }
         };
         s.waiters.lock().remove(&id);
-        let text = "tok ".repeat(output);
-        let choice = if chat {
+        let text = tokenizer().decode(&tokens);
+        let choice = if self.chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
         } else {
             json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length"})
         };
-        let object = if chat {
-            "chat.completion"
-        } else {
-            "text_completion"
-        };
-        return axum::Json(json!({
-            "id": rid, "object": object, "created": created, "model": model,
-            "choices": [choice], "usage": usage(prompt, cached, output)
+        axum::Json(json!({
+            "id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
+            "choices": [choice], "usage": usage_of
         }))
-        .into_response();
+        .into_response()
     }
 
-    let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-    let server = s.clone();
-    tokio::spawn(async move {
-        let object = if chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let chunk = |delta: Value| -> Bytes {
-            let choice = if chat {
-                json!({"index": 0, "delta": delta, "finish_reason": null})
+    fn chunk(&self, text: &str, first: bool) -> Bytes {
+        let choice = if self.chat {
+            let delta = if first {
+                json!({"role": "assistant", "content": text})
             } else {
-                json!({"index": 0, "text": delta["content"], "logprobs": null, "finish_reason": null})
+                json!({"content": text})
             };
-            let ev = json!({"id": rid, "object": object, "created": created, "model": model, "choices": [choice]});
-            Bytes::from(format!("data: {ev}\n\n"))
+            json!({"index": 0, "delta": delta, "finish_reason": null})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null})
         };
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                EngineEvent::FirstToken { .. } => {
-                    let delta = if chat {
-                        json!({"role": "assistant", "content": "tok "})
-                    } else {
-                        json!({"content": "tok "})
-                    };
-                    if out_tx.send(Ok(chunk(delta))).await.is_err() {
-                        break;
+        let ev = json!({"id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [choice]});
+        Bytes::from(format!("data: {ev}\n\n"))
+    }
+
+    fn stream(
+        self,
+        s: St,
+        id: u64,
+        mut rx: mpsc::UnboundedReceiver<EngineEvent>,
+        include_usage: bool,
+    ) -> Response {
+        let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let bytes = match ev {
+                    EngineEvent::FirstToken { token, .. } | EngineEvent::Token { token, .. } => {
+                        let piece = String::from_utf8_lossy(tokenizer().piece(token)).into_owned();
+                        self.chunk(&piece, matches!(ev, EngineEvent::FirstToken { .. }))
                     }
-                }
-                EngineEvent::Token { .. } => {
-                    if out_tx
-                        .send(Ok(chunk(json!({"content": "tok "}))))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                EngineEvent::Finished {
-                    prompt_tokens,
-                    cached_tokens,
-                    output_tokens,
-                    ..
-                } => {
-                    if include_usage {
-                        let ev = json!({"id": rid, "object": object, "created": created, "model": model,
-                            "choices": [], "usage": usage(prompt_tokens, cached_tokens, output_tokens)});
+                    EngineEvent::Finished {
+                        prompt_tokens,
+                        cached_tokens,
+                        output_tokens,
+                        ..
+                    } => {
+                        if include_usage {
+                            let ev = json!({"id": self.id, "object": self.object(true),
+                                "created": self.created, "model": self.model, "choices": [],
+                                "usage": usage(prompt_tokens, cached_tokens, output_tokens)});
+                            let _ = out_tx
+                                .send(Ok(Bytes::from(format!("data: {ev}\n\n"))))
+                                .await;
+                        }
                         let _ = out_tx
-                            .send(Ok(Bytes::from(format!("data: {ev}\n\n"))))
+                            .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
                             .await;
+                        break;
                     }
-                    let _ = out_tx
-                        .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
-                        .await;
+                };
+                if out_tx.send(Ok(bytes)).await.is_err() {
                     break;
                 }
             }
-        }
-        server.waiters.lock().remove(&id);
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(out_rx),
-        ))
-        .expect("static response parts")
+            s.waiters.lock().remove(&id);
+        });
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(out_rx),
+            ))
+            .expect("static response parts")
+    }
 }
 
 async fn metrics(State(s): State<St>) -> Response {
+    if s.late_metrics && !s.served_any.load(Ordering::Relaxed) {
+        // No engine families yet: only a process-level line, as some exporters start.
+        return (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 0\n",
+        )
+            .into_response();
+    }
     let m = s.engine.lock().metrics();
     let label = ModelLabel {
         model_name: s.model.clone(),
@@ -481,13 +635,17 @@ async fn main() -> anyhow::Result<()> {
         cli.kv_blocks > 0 && cli.block_size > 0,
         "--kv-blocks and --block-size must be greater than 0"
     );
-    let engine = Engine::new(EngineConfig {
-        num_blocks: cli.kv_blocks,
-        block_tokens: cli.block_size,
-        max_num_seqs: cli.max_num_seqs.max(1),
-        max_batched_tokens: cli.max_batched_tokens.max(1),
-        ..Default::default()
-    });
+    let engine = Engine::new(
+        EngineConfig {
+            num_blocks: cli.kv_blocks,
+            reported_blocks: cli.kv_blocks_reported,
+            block_tokens: cli.block_size,
+            max_num_seqs: cli.max_num_seqs.max(1),
+            max_batched_tokens: cli.max_batched_tokens.max(1),
+            ..Default::default()
+        },
+        &cli.model,
+    );
     let server = Arc::new(Server {
         engine: Mutex::new(engine),
         wake: Notify::new(),
@@ -499,6 +657,8 @@ async fn main() -> anyhow::Result<()> {
         default_max_tokens: cli.default_max_tokens,
         metrics: Metrics::new(),
         reported: Mutex::new((0, 0)),
+        late_metrics: cli.metrics_after_first_request,
+        served_any: false.into(),
     });
     tokio::spawn(engine_loop(server.clone()));
     let app = Router::new()

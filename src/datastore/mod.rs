@@ -69,12 +69,22 @@ impl Candidate {
 
     /// Sets [`Candidate::health`] as of `now`.
     pub fn assess(&mut self, now: Instant, staleness: Duration) {
+        let age = self
+            .metrics
+            .updated
+            .map(|t| now.saturating_duration_since(t));
+        self.assess_age(age, staleness);
+    }
+
+    /// Sets [`Candidate::health`] from the age of the metrics (`None`: never scraped); the
+    /// fleet simulator passes virtual ages.
+    pub fn assess_age(&mut self, age: Option<Duration>, staleness: Duration) {
         let m = &self.metrics;
         self.health = if m.failure == Some(ScrapeFailure::Unreachable)
             && self.endpoint.metrics_address == self.endpoint.address
         {
             Health::Unreachable
-        } else if m.failure.is_some() || !self.is_fresh(now, staleness) {
+        } else if m.failure.is_some() || age.is_none_or(|a| a > staleness) {
             Health::Degraded
         } else {
             Health::Fresh

@@ -2,14 +2,22 @@
 //! prefill, and a step-time model. Time is a plain `f64` of seconds so the same engine runs in
 //! real time (`epp-sim`) and in virtual time (the fleet simulator).
 //!
-//! # KV cache
-//! `num_blocks` blocks of `block_tokens` (16) tokens. A prompt's *full* blocks are identified by
-//! chained hashes (block `i`'s hash covers tokens `0..16(i+1)`), so a cached block implies its
-//! whole prefix is cached. Admission reuses the longest run of cached leading blocks (at least
-//! one prompt token is always recomputed, as vLLM does). Blocks whose last user finished stay
-//! cached and become evictable; eviction takes the least recently freed first, and a finished
-//! request frees its blocks tail first, so shared heads outlive unique tails. Only prompt blocks
-//! are cached (generated tokens are not).
+//! # Tokens and KV cache
+//! Requests arrive as token ids of the simulator's own tokenizer and chat template
+//! ([`super::tokenizer`]), not as bytes. The cache holds `num_blocks` blocks of `block_tokens`
+//! (16) tokens. A *full* block is identified by the chained hash of its token ids (block `i`'s
+//! hash covers tokens `0..16(i+1)` and the model name), so a cached block implies its whole
+//! prefix is cached. Full blocks are registered as soon as they are computed — prompt blocks
+//! during prefill and, as in vLLM, blocks filled by generated tokens during decode, so a
+//! follow-up turn that sends the answer back hits on it. Admission reuses the longest run of
+//! cached leading blocks (at least one prompt token is always recomputed). Blocks whose last
+//! user finished stay cached and become evictable; eviction takes the least recently freed
+//! first, and a finished request frees its blocks tail first, so shared heads outlive unique
+//! tails.
+//!
+//! # Output
+//! Generation is deterministic for a given prompt (greedy decoding): words of the simulator's
+//! lexicon drawn from a generator seeded by the prompt's tokens, one token per step.
 //!
 //! # Scheduling (one step)
 //! Token budget `max_batched_tokens` per step: first every decoding sequence takes one token
@@ -21,8 +29,19 @@
 //! # Step time
 //! `t = base + per_prefill_token·prefill_tokens + per_decode_seq·decode_seqs +
 //!  per_kv_token·Σ decode context lengths`, see [`StepCost::h100_llama2_7b`] for the constants.
+//!
+//! # What the metrics say
+//! `reported_blocks` (when set) is what the engine *claims* in its cache-config metric; it may
+//! differ from the blocks it really has, as it can on real servers (memory reserved elsewhere,
+//! a misconfigured exporter).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use super::text::WordSampler;
+use super::tokenizer::{TokenId, tokenizer};
 
 /// Step-time model constants (seconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,6 +80,8 @@ pub struct EngineConfig {
     /// weights − ~3 GB activations ≈ 55 GB, at 16 tokens × 512 KiB = 8 MiB per block
     /// (≈ 104k tokens).
     pub num_blocks: usize,
+    /// Blocks the engine claims in its metrics (`None`: the truth).
+    pub reported_blocks: Option<usize>,
     /// Tokens per KV block (vLLM's default 16).
     pub block_tokens: usize,
     /// Most sequences running at once (vLLM's `max_num_seqs`, default 256).
@@ -74,6 +95,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             num_blocks: 6_500,
+            reported_blocks: None,
             block_tokens: 16,
             max_num_seqs: 256,
             max_batched_tokens: 8_192,
@@ -86,9 +108,8 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
     pub id: u64,
-    pub prompt_tokens: usize,
-    /// Chained hashes of the prompt's full blocks.
-    pub block_hashes: Vec<u64>,
+    /// The prompt's token ids (after the chat template).
+    pub prompt: Arc<[TokenId]>,
     pub max_tokens: usize,
 }
 
@@ -96,9 +117,9 @@ pub struct EngineRequest {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum EngineEvent {
     /// The first output token (TTFT is measured here).
-    FirstToken { id: u64 },
+    FirstToken { id: u64, token: TokenId },
     /// A further output token.
-    Token { id: u64 },
+    Token { id: u64, token: TokenId },
     /// Done; counts for usage reporting.
     Finished {
         id: u64,
@@ -126,6 +147,7 @@ pub struct EngineMetrics {
     pub kv_usage: f64,
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
+    /// Blocks claimed (see [`EngineConfig::reported_blocks`]).
     pub num_blocks: usize,
     pub block_tokens: usize,
 }
@@ -137,24 +159,67 @@ struct Block {
     freed_at: u64,
 }
 
+/// Deterministic output: lexicon words from a generator seeded by the prompt.
+#[derive(Debug)]
+struct Generator {
+    rng: fastrand::Rng,
+    pending: VecDeque<TokenId>,
+    started: bool,
+}
+
+static WORDS: std::sync::LazyLock<WordSampler> = std::sync::LazyLock::new(WordSampler::default);
+
+impl Generator {
+    fn new(prompt: &[TokenId]) -> Self {
+        let bytes: Vec<u8> = prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
+        Self {
+            rng: fastrand::Rng::with_seed(xxh3_64(&bytes)),
+            pending: VecDeque::new(),
+            started: false,
+        }
+    }
+
+    fn next_token(&mut self) -> TokenId {
+        if self.pending.is_empty() {
+            let w = WORDS.word(&mut self.rng);
+            let chunk = if self.started {
+                format!(" {w}")
+            } else {
+                w.to_owned()
+            };
+            self.started = true;
+            self.pending.extend(tokenizer().encode(&chunk));
+        }
+        self.pending.pop_front().unwrap_or(0)
+    }
+}
+
 #[derive(Debug)]
 struct Seq {
     req: EngineRequest,
+    /// Prompt then generated tokens.
+    tokens: Vec<TokenId>,
+    /// Chained hashes of the full blocks of `tokens` computed so far.
+    hashes: Vec<u64>,
     blocks: Vec<u32>,
-    /// Prompt tokens computed (or found cached).
+    /// Tokens to prefill: the prompt, or after a preemption everything generated so far too.
+    target: usize,
+    /// Of those, computed (or found cached).
     computed: usize,
     generated: usize,
     cached_tokens: usize,
     /// Whether the first-token event was already emitted (a preempted sequence keeps it).
     first_emitted: bool,
+    generator: Generator,
 }
 
 /// The engine. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
+    seed: u64,
     blocks: Vec<Block>,
-    /// Hash → block, for cached full prompt blocks.
+    /// Hash → block, for cached full blocks.
     cache: HashMap<u64, u32>,
     never_used: Vec<u32>,
     /// Cached blocks nobody references, oldest first: `(freed_at, block)`.
@@ -166,8 +231,26 @@ pub struct Engine {
     prefix_hit_tokens: u64,
 }
 
+/// Chained hashes of the full `block_tokens`-token blocks of `tokens`, seeded by `seed`.
+pub fn block_hashes(seed: u64, tokens: &[TokenId], block_tokens: usize) -> Vec<u64> {
+    let mut prev = seed;
+    tokens
+        .chunks_exact(block_tokens.max(1))
+        .map(|b| {
+            let bytes: Vec<u8> = b.iter().flat_map(|t| t.to_le_bytes()).collect();
+            prev = xxh3_64_with_seed(&bytes, prev);
+            prev
+        })
+        .collect()
+}
+
+/// The hash seed of a served model's blocks.
+pub fn model_seed(model: &str) -> u64 {
+    xxh3_64(model.as_bytes()) ^ 0x005e_ed0f_b10c
+}
+
 impl Engine {
-    pub fn new(cfg: EngineConfig) -> Self {
+    pub fn new(cfg: EngineConfig, model: &str) -> Self {
         Self {
             blocks: vec![
                 Block {
@@ -177,6 +260,7 @@ impl Engine {
                 };
                 cfg.num_blocks
             ],
+            seed: model_seed(model),
             cache: HashMap::new(),
             never_used: (0..cfg.num_blocks as u32).rev().collect(),
             evictable: BTreeSet::new(),
@@ -198,16 +282,30 @@ impl Engine {
         self.blocks_for(prompt_tokens + max_tokens) <= self.cfg.num_blocks
     }
 
+    /// Chained hashes of the full blocks of `tokens` as this engine names them.
+    pub fn hashes_of(&self, tokens: &[TokenId]) -> Vec<u64> {
+        block_hashes(self.seed, tokens, self.cfg.block_tokens)
+    }
+
     /// Queues a request.
     pub fn add_request(&mut self, req: EngineRequest) {
         let req = EngineRequest {
             max_tokens: req.max_tokens.max(1),
-            prompt_tokens: req.prompt_tokens.max(1),
+            prompt: if req.prompt.is_empty() {
+                Arc::from(vec![super::tokenizer::BEGIN_OF_TEXT])
+            } else {
+                req.prompt
+            },
             ..req
         };
+        let hashes = self.hashes_of(&req.prompt);
         self.waiting.push_back(Seq {
+            tokens: req.prompt.to_vec(),
+            generator: Generator::new(&req.prompt),
             req,
+            hashes,
             blocks: Vec::new(),
+            target: 0,
             computed: 0,
             generated: 0,
             cached_tokens: 0,
@@ -227,12 +325,13 @@ impl Engine {
             kv_usage: 1.0 - free as f64 / self.cfg.num_blocks as f64,
             prefix_query_tokens: self.prefix_query_tokens,
             prefix_hit_tokens: self.prefix_hit_tokens,
-            num_blocks: self.cfg.num_blocks,
+            num_blocks: self.cfg.reported_blocks.unwrap_or(self.cfg.num_blocks),
             block_tokens: self.cfg.block_tokens,
         }
     }
 
-    /// How many leading blocks of `hashes` are cached right now (for the oracle policy).
+    /// How many leading blocks of `hashes` are cached right now (for oracles and peers that
+    /// see the true cache).
     pub fn cached_prefix_blocks(&self, hashes: &[u64]) -> usize {
         hashes
             .iter()
@@ -245,9 +344,9 @@ impl Engine {
         let running: usize = self
             .running
             .iter()
-            .map(|s| s.req.prompt_tokens - s.computed)
+            .map(|s| s.target.saturating_sub(s.computed))
             .sum();
-        let waiting: usize = self.waiting.iter().map(|s| s.req.prompt_tokens).sum();
+        let waiting: usize = self.waiting.iter().map(|s| s.tokens.len()).sum();
         running + waiting
     }
 
@@ -300,22 +399,21 @@ impl Engine {
         }
     }
 
-    /// Tries to admit the front waiting sequence; false if it does not fit now.
+    /// Tries to admit the front waiting sequence; false if it does not fit now. A sequence
+    /// preempted earlier recomputes its generated tokens too.
     fn admit_front(&mut self) -> bool {
         let Some(seq) = self.waiting.front() else {
             return false;
         };
         let bt = self.cfg.block_tokens;
-        let total = self.blocks_for(seq.req.prompt_tokens);
-        let mut hits = self.cached_prefix_blocks(&seq.req.block_hashes);
-        // Always compute at least one prompt token.
-        if hits * bt >= seq.req.prompt_tokens {
+        let target = seq.tokens.len();
+        let total = self.blocks_for(target);
+        let mut hits = self.cached_prefix_blocks(&seq.hashes);
+        // Always compute at least one token.
+        if hits * bt >= target {
             hits = hits.saturating_sub(1);
         }
-        let hit_ids: Vec<u32> = seq.req.block_hashes[..hits]
-            .iter()
-            .map(|h| self.cache[h])
-            .collect();
+        let hit_ids: Vec<u32> = seq.hashes[..hits].iter().map(|h| self.cache[h]).collect();
         let hits_idle = hit_ids
             .iter()
             .filter(|id| self.blocks[**id as usize].refs == 0)
@@ -324,36 +422,70 @@ impl Engine {
         if needed > self.free_blocks() - hits_idle {
             return false;
         }
-        let mut seq = self.waiting.pop_front().expect("front exists");
+        let Some(mut seq) = self.waiting.pop_front() else {
+            return false;
+        };
         for &id in &hit_ids {
             self.retain(id);
         }
         seq.blocks = hit_ids;
         for _ in 0..needed {
-            let id = self.allocate().expect("checked free blocks");
-            seq.blocks.push(id);
+            match self.allocate() {
+                Some(id) => seq.blocks.push(id),
+                None => unreachable!("free blocks were counted above"),
+            }
         }
+        seq.target = target;
         seq.computed = hits * bt;
-        seq.cached_tokens = seq.cached_tokens.max(hits * bt);
-        self.prefix_query_tokens += seq.req.prompt_tokens as u64;
-        self.prefix_hit_tokens += (hits * bt) as u64;
+        if !seq.first_emitted {
+            seq.cached_tokens = hits * bt;
+            self.prefix_query_tokens += seq.req.prompt.len() as u64;
+            self.prefix_hit_tokens += (hits * bt) as u64;
+        }
         self.running.push(seq);
         true
     }
 
-    /// Registers the sequence's prompt blocks that are now fully computed.
+    /// Registers block `b` of sequence `i` under its hash, unless the hash is cached already.
+    fn register_block(&mut self, i: usize, b: usize) {
+        let seq = &self.running[i];
+        let (Some(&h), Some(&id)) = (seq.hashes.get(b), seq.blocks.get(b)) else {
+            return;
+        };
+        if self.blocks[id as usize].hash.is_none() && !self.cache.contains_key(&h) {
+            self.blocks[id as usize].hash = Some(h);
+            self.cache.insert(h, id);
+        }
+    }
+
+    /// Registers the sequence's full blocks whose tokens are now computed.
     fn register_computed(&mut self, i: usize) {
         let bt = self.cfg.block_tokens;
-        let seq = &self.running[i];
-        let full = (seq.computed / bt).min(seq.req.block_hashes.len());
+        let full = (self.running[i].computed / bt).min(self.running[i].hashes.len());
+        debug_assert!(self.running[i].computed <= self.running[i].target);
         for b in 0..full {
-            let h = seq.req.block_hashes[b];
-            let id = seq.blocks[b];
-            if self.blocks[id as usize].hash.is_none() && !self.cache.contains_key(&h) {
-                self.blocks[id as usize].hash = Some(h);
-                self.cache.insert(h, id);
-            }
+            self.register_block(i, b);
         }
+    }
+
+    /// Appends a generated token; a block it fills is hashed and registered (decode blocks
+    /// are cached too).
+    fn push_generated(&mut self, i: usize) -> TokenId {
+        let bt = self.cfg.block_tokens;
+        let seed = self.seed;
+        let s = &mut self.running[i];
+        let token = s.generator.next_token();
+        s.tokens.push(token);
+        s.generated += 1;
+        if s.tokens.len().is_multiple_of(bt) {
+            let prev = s.hashes.last().copied().unwrap_or(seed);
+            let block = &s.tokens[s.tokens.len() - bt..];
+            let bytes: Vec<u8> = block.iter().flat_map(|t| t.to_le_bytes()).collect();
+            s.hashes.push(xxh3_64_with_seed(&bytes, prev));
+            let b = s.hashes.len() - 1;
+            self.register_block(i, b);
+        }
+        token
     }
 
     /// Preempts the most recently admitted running sequence (recompute later).
@@ -368,24 +500,20 @@ impl Engine {
         true
     }
 
-    /// Plans and "executes" one step starting now; returns its duration and what happened at
-    /// its end. A step with nothing to do has zero duration and no events.
-    pub fn step(&mut self) -> Step {
+    /// Decoding sequences take one token each (growing blocks as needed); returns their
+    /// indices and the KV tokens they read.
+    fn plan_decodes(&mut self, budget: &mut usize) -> (Vec<usize>, usize) {
         let bt = self.cfg.block_tokens;
-        let mut budget = self.cfg.max_batched_tokens;
-        let mut out = Step::default();
         let mut kv_read = 0usize;
-
-        // 1. Decodes: one token each, growing blocks as needed.
-        let mut i = 0;
         let mut decoding: Vec<usize> = Vec::new();
+        let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
-            if s.computed < s.req.prompt_tokens {
+            if s.computed < s.target {
                 i += 1;
                 continue;
             }
-            let context = s.req.prompt_tokens + s.generated;
+            let context = s.tokens.len();
             // The next token goes at position `context`: it needs context + 1 slots.
             if (context + 1).div_ceil(bt) > s.blocks.len() {
                 match self.allocate() {
@@ -397,35 +525,47 @@ impl Engine {
                     }
                 }
             }
-            if budget == 0 {
+            if *budget == 0 {
                 break;
             }
-            budget -= 1;
+            *budget -= 1;
             kv_read += context;
             decoding.push(i);
             i += 1;
         }
+        (decoding, kv_read)
+    }
 
-        // 2. Running prefills continue; 3. waiting requests are admitted.
+    /// Running prefills continue, then waiting requests are admitted, within `budget`.
+    fn plan_prefills(&mut self, budget: &mut usize, decoding: &[usize]) -> Vec<(usize, usize)> {
         let mut prefilled: Vec<(usize, usize)> = Vec::new();
         for (i, s) in self.running.iter().enumerate() {
-            if budget == 0 {
+            if *budget == 0 {
                 break;
             }
-            if s.computed < s.req.prompt_tokens && !decoding.contains(&i) {
-                let chunk = (s.req.prompt_tokens - s.computed).min(budget);
-                budget -= chunk;
+            if s.computed < s.target && !decoding.contains(&i) {
+                let chunk = (s.target - s.computed).min(*budget);
+                *budget -= chunk;
                 prefilled.push((i, chunk));
             }
         }
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs && self.admit_front() {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs && self.admit_front() {
             let i = self.running.len() - 1;
             let s = &self.running[i];
-            let chunk = (s.req.prompt_tokens - s.computed).min(budget);
-            budget -= chunk;
+            let chunk = (s.target - s.computed).min(*budget);
+            *budget -= chunk;
             prefilled.push((i, chunk));
         }
+        prefilled
+    }
 
+    /// Plans and "executes" one step starting now; returns its duration and what happened at
+    /// its end. A step with nothing to do has zero duration and no events.
+    pub fn step(&mut self) -> Step {
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut out = Step::default();
+        let (decoding, kv_read) = self.plan_decodes(&mut budget);
+        let prefilled = self.plan_prefills(&mut budget, &decoding);
         let prefill_tokens: usize = prefilled.iter().map(|(_, c)| c).sum();
         if prefill_tokens == 0 && decoding.is_empty() {
             return out;
@@ -437,39 +577,51 @@ impl Engine {
             + c.per_kv_token * kv_read as f64;
         out.prefill_tokens = prefill_tokens;
         out.decode_seqs = decoding.len();
+        self.apply_prefills(&prefilled, &mut out.events);
+        for &i in &decoding {
+            let token = self.push_generated(i);
+            out.events.push(EngineEvent::Token {
+                id: self.running[i].req.id,
+                token,
+            });
+        }
+        self.finish_done(&mut out.events);
+        out
+    }
 
-        // Apply the step's effects.
-        for &(i, chunk) in &prefilled {
+    /// Applies the prefill chunks; a sequence whose prefill completes produces a token.
+    fn apply_prefills(&mut self, prefilled: &[(usize, usize)], events: &mut Vec<EngineEvent>) {
+        for &(i, chunk) in prefilled {
             self.running[i].computed += chunk;
             self.register_computed(i);
-            let s = &mut self.running[i];
-            if s.computed == s.req.prompt_tokens {
-                if s.first_emitted {
-                    // Recomputed after preemption: the next token continues the output.
-                    s.generated += 1;
-                    out.events.push(EngineEvent::Token { id: s.req.id });
-                } else {
-                    s.first_emitted = true;
-                    s.generated = 1;
-                    out.events.push(EngineEvent::FirstToken { id: s.req.id });
-                }
+            let s = &self.running[i];
+            if s.computed < s.target {
+                continue;
             }
+            let id = s.req.id;
+            let first = !s.first_emitted;
+            self.running[i].first_emitted = true;
+            let token = self.push_generated(i);
+            events.push(if first {
+                EngineEvent::FirstToken { id, token }
+            } else {
+                // Recomputed after preemption: the next token continues the output.
+                EngineEvent::Token { id, token }
+            });
         }
-        for &i in &decoding {
-            let s = &mut self.running[i];
-            s.generated += 1;
-            out.events.push(EngineEvent::Token { id: s.req.id });
-        }
-        // Finish.
+    }
+
+    /// Retires the sequences that produced all their tokens.
+    fn finish_done(&mut self, events: &mut Vec<EngineEvent>) {
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
-            if s.computed == s.req.prompt_tokens && s.generated >= s.req.max_tokens {
+            if s.target > 0 && s.computed >= s.target && s.generated >= s.req.max_tokens {
                 let s = self.running.remove(i);
                 self.release(&s.blocks);
-                out.events.push(EngineEvent::Finished {
+                events.push(EngineEvent::Finished {
                     id: s.req.id,
-                    prompt_tokens: s.req.prompt_tokens,
+                    prompt_tokens: s.req.prompt.len(),
                     cached_tokens: s.cached_tokens,
                     output_tokens: s.generated,
                 });
@@ -477,7 +629,6 @@ impl Engine {
                 i += 1;
             }
         }
-        out
     }
 }
 
@@ -488,19 +639,26 @@ mod tests {
     fn cfg(blocks: usize) -> EngineConfig {
         EngineConfig {
             num_blocks: blocks,
-            block_tokens: 16,
             max_num_seqs: 8,
             max_batched_tokens: 4096,
-            step: StepCost::h100_llama2_7b(),
+            ..Default::default()
         }
     }
 
-    /// A request whose full blocks are `hashes` (16 tokens each) plus `extra` tokens.
-    fn req(id: u64, hashes: &[u64], extra: usize, out: usize) -> EngineRequest {
+    /// 16 tokens per label in `blocks`, then `extra` more.
+    fn tokens(blocks: &[u32], extra: usize) -> Vec<TokenId> {
+        let mut t: Vec<TokenId> = blocks
+            .iter()
+            .flat_map(|b| (0..16).map(move |i| 1000 + b * 16 + i))
+            .collect();
+        t.extend((0..extra as u32).map(|i| 90_000 + i));
+        t
+    }
+
+    fn req(id: u64, prompt: Vec<TokenId>, out: usize) -> EngineRequest {
         EngineRequest {
             id,
-            prompt_tokens: hashes.len() * 16 + extra,
-            block_hashes: hashes.to_vec(),
+            prompt: Arc::from(prompt),
             max_tokens: out,
         }
     }
@@ -528,15 +686,29 @@ mod tests {
             .unwrap()
     }
 
+    fn output(events: &[EngineEvent], want: u64) -> Vec<TokenId> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::FirstToken { id, token } | EngineEvent::Token { id, token }
+                    if *id == want =>
+                {
+                    Some(*token)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn full_hit_partial_hit_and_miss() {
-        let mut e = Engine::new(cfg(100));
-        e.add_request(req(1, &[1, 2, 3, 4], 5, 2));
+        let mut e = Engine::new(cfg(100), "m");
+        e.add_request(req(1, tokens(&[1, 2, 3, 4], 5), 2));
         let ev = run(&mut e);
         assert_eq!(cached(&ev, 1), 0);
-        e.add_request(req(2, &[1, 2, 3, 4], 5, 2));
-        e.add_request(req(3, &[1, 2, 9, 9], 0, 2));
-        e.add_request(req(4, &[7, 8], 0, 2));
+        e.add_request(req(2, tokens(&[1, 2, 3, 4], 5), 2));
+        e.add_request(req(3, tokens(&[1, 2, 9, 9], 0), 2));
+        e.add_request(req(4, tokens(&[7, 8], 0), 2));
         let ev = run(&mut e);
         assert_eq!(cached(&ev, 2), 64, "all four blocks hit");
         assert_eq!(cached(&ev, 3), 32, "shared head only");
@@ -547,11 +719,31 @@ mod tests {
     }
 
     #[test]
+    fn generated_blocks_are_cached_for_the_next_turn() {
+        let mut e = Engine::new(cfg(100), "m");
+        let prompt = tokens(&[1, 2], 0);
+        e.add_request(req(1, prompt.clone(), 40));
+        let ev = run(&mut e);
+        let answer = output(&ev, 1);
+        assert_eq!(answer.len(), 40);
+        // Same prompt, same answer: greedy decoding is deterministic.
+        e.add_request(req(2, prompt.clone(), 40));
+        assert_eq!(output(&run(&mut e), 2), answer);
+        let mut next = prompt;
+        next.extend_from_slice(&answer);
+        next.extend(tokens(&[5], 3));
+        e.add_request(req(3, next, 2));
+        let ev = run(&mut e);
+        // 32 prompt + 40 generated = 72 tokens: 4 full blocks, 2 of them generated.
+        assert_eq!(cached(&ev, 3), 64);
+    }
+
+    #[test]
     fn fully_cached_prompt_recomputes_last_block() {
-        let mut e = Engine::new(cfg(100));
-        e.add_request(req(1, &[1, 2], 0, 1));
+        let mut e = Engine::new(cfg(100), "m");
+        e.add_request(req(1, tokens(&[1, 2], 0), 1));
         run(&mut e);
-        e.add_request(req(2, &[1, 2], 0, 1));
+        e.add_request(req(2, tokens(&[1, 2], 0), 1));
         let ev = run(&mut e);
         assert_eq!(cached(&ev, 2), 16);
     }
@@ -559,24 +751,22 @@ mod tests {
     #[test]
     fn eviction_takes_least_recently_freed_tail_first() {
         // 6 blocks: request A (3 blocks + 1 decode block), then B needs 4 → evicts A's tail.
-        let mut e = Engine::new(cfg(6));
-        e.add_request(req(1, &[1, 2, 3], 0, 1));
+        let mut e = Engine::new(cfg(6), "m");
+        e.add_request(req(1, tokens(&[1, 2, 3], 0), 1));
         run(&mut e);
-        e.add_request(req(2, &[7, 8, 9, 10], 0, 1));
+        e.add_request(req(2, tokens(&[7, 8, 9, 10], 0), 1));
         run(&mut e);
-        assert_eq!(
-            e.cached_prefix_blocks(&[1, 2, 3]),
-            2,
-            "A's tail block 3 went first"
-        );
-        assert_eq!(e.cached_prefix_blocks(&[7, 8, 9, 10]), 4);
+        let a = e.hashes_of(&tokens(&[1, 2, 3], 0));
+        assert_eq!(e.cached_prefix_blocks(&a), 2, "A's tail block 3 went first");
+        let b = e.hashes_of(&tokens(&[7, 8, 9, 10], 0));
+        assert_eq!(e.cached_prefix_blocks(&b), 4);
     }
 
     #[test]
     fn capacity_bounds_admission_and_cache() {
-        let mut e = Engine::new(cfg(5));
-        e.add_request(req(1, &[1, 2, 3, 4], 0, 3));
-        e.add_request(req(2, &[5, 6, 7, 8], 0, 3));
+        let mut e = Engine::new(cfg(5), "m");
+        e.add_request(req(1, tokens(&[1, 2, 3, 4], 0), 3));
+        e.add_request(req(2, tokens(&[5, 6, 7, 8], 0), 3));
         e.step();
         assert_eq!(e.metrics().running, 1, "second prompt does not fit");
         assert_eq!(e.metrics().waiting, 1);
@@ -591,11 +781,27 @@ mod tests {
     }
 
     #[test]
+    fn reported_capacity_may_differ_from_the_real_one() {
+        let e = Engine::new(
+            EngineConfig {
+                reported_blocks: Some(9_000),
+                ..cfg(100)
+            },
+            "m",
+        );
+        assert_eq!(e.metrics().num_blocks, 9_000);
+        assert!(!e.fits(2_000, 16), "admission follows the real 100 blocks");
+    }
+
+    #[test]
     fn outputs_exact_token_counts_and_timing_grows_with_prefill() {
-        let mut e = Engine::new(cfg(1000));
-        e.add_request(req(1, &[1; 0], 100, 5));
+        let mut e = Engine::new(cfg(1000), "m");
+        e.add_request(req(1, tokens(&[], 100), 5));
         let first = e.step();
-        assert!(matches!(first.events[0], EngineEvent::FirstToken { id: 1 }));
+        assert!(matches!(
+            first.events[0],
+            EngineEvent::FirstToken { id: 1, .. }
+        ));
         let c = StepCost::h100_llama2_7b();
         assert!((first.duration - (c.base + 100.0 * c.per_prefill_token)).abs() < 1e-12);
         let ev = run(&mut e);
@@ -615,11 +821,14 @@ mod tests {
 
     #[test]
     fn chunked_prefill_respects_token_budget() {
-        let mut e = Engine::new(EngineConfig {
-            max_batched_tokens: 64,
-            ..cfg(1000)
-        });
-        e.add_request(req(1, &[], 200, 1));
+        let mut e = Engine::new(
+            EngineConfig {
+                max_batched_tokens: 64,
+                ..cfg(1000)
+            },
+            "m",
+        );
+        e.add_request(req(1, tokens(&[], 200), 1));
         let s = e.step();
         assert_eq!(s.prefill_tokens, 64);
         assert!(s.events.is_empty());

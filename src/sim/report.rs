@@ -1,37 +1,49 @@
-//! Results as a Markdown table and an SVG plot (TTFT against request rate, one line per
-//! policy).
+//! Results as a Markdown table and SVG pictures that answer "which router, and why":
+//!
+//! * TTFT distribution (CDF, log time axis) per policy — one picture per workload and rate;
+//! * prefix hit rate and requests per pod per policy — the *why*: hits versus balance;
+//! * TTFT (mean and p90) against request rate, when a workload ran at several rates.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::fleet::Summary;
 
-/// One table row: a policy at a rate.
+/// One table row: a policy on a workload at a rate.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub workload: String,
+    /// Nominal rate (req/s); 0 for traces (see `summary.rate` for the real one).
     pub rate: f64,
     pub policy: String,
     pub summary: Summary,
+    /// Requests per pod.
+    #[serde(default)]
+    pub per_pod: Vec<usize>,
+    /// Sorted TTFTs (seconds), for the CDF.
+    #[serde(default)]
+    pub ttfts: Vec<f64>,
 }
 
 /// The Markdown table of `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| workload | rate (req/s) | policy | TTFT mean (s) | TTFT p50 | TTFT p90 | E2E mean (s) | output tok/s | prefix hit rate | max/mean pod load |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | rate (req/s) | policy | TTFT mean (s) | p50 | p90 | p99 | E2E mean (s) | output tok/s | prefix hit rate | busiest pod / mean |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let m = &r.summary;
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.1}% | {:.2} |\n",
+            "| {} | {:.1} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.1}% | {:.2} |\n",
             r.workload,
-            r.rate,
+            if r.rate > 0.0 { r.rate } else { m.rate },
             r.policy,
             m.ttft_mean,
             m.ttft_p50,
             m.ttft_p90,
+            m.ttft_p99,
             m.e2e_mean,
             m.output_tokens_per_s,
             100.0 * m.hit_rate,
@@ -41,7 +53,7 @@ pub fn markdown(rows: &[Row]) -> String {
     s
 }
 
-const COLORS: [RGBColor; 8] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(228, 26, 28),
     RGBColor(55, 126, 184),
     RGBColor(77, 175, 74),
@@ -50,135 +62,360 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(20, 20, 20),
     RGBColor(166, 86, 40),
     RGBColor(247, 129, 191),
+    RGBColor(120, 120, 120),
+    RGBColor(0, 160, 160),
 ];
 
-/// Plots mean TTFT against rate for each policy of one workload into an SVG file.
-pub fn plot_ttft(rows: &[Row], workload: &str, path: &Path) -> Result<(), String> {
-    let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == workload).collect();
-    let mut policies: Vec<&str> = Vec::new();
-    for r in &rows {
-        if !policies.contains(&r.policy.as_str()) {
-            policies.push(&r.policy);
+fn e(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+fn policies(rows: &[&Row]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in rows {
+        if !out.contains(&r.policy) {
+            out.push(r.policy.clone());
         }
     }
-    let max_rate = rows.iter().map(|r| r.rate).fold(0.0, f64::max).max(1.0);
-    let max_ttft = rows
-        .iter()
-        .map(|r| r.summary.ttft_mean)
-        .filter(|t| t.is_finite())
-        .fold(0.0, f64::max)
-        .max(0.01);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    out
+}
+
+/// TTFT CDFs of `rows` (one line per policy; same workload and rate).
+pub fn plot_cdf(rows: &[&Row], title: &str, path: &Path) -> Result<(), String> {
+    let all = rows.iter().flat_map(|r| r.ttfts.iter().copied());
+    let (lo, hi) = all
+        .filter(|t| *t > 0.0 && t.is_finite())
+        .fold((f64::INFINITY, 0.0f64), |(l, h), t| (l.min(t), h.max(t)));
+    if !lo.is_finite() {
+        return Err("no TTFTs to plot".into());
+    }
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("Mean TTFT vs request rate ({workload})"),
-            ("sans-serif", 20),
-        )
+        .caption(title, ("sans-serif", 20))
         .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_rate * 1.05, 0.0..max_ttft * 1.1)
-        .map_err(|e| err(&e))?;
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0.0..1.0)
+        .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("request rate (req/s)")
-        .y_desc("mean TTFT (s)")
+        .x_desc("time to first token (s, log scale)")
+        .y_desc("fraction of requests")
         .draw()
-        .map_err(|e| err(&e))?;
-    for (i, p) in policies.iter().enumerate() {
+        .map_err(e)?;
+    for (i, r) in rows.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points: Vec<(f64, f64)> = rows
+        let n = r.ttfts.len().max(1) as f64;
+        let points: Vec<(f64, f64)> = r
+            .ttfts
             .iter()
-            .filter(|r| r.policy == *p)
-            .map(|r| (r.rate, r.summary.ttft_mean))
+            .enumerate()
+            .map(|(k, t)| (t.max(lo), (k + 1) as f64 / n))
             .collect();
         chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(*p)
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(e)?
+            .label(format!(
+                "{} (mean {:.0} ms, p90 {:.0} ms)",
+                r.policy,
+                r.summary.ttft_mean * 1e3,
+                r.summary.ttft_p90 * 1e3
+            ))
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|pt| Circle::new(pt, 3, color.filled())),
-            )
-            .map_err(|e| err(&e))?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Left: prefix hit rate per policy. Right: each pod's share of the requests per policy (for
+/// more than 10 pods, the busiest and the idlest pod's share over the mean).
+pub fn plot_hits_and_load(rows: &[&Row], title: &str, path: &Path) -> Result<(), String> {
+    let root = SVGBackend::new(path, (1100, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let root = root.titled(title, ("sans-serif", 20)).map_err(e)?;
+    let (left, right) = root.split_horizontally(430);
+    hit_bars(rows, &left)?;
+    load_bars(rows, &right)?;
+    root.present().map_err(e)
+}
+
+fn policy_axis(names: &[String]) -> impl Fn(&i32) -> String + '_ {
+    move |x| {
+        names
+            .get(*x as usize)
+            .map(|n| n.chars().take(16).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn hit_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
+    let names = policies(rows);
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(90)
+        .y_label_area_size(50)
+        .caption("prefix-cache hit rate", ("sans-serif", 15))
+        .build_cartesian_2d(0..names.len() as i32, 0.0..1.0)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len())
+        .x_label_formatter(&policy_axis(&names))
+        .x_label_style(
+            ("sans-serif", 11)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let x = names.iter().position(|n| *n == r.policy).unwrap_or(i) as i32;
+            Rectangle::new(
+                [(x, 0.0), (x + 1, r.summary.hit_rate)],
+                COLORS[x as usize % COLORS.len()].filled(),
+            )
+        }))
+        .map_err(e)?;
     Ok(())
 }
 
-/// Bar chart of mean and p90 TTFT per row (one bar pair per row), for runs at one rate.
-pub fn plot_ttft_bars(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    let max = rows
+fn load_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
+    let names = policies(rows);
+    let pods = rows.iter().map(|r| r.per_pod.len()).max().unwrap_or(0);
+    let (series, caption): (Vec<Vec<f64>>, &str) = if pods <= 10 {
+        let shares = rows
+            .iter()
+            .map(|r| {
+                let total = r.per_pod.iter().sum::<usize>().max(1) as f64;
+                r.per_pod.iter().map(|n| *n as f64 / total).collect()
+            })
+            .collect();
+        (shares, "share of requests, per pod")
+    } else {
+        let extremes = rows
+            .iter()
+            .map(|r| {
+                let mean = r.per_pod.iter().sum::<usize>() as f64 / r.per_pod.len().max(1) as f64;
+                let max = *r.per_pod.iter().max().unwrap_or(&0) as f64;
+                let min = *r.per_pod.iter().min().unwrap_or(&0) as f64;
+                vec![min / mean.max(1e-9), max / mean.max(1e-9)]
+            })
+            .collect();
+        (extremes, "idlest and busiest pod / mean")
+    };
+    let width = series.iter().map(Vec::len).max().unwrap_or(1).max(1) as i32;
+    let top = series
         .iter()
-        .map(|r| r.summary.ttft_p90.max(r.summary.ttft_mean))
+        .flatten()
+        .fold(0.0f64, |a, b| a.max(*b))
+        .max(0.01)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(90)
+        .y_label_area_size(50)
+        .caption(caption, ("sans-serif", 15))
+        .build_cartesian_2d(0..names.len() as i32 * (width + 1), 0.0..top)
+        .map_err(e)?;
+    let label = |x: &i32| {
+        if x % (width + 1) == width / 2 {
+            policy_axis(&names)(&(x / (width + 1)))
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len() * (width as usize + 1))
+        .x_label_formatter(&label)
+        .x_label_style(
+            ("sans-serif", 11)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .draw()
+        .map_err(e)?;
+    for (i, r) in rows.iter().enumerate() {
+        let base = names.iter().position(|n| *n == r.policy).unwrap_or(i) as i32 * (width + 1);
+        chart
+            .draw_series(series[i].iter().enumerate().map(|(k, v)| {
+                let x = base + k as i32;
+                Rectangle::new(
+                    [(x, 0.0), (x + 1, *v)],
+                    COLORS[k % COLORS.len()].mix(0.8).filled(),
+                )
+            }))
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Mean (solid) and p90 (dashed-looking thin) TTFT against rate, one colour per policy.
+pub fn plot_ttft_vs_rate(rows: &[&Row], title: &str, path: &Path) -> Result<(), String> {
+    let names = policies(rows);
+    let max_rate = rows.iter().map(|r| r.rate).fold(0.0, f64::max).max(1.0);
+    let max_ttft = rows
+        .iter()
+        .map(|r| r.summary.ttft_p90)
         .filter(|t| t.is_finite())
         .fold(0.0, f64::max)
-        .max(0.001);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let n = rows.len().max(1) as i32;
+        .max(0.01);
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0..n * 3, 0.0..max * 1.15)
-        .map_err(|e| err(&e))?;
-    let labels: Vec<String> = rows.iter().map(|r| r.policy.clone()).collect();
+        .build_cartesian_2d(0.0..max_rate * 1.05, 0.0..max_ttft * 1.1)
+        .map_err(e)?;
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(rows.len() * 3)
-        .x_label_formatter(&|x| {
-            if x % 3 == 1 {
-                labels.get((x / 3) as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc("TTFT (s)")
+        .x_desc("request rate (req/s)")
+        .y_desc("TTFT (s): mean thick, p90 thin")
         .draw()
-        .map_err(|e| err(&e))?;
-    for (k, (name, color)) in [("mean", COLORS[1]), ("p90", COLORS[0])]
-        .into_iter()
-        .enumerate()
-    {
+        .map_err(e)?;
+    for (i, p) in names.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let mine: Vec<&&Row> = rows.iter().filter(|r| r.policy == *p).collect();
+        let mean: Vec<(f64, f64)> = mine.iter().map(|r| (r.rate, r.summary.ttft_mean)).collect();
+        let p90: Vec<(f64, f64)> = mine.iter().map(|r| (r.rate, r.summary.ttft_p90)).collect();
         chart
-            .draw_series(rows.iter().enumerate().map(|(i, r)| {
-                let v = if k == 0 {
-                    r.summary.ttft_mean
-                } else {
-                    r.summary.ttft_p90
-                };
-                let x = i as i32 * 3 + k as i32;
-                Rectangle::new([(x, 0.0), (x + 1, v)], color.filled())
-            }))
-            .map_err(|e| err(&e))?
-            .label(name)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+            .draw_series(LineSeries::new(mean.clone(), color.stroke_width(3)))
+            .map_err(e)?
+            .label(p.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart
+            .draw_series(LineSeries::new(p90, color.stroke_width(1)))
+            .map_err(e)?;
+        chart
+            .draw_series(
+                mean.into_iter()
+                    .map(|pt| Circle::new(pt, 3, color.filled())),
+            )
+            .map_err(e)?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .to_owned()
+}
+
+/// Writes every picture for `rows` into `dir`: per workload and rate a CDF and a hits/load
+/// picture, per workload run at several rates a TTFT-vs-rate picture. `context` (e.g. "4 pods")
+/// goes into the titles. Returns the files written.
+pub fn write_pictures(rows: &[Row], dir: &Path, context: &str) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    let mut groups: Vec<(String, f64)> = Vec::new();
+    for r in rows {
+        if !groups.iter().any(|(w, x)| *w == r.workload && *x == r.rate) {
+            groups.push((r.workload.clone(), r.rate));
+        }
+    }
+    for (workload, rate) in &groups {
+        let mine: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.workload == *workload && r.rate == *rate)
+            .collect();
+        let shown_rate = if *rate > 0.0 {
+            *rate
+        } else {
+            mine.first().map_or(0.0, |r| r.summary.rate)
+        };
+        let what = format!("{workload} at {shown_rate:.1} req/s, {context}");
+        let base = format!("{}-{}", slug(workload), slug(&format!("{shown_rate:.1}")));
+        let cdf = dir.join(format!("ttft-cdf-{base}.svg"));
+        plot_cdf(&mine, &format!("TTFT distribution: {what}"), &cdf)?;
+        let bars = dir.join(format!("hits-load-{base}.svg"));
+        plot_hits_and_load(
+            &mine,
+            &format!("Why: cache hits and load spread ({what})"),
+            &bars,
+        )?;
+        files.extend([cdf, bars]);
+    }
+    let mut workloads: Vec<&String> = groups.iter().map(|(w, _)| w).collect();
+    workloads.dedup();
+    for w in workloads {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.workload == *w).collect();
+        let rates = groups.iter().filter(|(x, _)| x == w).count();
+        if rates > 1 {
+            let path = dir.join(format!("ttft-vs-rate-{}.svg", slug(w)));
+            plot_ttft_vs_rate(
+                &mine,
+                &format!("TTFT vs request rate: {w}, {context}"),
+                &path,
+            )?;
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, rate: f64) -> Row {
+        let ttfts = vec![0.01, 0.02, 0.05, 0.2];
+        Row {
+            workload: "high".into(),
+            rate,
+            policy: policy.into(),
+            summary: Summary {
+                ttft_mean: 0.07,
+                ttft_p50: 0.02,
+                ttft_p90: 0.2,
+                ttft_p99: 0.2,
+                e2e_mean: 1.0,
+                e2e_p50: 1.0,
+                output_tokens_per_s: 100.0,
+                hit_rate: 0.5,
+                load_max_over_mean: 1.2,
+                requests: 4,
+                rate,
+            },
+            per_pod: vec![1, 2, 1],
+            ttfts,
+        }
+    }
+
+    #[test]
+    fn pictures_for_each_workload_and_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = vec![row("a", 4.0), row("b", 4.0), row("a", 8.0), row("b", 8.0)];
+        let files = write_pictures(&rows, dir.path(), "3 pods").unwrap();
+        assert_eq!(files.len(), 5, "{files:?}");
+        for f in files {
+            let svg = std::fs::read_to_string(&f).unwrap();
+            assert!(svg.contains("<svg"), "{}", f.display());
+        }
+        assert!(markdown(&rows).contains("| high | 4.0 | a |"));
+    }
 }

