@@ -351,18 +351,26 @@ mod tests {
     }
 
     #[test]
-    fn shipped_default_config_builds() {
+    fn shipped_configs_build() {
         let s = build_scheduler(DEFAULT, None).unwrap();
+        assert_eq!(names(&s), vec![("prefill-cost-scorer".to_owned(), 1.0)]);
+        assert_eq!(s.profile().picker.name(), "max-score-picker");
+        assert!(s.prefix_plugin().is_some());
+        let gie = build_scheduler(include_str!("../../config/gie-plugins.yaml"), None).unwrap();
         assert_eq!(
-            names(&s),
+            names(&gie),
             vec![
                 ("queue-scorer".to_owned(), 2.0),
                 ("kv-cache-utilization-scorer".to_owned(), 2.0),
                 ("prefix-cache-scorer".to_owned(), 3.0)
             ]
         );
-        assert_eq!(s.profile().picker.name(), "max-score-picker");
-        assert!(s.prefix_plugin().is_some());
+        let llmd = build_scheduler(include_str!("../../config/llm-d-plugins.yaml"), None).unwrap();
+        assert_eq!(names(&llmd), vec![("token-load-scorer".to_owned(), 1.0)]);
+        assert_eq!(
+            llmd.profile().filters[0].name(),
+            "prefix-cache-affinity-filter"
+        );
     }
 
     #[test]

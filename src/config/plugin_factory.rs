@@ -19,6 +19,7 @@ use crate::scheduling::plugins::{
     lora_affinity_filter::{self, LoraAffinityFilter},
     low_queue::{self, LowQueueFilter},
     max_score::MaxScorePicker,
+    prefill_cost::{self, PrefillCostScorer},
     prefix::{PrefixCachePlugin, PrefixConfig, PrefixObserver},
     prefix_affinity_filter::PrefixAffinityFilter,
     queue::QueueScorer,
@@ -76,6 +77,11 @@ pub fn build(
         "token-load-scorer" => Built::Scorer(Arc::new(token_load(p)?)),
         "active-request-scorer" => Built::Scorer(Arc::new(active_request(p)?)),
         "running-requests-size-scorer" => Built::Scorer(Arc::new(RunningRequestsScorer)),
+        prefill_cost::TYPE => Built::Scorer(Arc::new(PrefillCostScorer {
+            decode_tokens_per_request: p
+                .number("decodeTokensPerRequest")?
+                .unwrap_or(prefill_cost::DEFAULT_DECODE_TOKENS_PER_REQUEST),
+        })),
         "load-aware-scorer" => Built::Scorer(Arc::new(LoadAwareScorer {
             threshold: p
                 .positive("threshold")?

@@ -30,38 +30,10 @@ use super::tokenizer::{TokenId, tokenizer};
 use super::workload::{Prompt, Workload};
 
 /// GIE's default weights (queue 2, KV cache 2, prefix 3) with the max-score picker.
-pub const GIE_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: queue-scorer, weight: 2}
-  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
-  - {pluginRef: prefix-cache-scorer, weight: 3}
-";
+pub const GIE_CONFIG: &str = include_str!("../../config/gie-plugins.yaml");
 
 /// llm-d's "sticky until saturated" chain with its defaults.
-pub const LLMD_STICKY_CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: approx-prefix-cache-producer
-- type: inflight-load-producer
-- type: prefix-cache-affinity-filter
-- type: token-load-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: approx-prefix-cache-producer}
-  - {pluginRef: inflight-load-producer}
-  - {pluginRef: prefix-cache-affinity-filter}
-  - {pluginRef: token-load-scorer}
-  - {pluginRef: max-score-picker}
-";
+pub const LLMD_STICKY_CONFIG: &str = include_str!("../../config/llm-d-plugins.yaml");
 
 /// epp's shipped default configuration.
 pub const EPP_CONFIG: &str = include_str!("../../config/default-plugins.yaml");

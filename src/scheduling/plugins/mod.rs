@@ -12,6 +12,7 @@ pub mod lora_affinity;
 pub mod lora_affinity_filter;
 pub mod low_queue;
 pub mod max_score;
+pub mod prefill_cost;
 pub mod prefix;
 pub mod prefix_affinity_filter;
 pub mod queue;
