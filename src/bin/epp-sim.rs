@@ -25,6 +25,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use clap::Parser;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -685,6 +686,11 @@ async fn main() -> anyhow::Result<()> {
         *server.name.lock() = listener.local_addr()?.to_string();
     }
     tracing::info!(address = %listener.local_addr()?, model = %cli.model, "epp-sim listening");
+    // Real servers (uvicorn) set TCP_NODELAY: without it each SSE chunk after the headers
+    // waits for a delayed ACK from the proxy in front (≈40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
