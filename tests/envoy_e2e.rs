@@ -438,3 +438,69 @@ async fn endpoints_file_reload_removes_pods_and_empty_pool_gets_503() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Sums one of epp's metric families over all its label sets.
+fn metric_sum(page: &str, family: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_accounting_returns_to_zero_after_errors_and_client_resets() {
+    use http_body_util::BodyExt;
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let client = stack.client.clone();
+        let url = format!("http://127.0.0.1:{}/v1/completions", stack.gateway);
+        tasks.push(tokio::spawn(async move {
+            let body = match i % 3 {
+                // A streamed response the client abandons after the first chunk.
+                0 => {
+                    serde_json::json!({"model": "m", "prompt": format!("drop {i}"), "stream": true})
+                        .to_string()
+                }
+                // A complete request.
+                1 => serde_json::json!({"model": "m", "prompt": format!("keep {i}")}).to_string(),
+                // Bad input: answered by epp, never routed.
+                _ => "{not json".to_owned(),
+            };
+            let req = hyper::Request::post(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let mut body = resp.into_body();
+            if i % 3 == 0 {
+                let _first = body.frame().await;
+                drop(body); // reset mid-stream
+            } else {
+                let _ = body.collect().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut page = String::new();
+    for _ in 0..150 {
+        page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+        if metric_sum(&page, "llm_d_epp_inflight_requests") == 0.0
+            && metric_sum(&page, "epp_inflight_prompt_tokens") == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for family in [
+        "llm_d_epp_inflight_requests",
+        "llm_d_epp_inflight_tokens",
+        "epp_inflight_prompt_tokens",
+        "inference_objective_running_requests",
+    ] {
+        assert_eq!(metric_sum(&page, family), 0.0, "{family}:\n{page}");
+    }
+    assert_still_serving(&stack).await;
+}

@@ -14,10 +14,15 @@ use common::{BodyMode, HttpClient, Proc};
 
 /// Starts epp-sim on an OS-chosen port, 50× faster than the modelled GPU.
 fn start_sim(name: &str) -> (Proc, String) {
+    start_sim_with(name, &[])
+}
+
+fn start_sim_with(name: &str, extra: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp-sim"));
     cmd.args([
         "--port", "0", "--speed", "50", "--model", "model", "--name", name,
     ])
+    .args(extra)
     .env("RUST_LOG", "info")
     .env("NO_COLOR", "1");
     let (proc, line) = common::spawn_and_wait("epp-sim", cmd, |l| {
@@ -202,6 +207,82 @@ async fn epp_routes_repeated_prefixes_to_the_warm_simulated_pod() {
     assert!(
         cached[1..].iter().all(|c| *c >= 400),
         "system prompt reused: {cached:?}"
+    );
+}
+
+/// Sums the values of one of epp's metric families (all label sets).
+fn metric_sum(page: &str, family: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_export_metrics_late_still_get_traffic_and_load_drains() {
+    // Regression (issue 7): pods whose /metrics lack the vllm:* families until their first
+    // request were treated as failing, and one pod took every request.
+    let sims: Vec<(Proc, String)> = (0..4)
+        .map(|i| start_sim_with(&format!("sim-{i}"), &["--metrics-after-first-request"]))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints.yaml");
+    let mut text = String::from("endpoints:\n");
+    for (i, (_, addr)) in sims.iter().enumerate() {
+        text.push_str(&format!("  - address: {addr}\n    name: sim-{i}\n"));
+    }
+    std::fs::write(&endpoints, text).unwrap();
+    let config = format!("{}/config/default-plugins.yaml", env!("CARGO_MANIFEST_DIR"));
+    let (_epp, grpc, metrics_port) = common::start_epp(&endpoints, &["--config-file", &config]);
+    let (_envoy, gateway) = common::start_envoy(
+        dir.path(),
+        &common::envoy_config(grpc, BodyMode::FullDuplex),
+    );
+    let c = client();
+    let url = format!("http://127.0.0.1:{gateway}/v1/chat/completions");
+    let requests = (0..40).map(|i| {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            let body = serde_json::json!({"model": "model", "stream": true, "max_tokens": 8,
+                "messages": [{"role": "user", "content": format!("question {i}: {}", long_prompt(&format!("topic {i}")))}]});
+            let (status, headers, text) = call(&c, "POST", &url, &body.to_string()).await;
+            assert_eq!(status, 200, "{text}");
+            headers["x-served-by"].to_str().unwrap().to_owned()
+        })
+    });
+    let mut per_pod = std::collections::HashMap::new();
+    for r in futures::future::join_all(requests).await {
+        *per_pod.entry(r.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(per_pod.len(), 4, "every pod served: {per_pod:?}");
+    assert!(per_pod.values().all(|n| *n >= 5), "{per_pod:?}");
+    let page_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = call(&c, "GET", &page_url, "").await.2;
+        if metric_sum(&page, "llm_d_epp_inflight_requests") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric_sum(&page, "llm_d_epp_inflight_requests"),
+        0.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric_sum(&page, "llm_d_epp_inflight_tokens"),
+        0.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric_sum(&page, "epp_inflight_prompt_tokens"),
+        0.0,
+        "{page}"
+    );
+    assert!(
+        page.contains("epp_endpoint_health{endpoint_name=\"sim-0\",state=\"fresh\"} 1"),
+        "{page}"
     );
 }
 

@@ -148,9 +148,12 @@ struct ScrapeState {
 }
 
 impl ScrapeState {
-    fn on_success(&mut self, endpoint: &Endpoint, m: &EndpointMetrics) {
+    /// Notes a successful scrape; true when that changed the state (and was logged).
+    fn on_success(&mut self, endpoint: &Endpoint, m: &EndpointMetrics) -> bool {
+        let mut changed = false;
         if let Some(f) = self.failure.take() {
             tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
+            changed = true;
         }
         let absent = engine::absent_families(endpoint.engine, m);
         if absent != self.absent {
@@ -164,20 +167,25 @@ impl ScrapeState {
                 );
             }
             self.absent = absent;
+            changed = true;
         }
+        changed
     }
 
-    fn on_failure(&mut self, endpoint: &Endpoint, e: &ScrapeError) {
+    /// Notes a failed scrape; true when that changed the state (and was logged).
+    fn on_failure(&mut self, endpoint: &Endpoint, e: &ScrapeError) -> bool {
         let f = e.failure();
-        if self.failure != Some(f) {
-            tracing::warn!(
-                endpoint = %endpoint.name,
-                state = f.as_str(),
-                error = %e,
-                "metrics scrape failing; endpoint de-prioritized"
-            );
-            self.failure = Some(f);
+        if self.failure == Some(f) {
+            return false;
         }
+        tracing::warn!(
+            endpoint = %endpoint.name,
+            state = f.as_str(),
+            error = %e,
+            "metrics scrape failing; endpoint de-prioritized"
+        );
+        self.failure = Some(f);
+        true
     }
 }
 
@@ -195,12 +203,12 @@ async fn scrape_loop(
         let dispatched = endpoint.load.dispatched();
         match scrape_once(&client, &endpoint, cfg.timeout).await {
             Ok(mut m) => {
-                state.on_success(&endpoint, &m);
+                let _ = state.on_success(&endpoint, &m);
                 m.dispatched_at_scrape = dispatched;
                 datastore.update_metrics(endpoint.id, m);
             }
             Err(e) => {
-                state.on_failure(&endpoint, &e);
+                let _ = state.on_failure(&endpoint, &e);
                 datastore.scrape_failed(endpoint.id, e.failure());
             }
         }
@@ -234,4 +242,69 @@ pub fn spawn(datastore: Arc<Datastore>, cfg: ScrapeConfig) -> JoinHandle<()> {
             tokio::time::sleep(RECONCILE_EVERY).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::EndpointSpec;
+
+    #[test]
+    fn each_state_change_is_logged_once() {
+        let ep = Endpoint::new(0, EndpointSpec::new("a", ([127, 0, 0, 1], 1).into()));
+        let mut s = ScrapeState::default();
+        let full = EndpointMetrics {
+            waiting_queue: Some(0),
+            running: Some(0),
+            kv_cache_usage: Some(0.0),
+            ..Default::default()
+        };
+        let empty = EndpointMetrics::default();
+        assert!(s.on_success(&ep, &empty), "families absent: logged");
+        assert!(!s.on_success(&ep, &empty), "still absent: quiet");
+        assert!(s.on_success(&ep, &full), "families appeared: logged");
+        let refused = ScrapeError::Connect {
+            url: "u".into(),
+            reason: "refused".into(),
+        };
+        assert!(s.on_failure(&ep, &refused));
+        assert!(!s.on_failure(&ep, &refused), "same failure: quiet");
+        let status = ScrapeError::Status {
+            url: "u".into(),
+            status: 500,
+        };
+        assert!(
+            s.on_failure(&ep, &status),
+            "another kind of failure: logged"
+        );
+        assert_eq!(status.failure(), ScrapeFailure::BadStatus);
+        assert!(s.on_success(&ep, &full), "recovered: logged");
+        assert!(!s.on_success(&ep, &full));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_unreachable_and_a_500_is_a_bad_status() {
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        // A port nobody listens on.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let ep = Endpoint::new(0, EndpointSpec::new("a", addr));
+        let e = scrape_once(&client, &ep, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.failure(), ScrapeFailure::Unreachable, "{e}");
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no") }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let ep = Endpoint::new(1, EndpointSpec::new("b", addr));
+        let e = scrape_once(&client, &ep, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.failure(), ScrapeFailure::BadStatus, "{e}");
+    }
 }

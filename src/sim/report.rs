@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 
 use super::fleet::Summary;
@@ -136,127 +138,162 @@ pub fn plot_cdf(rows: &[&Row], title: &str, path: &Path) -> Result<(), String> {
     root.present().map_err(e)
 }
 
-/// Left: prefix hit rate per policy. Right: each pod's share of the requests per policy (for
-/// more than 10 pods, the busiest and the idlest pod's share over the mean).
+/// Left: prefix hit rate per policy. Right: how the requests were spread — each pod's share
+/// as one segment of a stacked bar per policy (for more than 10 pods, the idlest and the
+/// busiest pod's load over the mean).
 pub fn plot_hits_and_load(rows: &[&Row], title: &str, path: &Path) -> Result<(), String> {
-    let root = SVGBackend::new(path, (1100, 520)).into_drawing_area();
+    let height = 140 + 34 * rows.len() as u32;
+    let root = SVGBackend::new(path, (1100, height.max(360))).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
-    let root = root.titled(title, ("sans-serif", 20)).map_err(e)?;
-    let (left, right) = root.split_horizontally(430);
+    let root = root.titled(title, ("sans-serif", 18)).map_err(e)?;
+    let (left, right) = root.split_horizontally(520);
     hit_bars(rows, &left)?;
-    load_bars(rows, &right)?;
+    if rows.iter().map(|r| r.per_pod.len()).max().unwrap_or(0) <= 10 {
+        share_bars(rows, &right)
+    } else {
+        extreme_bars(rows, &right)
+    }?;
     root.present().map_err(e)
 }
 
-fn policy_axis(names: &[String]) -> impl Fn(&i32) -> String + '_ {
-    move |x| {
-        names
-            .get(*x as usize)
-            .map(|n| n.chars().take(16).collect())
-            .unwrap_or_default()
-    }
+type RowChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, SegmentedCoord<RangedCoordi32>>,
+>;
+
+/// One policy's row, `from..to` along x, with a small gap to the next row.
+fn bar(
+    from: f64,
+    to: f64,
+    y: i32,
+    style: impl Into<ShapeStyle>,
+) -> Rectangle<(f64, SegmentValue<i32>)> {
+    let mut r = Rectangle::new(
+        [
+            (from, SegmentValue::Exact(y)),
+            (to, SegmentValue::Exact(y + 1)),
+        ],
+        style,
+    );
+    r.set_margin(3, 3, 0, 0);
+    r
+}
+
+/// A horizontal bar chart frame with one row per policy (top to bottom), x in `0..x_max`.
+fn policy_rows<'a, 'b>(
+    rows: &[&Row],
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+    x_max: f64,
+    x_desc: &str,
+    labels: bool,
+) -> Result<RowChart<'a, 'b>, String> {
+    let n = rows.len() as i32;
+    let names: Vec<String> = rows.iter().map(|r| r.policy.clone()).collect();
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(if labels { 190 } else { 10 })
+        .caption(caption, ("sans-serif", 14))
+        .build_cartesian_2d(0.0..x_max, (0..n).into_segmented())
+        .map_err(e)?;
+    let label = move |y: &SegmentValue<i32>| match y {
+        SegmentValue::CenterOf(y) if labels => {
+            names.get((n - 1 - y) as usize).cloned().unwrap_or_default()
+        }
+        _ => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(rows.len() + 1)
+        .y_label_formatter(&label)
+        .x_desc(x_desc)
+        .draw()
+        .map_err(e)?;
+    Ok(chart)
 }
 
 fn hit_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
-    let names = policies(rows);
-    let mut chart = ChartBuilder::on(area)
-        .margin(10)
-        .x_label_area_size(90)
-        .y_label_area_size(50)
-        .caption("prefix-cache hit rate", ("sans-serif", 15))
-        .build_cartesian_2d(0..names.len() as i32, 0.0..1.0)
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(names.len())
-        .x_label_formatter(&policy_axis(&names))
-        .x_label_style(
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
-        .draw()
-        .map_err(e)?;
+    let n = rows.len() as i32;
+    let mut chart = policy_rows(
+        rows,
+        area,
+        "prefix-cache hit rate",
+        1.0,
+        "cached prompt tokens / prompt tokens",
+        true,
+    )?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            let x = names.iter().position(|n| *n == r.policy).unwrap_or(i) as i32;
-            Rectangle::new(
-                [(x, 0.0), (x + 1, r.summary.hit_rate)],
-                COLORS[x as usize % COLORS.len()].filled(),
+            let y = n - 1 - i as i32;
+            bar(
+                0.0,
+                r.summary.hit_rate,
+                y,
+                COLORS[i % COLORS.len()].mix(0.85).filled(),
             )
         }))
         .map_err(e)?;
     Ok(())
 }
 
-fn load_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
-    let names = policies(rows);
-    let pods = rows.iter().map(|r| r.per_pod.len()).max().unwrap_or(0);
-    let (series, caption): (Vec<Vec<f64>>, &str) = if pods <= 10 {
-        let shares = rows
-            .iter()
-            .map(|r| {
-                let total = r.per_pod.iter().sum::<usize>().max(1) as f64;
-                r.per_pod.iter().map(|n| *n as f64 / total).collect()
-            })
-            .collect();
-        (shares, "share of requests, per pod")
-    } else {
-        let extremes = rows
-            .iter()
-            .map(|r| {
-                let mean = r.per_pod.iter().sum::<usize>() as f64 / r.per_pod.len().max(1) as f64;
-                let max = *r.per_pod.iter().max().unwrap_or(&0) as f64;
-                let min = *r.per_pod.iter().min().unwrap_or(&0) as f64;
-                vec![min / mean.max(1e-9), max / mean.max(1e-9)]
-            })
-            .collect();
-        (extremes, "idlest and busiest pod / mean")
-    };
-    let width = series.iter().map(Vec::len).max().unwrap_or(1).max(1) as i32;
-    let top = series
-        .iter()
-        .flatten()
-        .fold(0.0f64, |a, b| a.max(*b))
-        .max(0.01)
-        * 1.1;
-    let mut chart = ChartBuilder::on(area)
-        .margin(10)
-        .x_label_area_size(90)
-        .y_label_area_size(50)
-        .caption(caption, ("sans-serif", 15))
-        .build_cartesian_2d(0..names.len() as i32 * (width + 1), 0.0..top)
-        .map_err(e)?;
-    let label = |x: &i32| {
-        if x % (width + 1) == width / 2 {
-            policy_axis(&names)(&(x / (width + 1)))
-        } else {
-            String::new()
-        }
-    };
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(names.len() * (width as usize + 1))
-        .x_label_formatter(&label)
-        .x_label_style(
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
-        .draw()
-        .map_err(e)?;
+fn share_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
+    let n = rows.len() as i32;
+    let mut chart = policy_rows(
+        rows,
+        area,
+        "share of requests per pod (one colour per pod; equal segments = even spread)",
+        1.0,
+        "fraction of requests",
+        false,
+    )?;
     for (i, r) in rows.iter().enumerate() {
-        let base = names.iter().position(|n| *n == r.policy).unwrap_or(i) as i32 * (width + 1);
+        let y = n - 1 - i as i32;
+        let total = r.per_pod.iter().sum::<usize>().max(1) as f64;
+        let mut x = 0.0;
+        let segments: Vec<_> = r
+            .per_pod
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let w = *c as f64 / total;
+                let rect = bar(x, x + w, y, COLORS[k % COLORS.len()].mix(0.75).filled());
+                x += w;
+                rect
+            })
+            .collect();
+        chart.draw_series(segments).map_err(e)?;
+    }
+    Ok(())
+}
+
+fn extreme_bars(rows: &[&Row], area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String> {
+    let n = rows.len() as i32;
+    let ratio = |r: &Row| {
+        let mean = r.per_pod.iter().sum::<usize>() as f64 / r.per_pod.len().max(1) as f64;
+        let max = *r.per_pod.iter().max().unwrap_or(&0) as f64;
+        let min = *r.per_pod.iter().min().unwrap_or(&0) as f64;
+        (min / mean.max(1e-9), max / mean.max(1e-9))
+    };
+    let top = rows.iter().map(|r| ratio(r).1).fold(1.0, f64::max) * 1.1;
+    let mut chart = policy_rows(
+        rows,
+        area,
+        "idlest (light) and busiest (dark) pod's load / mean",
+        top,
+        "requests / mean per pod",
+        false,
+    )?;
+    for (i, r) in rows.iter().enumerate() {
+        let y = n - 1 - i as i32;
+        let (lo, hi) = ratio(r);
         chart
-            .draw_series(series[i].iter().enumerate().map(|(k, v)| {
-                let x = base + k as i32;
-                Rectangle::new(
-                    [(x, 0.0), (x + 1, *v)],
-                    COLORS[k % COLORS.len()].mix(0.8).filled(),
-                )
-            }))
+            .draw_series([
+                bar(0.0, hi, y, COLORS[1].mix(0.85).filled()),
+                bar(0.0, lo, y, COLORS[1].mix(0.35).filled()),
+            ])
             .map_err(e)?;
     }
     Ok(())
