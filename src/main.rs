@@ -17,7 +17,9 @@ use epp::config::env::SchedulerEnv;
 use epp::config::{endpoints_file, picker_config};
 use epp::datastore::Datastore;
 use epp::director::Director;
+use epp::extproc::body::BodyBudget;
 use epp::extproc::{ExtProcService, Limits, Shared};
+use epp::request::ScanLimits;
 use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
 use epp::telemetry::endpoints::EndpointCollector;
@@ -83,6 +85,9 @@ struct Cli {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]
     max_request_body_bytes: usize,
+    /// Request-body bytes held at once across all requests; past it requests get 429.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_inflight_body_bytes: usize,
     /// Leader election across replicas with a Lease (only the leader reports ready);
     /// needs --pool-name.
     #[arg(long)]
@@ -155,12 +160,16 @@ async fn main() -> anyhow::Result<()> {
         scheduler,
         cli.metrics_staleness_threshold,
     ));
-    let service = ExtProcService::new(Shared {
-        director,
-        metrics: Some(metrics),
-        limits: Limits {
-            max_body_bytes: cli.max_request_body_bytes,
+    let limits = Limits {
+        max_body_bytes: cli.max_request_body_bytes,
+        scan: ScanLimits {
+            prompt_cap: director.scheduler.prompt_cap(),
+            ..ScanLimits::default()
         },
+    };
+    let service = ExtProcService::new(Shared {
+        budget: BodyBudget::new(cli.max_inflight_body_bytes),
+        ..Shared::new(director, Some(metrics), limits)
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let health_listener =

@@ -116,17 +116,9 @@ fn streamed(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
     }
 }
 
-/// `body` as streamed_response request-body messages of at most [`MAX_CHUNK`] bytes; the last
-/// carries `end_of_stream` (always at least one message).
-pub fn streamed_request_body(body: &[u8], end_of_stream: bool) -> Vec<ProcessingResponse> {
-    if body.is_empty() {
-        return vec![request_body(streamed(Vec::new(), end_of_stream), None)];
-    }
-    let n = body.len().div_ceil(MAX_CHUNK);
-    body.chunks(MAX_CHUNK)
-        .enumerate()
-        .map(|(i, c)| request_body(streamed(c.to_vec(), end_of_stream && i + 1 == n), None))
-        .collect()
+/// One request-body chunk sent on as a streamed_response.
+pub fn streamed_request_chunk(body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    request_body(streamed(body, end_of_stream), None)
 }
 
 /// One response-body chunk echoed as a streamed_response.
@@ -217,32 +209,6 @@ pub fn immediate(status: u16, message: &str) -> ProcessingResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn body_split_into_bounded_chunks() {
-        let body = vec![7u8; MAX_CHUNK * 2 + 10];
-        let msgs = streamed_request_body(&body, true);
-        assert_eq!(msgs.len(), 3);
-        let mut total = 0;
-        for (i, m) in msgs.iter().enumerate() {
-            let Some(Response::RequestBody(b)) = &m.response else {
-                panic!("not a body response")
-            };
-            let Some(body_mutation::Mutation::StreamedResponse(s)) = b
-                .response
-                .as_ref()
-                .and_then(|c| c.body_mutation.as_ref())
-                .and_then(|m| m.mutation.as_ref())
-            else {
-                panic!("not streamed")
-            };
-            assert!(s.body.len() <= MAX_CHUNK);
-            assert_eq!(s.end_of_stream, i == 2);
-            total += s.body.len();
-        }
-        assert_eq!(total, body.len());
-        assert_eq!(streamed_request_body(&[], true).len(), 1);
-    }
 
     #[test]
     fn immediate_has_json_error() {

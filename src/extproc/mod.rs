@@ -1,6 +1,8 @@
 //! The Envoy ext_proc gRPC service: one [`stream::StreamHandler`] per HTTP request.
 
+pub mod body;
 pub mod messages;
+pub mod response;
 pub mod stream;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
@@ -27,10 +29,13 @@ impl ExtProcService {
         Self { shared }
     }
 
+    /// The tonic server. Messages may carry a whole body (BUFFERED mode): the decoding limit
+    /// is the body limit plus room for the message's other fields, not more.
     pub fn into_server(self) -> ExternalProcessorServer<Self> {
+        let limit = self.shared.limits.max_body_bytes.saturating_add(1 << 20);
         ExternalProcessorServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
     }
 }
 
@@ -54,6 +59,7 @@ impl ExternalProcessor for ExtProcService {
                                 break 'stream;
                             }
                         }
+                        handler.replies_sent();
                         if handler.is_done() {
                             break;
                         }

@@ -1,36 +1,44 @@
 //! The per-request ext_proc state machine (one per gRPC stream), independent of gRPC so it can
-//! be driven message by message in tests.
+//! be driven message by message in tests and by the fuzzer.
 //!
 //! Request side, by the body mode Envoy announces in `protocol_config`:
-//! * `FULL_DUPLEX_STREAMED`: no reply to the headers; body chunks are accumulated until
-//!   end-of-stream (body or trailers); then one RequestHeaders response (destination header,
-//!   Content-Length, `clear_route_cache`, `envoy.lb` metadata) followed by the body as
-//!   streamed_response chunks.
-//! * `BUFFERED` (and other non-duplex modes): headers answered at once with CONTINUE; the
-//!   complete body is answered with the header mutation, the new body if it was rewritten, and
-//!   the metadata.
+//! * `FULL_DUPLEX_STREAMED`: no reply to the headers; body chunks are kept and scanned as they
+//!   arrive until end-of-stream (body or trailers); then one RequestHeaders response
+//!   (destination header, Content-Length, `clear_route_cache`, `envoy.lb` metadata) followed
+//!   by the body as streamed_response chunks (the received buffers, moved).
+//! * `BUFFERED`: headers answered at once with CONTINUE; the body message holds the whole body
+//!   (also when trailers follow it) and is answered with the header mutation, the new body if
+//!   it was rewritten, and the metadata.
+//! * `NONE`, `STREAMED`, `BUFFERED_PARTIAL`: the headers must be answered before the whole body
+//!   can be seen, so the request is routed on load alone right there (the destination header
+//!   is always set — a client-sent one never survives), and body chunks continue unchanged.
+//!   This is logged once per mode: prefix-aware routing needs one of the modes above.
 //! * headers with end-of-stream (no body): routed at once with the headers reply.
 //!
 //! Response side: headers continue unchanged; body chunks are echoed (streamed_response in
-//! FULL_DUPLEX_STREAMED, CONTINUE otherwise) while usage is parsed for metrics; trailers
-//! continue.
+//! `FULL_DUPLEX_STREAMED`, CONTINUE otherwise) while usage is parsed for metrics; trailers
+//! continue. The first response bytes release the request's prefill from the endpoint's load;
+//! the end of the response (or of the stream, however it ends) releases the rest.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
+    BodyMutation, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
+    processing_request::Request,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 
+use super::body::{BodyBudget, BudgetHold, RequestBody};
 use super::messages as msg;
+use super::response::ResponseState;
 use crate::datastore::Reservation;
 use crate::director::{Director, RouteError};
-use crate::request::usage::{Usage, UsageParser};
-use crate::request::{self, Api, LlmRequest};
+use crate::request::{self, Api, LlmRequest, ScanLimits};
 use crate::telemetry::metrics::{ErrorLabels, Metrics, ModelLabels, RunningLabels};
 
 /// Header overriding the model the request is served as.
@@ -41,12 +49,14 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub scan: ScanLimits,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 32 << 20,
+            scan: ScanLimits::default(),
         }
     }
 }
@@ -57,6 +67,19 @@ pub struct Shared {
     pub director: Arc<Director>,
     pub metrics: Option<Arc<Metrics>>,
     pub limits: Limits,
+    /// Process-wide allowance of request-body bytes held at once.
+    pub budget: Arc<BodyBudget>,
+}
+
+impl Shared {
+    pub fn new(director: Arc<Director>, metrics: Option<Arc<Metrics>>, limits: Limits) -> Self {
+        Self {
+            director,
+            metrics,
+            limits,
+            budget: BodyBudget::new(usize::MAX),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -103,14 +126,25 @@ impl Drop for RunningGuard {
     }
 }
 
-#[derive(Debug, Default)]
-struct ResponseInfo {
-    usage: Option<UsageParser>,
-    bytes: usize,
-    first_byte: Option<Instant>,
-    complete: bool,
-    /// `("model":"target")` → `("model":"original")` when the model was rewritten.
-    model_swap: Option<(Vec<u8>, Vec<u8>)>,
+/// Body modes in which epp cannot see the body before it must answer the headers.
+fn routes_at_headers(mode: BodySendMode) -> bool {
+    !matches!(
+        mode,
+        BodySendMode::FullDuplexStreamed | BodySendMode::Buffered
+    )
+}
+
+/// Logs once per process that `mode` limits routing to load alone.
+fn warn_once_about(mode: BodySendMode) {
+    static WARNED: [AtomicBool; 6] = [const { AtomicBool::new(false) }; 6];
+    let i = (mode as usize).min(5);
+    if !WARNED[i].swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            mode = mode.as_str_name(),
+            "Envoy's request body mode hides the body until after routing: requests are routed on \
+             load alone; use FULL_DUPLEX_STREAMED (or BUFFERED) for prefix-aware routing"
+        );
+    }
 }
 
 /// State of one ext_proc stream.
@@ -123,10 +157,12 @@ pub struct StreamHandler {
     mode_known: bool,
     info: RequestInfo,
     subset: Option<Vec<IpAddr>>,
-    body: Vec<u8>,
+    body: Option<RequestBody>,
     body_done: bool,
+    /// Budget of a body whose replies are being sent (released by [`Self::replies_sent`]).
+    hold: Option<BudgetHold>,
     routed: Option<Routed>,
-    response: ResponseInfo,
+    response: ResponseState,
     done: bool,
 }
 
@@ -168,23 +204,6 @@ fn subset_hint(md: &Option<Metadata>) -> Option<Vec<IpAddr>> {
     )
 }
 
-fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
-    let first = haystack.windows(from.len()).position(|w| w == from)?;
-    let mut out = Vec::with_capacity(haystack.len());
-    out.extend_from_slice(&haystack[..first]);
-    let mut rest = &haystack[first..];
-    while !rest.is_empty() {
-        if rest.starts_with(from) {
-            out.extend_from_slice(to);
-            rest = &rest[from.len()..];
-        } else {
-            out.push(rest[0]);
-            rest = &rest[1..];
-        }
-    }
-    Some(out)
-}
-
 impl StreamHandler {
     pub fn new(shared: Shared) -> Self {
         Self {
@@ -195,10 +214,11 @@ impl StreamHandler {
             mode_known: false,
             info: RequestInfo::default(),
             subset: None,
-            body: Vec::new(),
+            body: None,
             body_done: false,
+            hold: None,
             routed: None,
-            response: ResponseInfo::default(),
+            response: ResponseState::default(),
             done: false,
         }
     }
@@ -206,6 +226,11 @@ impl StreamHandler {
     /// True once an immediate response was sent: the stream should end.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// The replies of the last message were sent: the body they carried is no longer held.
+    pub fn replies_sent(&mut self) {
+        self.hold = None;
     }
 
     /// Handles one message from Envoy; returns the replies to send (possibly none yet).
@@ -234,7 +259,10 @@ impl StreamHandler {
             Request::RequestTrailers(_) => self.on_request_trailers(),
             Request::ResponseHeaders(h) => self.on_response_headers(h),
             Request::ResponseBody(b) => self.on_response_body(b),
-            Request::ResponseTrailers(_) => vec![msg::response_trailers()],
+            Request::ResponseTrailers(_) => {
+                self.response_ended();
+                vec![msg::response_trailers()]
+            }
         }
     }
 
@@ -243,29 +271,31 @@ impl StreamHandler {
     }
 
     fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        if self.routed.is_some() || self.body.is_some() || self.body_done {
+            return Vec::new(); // a second headers message: ignored
+        }
         self.info = RequestInfo {
             path: header_value(&h.headers, ":path").unwrap_or_default(),
             request_id: header_value(&h.headers, REQUEST_ID_HEADER),
             model_rewrite: header_value(&h.headers, MODEL_REWRITE_HEADER).filter(|m| !m.is_empty()),
         };
-        if h.end_of_stream {
-            // No body (e.g. GET /v1/models): route on load alone.
+        if h.end_of_stream || routes_at_headers(self.request_mode) {
+            if !h.end_of_stream {
+                warn_once_about(self.request_mode);
+            }
+            // No body to see (e.g. GET /v1/models, or a body mode that hides it): route on
+            // load alone, and always set the destination.
             self.body_done = true;
-            let request = LlmRequest {
-                request_id: self.request_id(),
-                ..Default::default()
-            };
-            return match self.route(request) {
-                Ok(dest) => {
-                    let common = msg::routing_common(&dest, None, &[]);
-                    vec![msg::request_headers(
-                        common,
-                        Some(msg::destination_metadata(&dest)),
-                    )]
-                }
-                Err((status, message)) => self.fail(status, &message),
-            };
+            return self.route_without_body();
         }
+        let api = Api::from_path(&self.info.path);
+        let limits = self.shared.limits;
+        self.body = Some(RequestBody::new(
+            api,
+            limits.scan,
+            limits.max_body_bytes,
+            self.shared.budget.clone(),
+        ));
         if self.duplex() {
             Vec::new()
         } else {
@@ -273,24 +303,45 @@ impl StreamHandler {
         }
     }
 
+    fn route_without_body(&mut self) -> Vec<ProcessingResponse> {
+        let request = LlmRequest {
+            request_id: self.request_id(),
+            ..Default::default()
+        };
+        match self.route(request, 0) {
+            Ok(dest) => {
+                let common = msg::routing_common(&dest, None, &[]);
+                vec![msg::request_headers(
+                    common,
+                    Some(msg::destination_metadata(&dest)),
+                )]
+            }
+            Err((status, message)) => self.fail(status, &message),
+        }
+    }
+
     fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
         if self.body_done {
-            return Vec::new();
-        }
-        if self.body.len() + b.body.len() > self.shared.limits.max_body_bytes {
-            let limit = self.shared.limits.max_body_bytes;
-            return self.fail(413, &format!("request body exceeds {limit} bytes"));
-        }
-        self.body.extend_from_slice(&b.body);
-        if !b.end_of_stream {
+            // Routed at the headers (STREAMED, BUFFERED_PARTIAL) or a stray chunk.
             return if self.duplex() {
                 Vec::new()
             } else {
                 vec![msg::continue_request_body()]
             };
         }
-        self.body_done = true;
-        self.complete_request(true)
+        let Some(body) = self.body.as_mut() else {
+            return self.fail(500, "request body before its headers");
+        };
+        if let Err(e) = body.push(b.body) {
+            return self.fail(e.status(), &e.to_string());
+        }
+        // BUFFERED sends the whole body in one message (end_of_stream is false only when
+        // trailers follow).
+        if b.end_of_stream || !self.duplex() {
+            self.body_done = true;
+            return self.complete_request(b.end_of_stream);
+        }
+        Vec::new()
     }
 
     fn on_request_trailers(&mut self) -> Vec<ProcessingResponse> {
@@ -306,57 +357,57 @@ impl StreamHandler {
         out
     }
 
-    /// The whole body is here: parse, route, and build the replies.
+    /// The whole body is here: route, and build the replies.
     fn complete_request(&mut self, body_end_of_stream: bool) -> Vec<ProcessingResponse> {
-        let api = Api::from_path(&self.info.path);
-        let mut request = match request::parse(api, &self.body) {
-            Ok(r) => r,
-            Err(e) => return self.fail(400, &e.to_string()),
+        let Some(mut body) = self.body.take() else {
+            return self.fail(500, "no request body");
         };
+        let scanned = match body.finish() {
+            Ok(s) => s,
+            Err(e) => return self.fail(e.status(), &e.to_string()),
+        };
+        let span = scanned.model_span;
+        let mut request = LlmRequest::from_scanned(scanned);
         request.request_id = self.request_id();
-        let mut body_out: Option<Vec<u8>> = None;
+        let mut rewritten: Option<Vec<u8>> = None;
         if let Some(target) = self.info.model_rewrite.clone()
             && target != request.model
         {
-            match request::rewrite_model(&self.body, &target) {
-                Ok(b) => body_out = Some(b),
-                Err(e) => return self.fail(400, &e.to_string()),
-            }
-            self.response.model_swap = Some((
-                format!("\"model\":\"{target}\"").into_bytes(),
-                format!("\"model\":\"{}\"", request.model).into_bytes(),
-            ));
+            let Some(span) = span else {
+                return self.fail(400, "cannot rewrite a model that is not a top-level string");
+            };
+            rewritten = Some(request::rewrite_model(body.chunks(), span, &target));
+            self.response.swap_model(&target, &request.model);
             request.target_model = target;
         }
         let id = request.request_id.clone();
-        let dest = match self.route(request) {
+        let body_len = rewritten.as_ref().map_or(body.len(), Vec::len);
+        let dest = match self.route(request, body.len()) {
             Ok(d) => d,
             Err((status, message)) => return self.fail(status, &message),
         };
-        let body = body_out.unwrap_or_else(|| std::mem::take(&mut self.body));
-        let generated_id = self.info.request_id.is_none();
-        let extra: Vec<(&str, &[u8])> = if generated_id {
+        let extra: Vec<(&str, &[u8])> = if self.info.request_id.is_none() {
             vec![(REQUEST_ID_HEADER, id.as_bytes())]
         } else {
             Vec::new()
         };
-        let common = msg::routing_common(&dest, Some(body.len()), &extra);
+        let mut common = msg::routing_common(&dest, Some(body_len), &extra);
         let metadata = Some(msg::destination_metadata(&dest));
         if self.duplex() {
+            let (chunks, hold) = body.into_messages(rewritten, body_end_of_stream);
+            self.hold = Some(hold);
             let mut out = vec![msg::request_headers(common, metadata)];
-            out.extend(msg::streamed_request_body(&body, body_end_of_stream));
-            out
-        } else {
-            let mut common = common;
-            if self.response.model_swap.is_some() {
-                common.body_mutation = Some(envoy_types::pb::envoy::service::ext_proc::v3::BodyMutation {
-                    mutation: Some(
-                        envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation::Body(body),
-                    ),
-                });
-            }
-            vec![msg::request_body(common, metadata)]
+            out.extend(chunks);
+            return out;
         }
+        let (_, hold) = body.into_bytes();
+        self.hold = Some(hold);
+        if let Some(new_body) = rewritten {
+            common.body_mutation = Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(new_body)),
+            });
+        }
+        vec![msg::request_body(common, metadata)]
     }
 
     fn request_id(&self) -> String {
@@ -367,7 +418,7 @@ impl StreamHandler {
     }
 
     /// Routes the request; on success remembers it and returns the destination.
-    fn route(&mut self, request: LlmRequest) -> Result<String, (u16, String)> {
+    fn route(&mut self, request: LlmRequest, body_len: usize) -> Result<String, (u16, String)> {
         let started = Instant::now();
         let result = self.shared.director.route(&request, self.subset.as_deref());
         if let Some(m) = &self.shared.metrics {
@@ -388,7 +439,7 @@ impl StreamHandler {
                     m.request_total.get_or_create(&labels).inc();
                     m.request_sizes
                         .get_or_create(&labels)
-                        .observe(self.body.len() as f64);
+                        .observe(body_len as f64);
                     RunningGuard::new(m.clone(), &request.model)
                 });
                 self.routed = Some(Routed {
@@ -418,33 +469,28 @@ impl StreamHandler {
         }
     }
 
+    /// Ends the request with an immediate response (logged once, by severity).
     fn fail(&mut self, status: u16, message: &str) -> Vec<ProcessingResponse> {
-        tracing::debug!(status, message, "immediate response");
-        if status == 400 || status == 413 {
+        match status {
+            500.. => tracing::warn!(status, message, path = %self.info.path, "request failed"),
+            429 => tracing::info!(status, message, "request refused"),
+            _ => tracing::debug!(status, message, path = %self.info.path, "bad request"),
+        }
+        if matches!(status, 400 | 413) || (status == 429 && self.routed.is_none()) {
             self.count_error(&LlmRequest::default(), status);
         }
         self.done = true;
+        self.body = None;
         vec![msg::immediate(status, message)]
     }
 
     fn on_response_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
         let content_type = header_value(&h.headers, "content-type");
-        self.response.usage = Some(UsageParser::new(content_type.as_deref()));
+        self.response.headers(content_type.as_deref());
         if h.end_of_stream {
             self.response_ended();
         }
         vec![msg::continue_response_headers()]
-    }
-
-    /// The model server's first bytes mean the prompt was computed: its prefill work leaves the
-    /// endpoint's queue in epp's accounting.
-    fn first_response_bytes(&mut self) {
-        if self.response.first_byte.is_none() {
-            self.response.first_byte = Some(Instant::now());
-            if let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut()) {
-                r.prefill_done();
-            }
-        }
     }
 
     /// The response is complete: the request no longer loads its endpoint.
@@ -456,24 +502,17 @@ impl StreamHandler {
     }
 
     fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
-        if !b.body.is_empty() {
-            self.first_response_bytes();
+        let (body, first) = self.response.chunk(b.body);
+        if first && let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut()) {
+            // The model server's first bytes mean the prompt was computed.
+            r.prefill_done();
         }
-        self.response.bytes += b.body.len();
-        self.response
-            .usage
-            .get_or_insert_with(|| UsageParser::new(None))
-            .push(&b.body);
         if b.end_of_stream {
             self.response_ended();
         }
         if self.response_mode != BodySendMode::FullDuplexStreamed {
             return vec![msg::continue_response_body()];
         }
-        let body = match &self.response.model_swap {
-            Some((from, to)) => replace_all(&b.body, from, to).unwrap_or(b.body),
-            None => b.body,
-        };
         vec![msg::streamed_response_body(body, b.end_of_stream)]
     }
 
@@ -501,8 +540,7 @@ impl StreamHandler {
         m.response_sizes
             .get_or_create(&labels)
             .observe(self.response.bytes as f64);
-        let usage: Option<Usage> = self.response.usage.as_mut().and_then(|u| u.finish());
-        if let Some(u) = usage {
+        if let Some(u) = self.response.usage() {
             m.input_tokens
                 .get_or_create(&labels)
                 .observe(u.prompt_tokens as f64);
@@ -566,11 +604,7 @@ mod tests {
             Arc::new(SchedulerEnv::default().build()),
             Duration::from_secs(2),
         );
-        StreamHandler::new(Shared {
-            director: Arc::new(director),
-            metrics: None,
-            limits: Limits::default(),
-        })
+        StreamHandler::new(Shared::new(Arc::new(director), None, Limits::default()))
     }
 
     fn headers(path: &str, end_of_stream: bool, mode: BodySendMode) -> ProcessingRequest {
@@ -748,19 +782,5 @@ mod tests {
             panic!()
         };
         assert_eq!(r.status.unwrap().code, 503);
-    }
-
-    #[test]
-    fn model_swap_replaces_every_occurrence() {
-        assert_eq!(
-            replace_all(
-                b"a\"model\":\"x\"b\"model\":\"x\"",
-                b"\"model\":\"x\"",
-                b"\"model\":\"yy\""
-            )
-            .unwrap(),
-            b"a\"model\":\"yy\"b\"model\":\"yy\"".to_vec()
-        );
-        assert_eq!(replace_all(b"nothing", b"zz", b"y"), None);
     }
 }

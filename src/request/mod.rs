@@ -1,23 +1,30 @@
 //! OpenAI-style request bodies: which API, which model, and the exact prompt bytes that are
 //! hashed into prefix blocks.
 //!
+//! Bodies are read by a streaming scanner ([`scan`]) that validates the JSON and keeps only
+//! what routing needs; the prompt is rendered only as far as the hasher reads
+//! ([`scan::ScanLimits::prompt_cap`]), its full length counted.
+//!
 //! # Prompt bytes
 //!
 //! | API (`:path` suffix) | bytes hashed |
 //! |---|---|
 //! | `/completions` | `prompt` as UTF-8; an array of strings joined by `" "`; token ids (or arrays of them) as little-endian `u32`s |
-//! | `/chat/completions` | for `tools` (if any): `<\|tools\|>\n` + the tools' JSON + `\n`; then for each message in order: `<\|role\|>\n` + content + `\n`, where content is the string, or the parts in order (text parts' text, an image part as `<image:URL>`, any other part as its JSON), followed by `tool_calls` JSON if present |
-//! | `/responses` | `instructions` + `\n` (if any), then `input` as a string, or its items rendered like chat messages |
+//! | `/chat/completions` | for `tools` (if any): `<\|tools\|>\n` + the tools' JSON + `\n`; then for each message in order: `<\|role\|>\n` + content + `\n`, where content is the string, or the parts in order (text parts' text, a string part itself, an image part as `<image:URL>`; other parts add nothing), or any other value's JSON; followed by `tool_calls` JSON if present |
+//! | `/responses` | `instructions` + `\n` (if any), then `input` as a string, or its items rendered like chat messages (an item without a role as `user`) |
 //! | `/embeddings` | `input` like a completions prompt |
 //!
-//! The chat rendering mirrors what a chat template does (role markers, messages in order, tools
-//! first), so two conversations that share a system prompt and early turns share leading blocks.
-//! Unknown paths are treated as completions.
+//! "JSON" above is the value as sent with the whitespace between tokens removed. String content
+//! is the decoded string (escapes resolved). The chat rendering mirrors what a chat template
+//! does (role markers, messages in order, tools first), so two conversations that share a
+//! system prompt and early turns share leading blocks. Unknown paths are treated as
+//! completions.
 
+pub mod render;
+pub mod scan;
 pub mod usage;
 
-use serde::Deserialize;
-use serde_json::Value;
+pub use scan::{BodyScanner, ScanLimits, Scanned};
 
 /// The OpenAI API a request targets, from the `:path` suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,14 +53,26 @@ impl Api {
 /// Why a body cannot be scheduled; each maps to a 400 with this message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    #[error("request body is empty")]
+    EmptyBody,
     #[error("request body is not valid JSON: {0}")]
     NotJson(String),
+    #[error("request body is not valid UTF-8 (at byte {0})")]
+    InvalidUtf8(usize),
     #[error("request body must be a JSON object")]
     NotObject,
+    #[error("request body nests deeper than {0} levels (at byte {1})")]
+    TooDeep(usize, usize),
+    #[error("duplicate key \"{0}\"")]
+    DuplicateKey(&'static str),
     #[error("missing required field \"model\"")]
     MissingModel,
     #[error("field \"model\" must be a string")]
     ModelNotString,
+    #[error("field \"model\" must not be empty")]
+    ModelEmpty,
+    #[error("field \"model\" is longer than {0} bytes")]
+    ModelTooLong(usize),
     #[error("chat completions request must have a \"messages\" array")]
     MissingMessages,
     #[error("completions request must have a \"prompt\"")]
@@ -70,8 +89,10 @@ pub struct LlmRequest {
     pub model: String,
     /// The model the request is served as (the body's, unless a rewrite header overrides it).
     pub target_model: String,
-    /// Bytes hashed into prefix blocks (see the module docs).
+    /// Bytes hashed into prefix blocks (see the module docs), up to the hasher's limit.
     pub prompt: Vec<u8>,
+    /// The full rendered prompt's length (≥ `prompt.len()`); 0 means `prompt.len()`.
+    pub prompt_total: usize,
     pub stream: bool,
     pub cache_salt: Option<String>,
     /// Negative priorities are sheddable; 0 (the default) is critical.
@@ -82,248 +103,61 @@ pub struct LlmRequest {
 }
 
 impl LlmRequest {
-    /// Length of the rendered prompt in bytes.
+    /// Length of the rendered prompt in bytes (all of it, not only what is kept).
     pub fn prompt_len(&self) -> usize {
-        self.prompt.len()
+        self.prompt_total.max(self.prompt.len())
+    }
+
+    /// The request described by a scanned body.
+    pub fn from_scanned(s: Scanned) -> Self {
+        LlmRequest {
+            request_id: String::new(),
+            target_model: s.model.clone(),
+            model: s.model,
+            prompt: s.prompt,
+            prompt_total: s.prompt_len,
+            stream: s.stream,
+            cache_salt: s.cache_salt,
+            priority: 0,
+            max_tokens: s.max_tokens,
+        }
     }
 }
 
-#[derive(Deserialize)]
-struct Common {
-    model: Option<Value>,
-    #[serde(default)]
-    stream: Option<Value>,
-    #[serde(default)]
-    cache_salt: Option<Value>,
-    #[serde(default)]
-    prompt: Option<Value>,
-    #[serde(default)]
-    messages: Option<Value>,
-    #[serde(default)]
-    tools: Option<Value>,
-    #[serde(default)]
-    input: Option<Value>,
-    #[serde(default)]
-    instructions: Option<Value>,
-    #[serde(default)]
-    max_tokens: Option<Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<Value>,
-    #[serde(default)]
-    max_output_tokens: Option<Value>,
-}
-
-/// Parses a request body for `api`.
+/// Parses a complete request body for `api` with the default limits.
 pub fn parse(api: Api, body: &[u8]) -> Result<LlmRequest, RequestError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first.is_some_and(|b| *b != b'{') {
-        return match serde_json::from_slice::<Value>(body) {
-            Ok(_) => Err(RequestError::NotObject),
-            Err(e) => Err(RequestError::NotJson(e.to_string())),
-        };
+    parse_with(api, body, ScanLimits::default())
+}
+
+/// Parses a complete request body for `api`.
+pub fn parse_with(api: Api, body: &[u8], limits: ScanLimits) -> Result<LlmRequest, RequestError> {
+    let mut scanner = BodyScanner::new(api, limits);
+    scanner.feed(body)?;
+    scanner.finish().map(LlmRequest::from_scanned)
+}
+
+/// The body with its top-level `model` value (at `span`, quotes included, as found by the
+/// scanner) replaced by `model`, from the body's chunks. Nothing else changes.
+pub fn rewrite_model(chunks: &[impl AsRef<[u8]>], span: (usize, usize), model: &str) -> Vec<u8> {
+    let total: usize = chunks.iter().map(|c| c.as_ref().len()).sum();
+    let quoted = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut out = Vec::with_capacity(total + quoted.len());
+    let mut pos = 0;
+    let mut inserted = false;
+    for c in chunks {
+        let c = c.as_ref();
+        let (start, end) = (pos, pos + c.len());
+        let before = span.0.clamp(start, end) - start;
+        let after = (span.1.clamp(start, end) - start).max(before);
+        out.extend_from_slice(&c[..before]);
+        if !inserted && start + before == span.0 {
+            out.extend_from_slice(quoted.as_bytes());
+            inserted = true;
+        }
+        out.extend_from_slice(&c[after..]);
+        pos = end;
     }
-    let c: Common =
-        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
-    let model = match c.model {
-        None | Some(Value::Null) => return Err(RequestError::MissingModel),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(RequestError::ModelNotString),
-    };
-    let stream = match c.stream {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => {
-            return Err(RequestError::InvalidField {
-                field: "stream",
-                reason: "must be a boolean".into(),
-            });
-        }
-    };
-    let cache_salt = match c.cache_salt {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(_) => {
-            return Err(RequestError::InvalidField {
-                field: "cache_salt",
-                reason: "must be a string".into(),
-            });
-        }
-    };
-    let mut prompt = Vec::new();
-    match api {
-        Api::Completions => match &c.prompt {
-            None | Some(Value::Null) => return Err(RequestError::MissingPrompt),
-            Some(p) => render_prompt(p, "prompt", &mut prompt)?,
-        },
-        Api::Embeddings => match &c.input {
-            None | Some(Value::Null) => {
-                return Err(RequestError::InvalidField {
-                    field: "input",
-                    reason: "embeddings request must have an \"input\"".into(),
-                });
-            }
-            Some(p) => render_prompt(p, "input", &mut prompt)?,
-        },
-        Api::ChatCompletions => {
-            let Some(Value::Array(messages)) = &c.messages else {
-                return Err(RequestError::MissingMessages);
-            };
-            if let Some(tools) = c.tools.as_ref().filter(|t| !t.is_null()) {
-                prompt.extend_from_slice(b"<|tools|>\n");
-                push_json(tools, &mut prompt);
-                prompt.push(b'\n');
-            }
-            render_messages(messages, "messages", &mut prompt)?;
-        }
-        Api::Responses => {
-            match &c.instructions {
-                Some(Value::String(s)) => {
-                    prompt.extend_from_slice(s.as_bytes());
-                    prompt.push(b'\n');
-                }
-                None | Some(Value::Null) => {}
-                Some(_) => {
-                    return Err(RequestError::InvalidField {
-                        field: "instructions",
-                        reason: "must be a string".into(),
-                    });
-                }
-            }
-            match &c.input {
-                Some(Value::String(s)) => prompt.extend_from_slice(s.as_bytes()),
-                Some(Value::Array(items)) => render_messages(items, "input", &mut prompt)?,
-                None | Some(Value::Null) => {}
-                Some(_) => {
-                    return Err(RequestError::InvalidField {
-                        field: "input",
-                        reason: "must be a string or an array".into(),
-                    });
-                }
-            }
-        }
-    }
-    let max_tokens = [
-        &c.max_tokens,
-        &c.max_completion_tokens,
-        &c.max_output_tokens,
-    ]
-    .into_iter()
-    .find_map(|v| v.as_ref().and_then(Value::as_u64));
-    Ok(LlmRequest {
-        request_id: String::new(),
-        target_model: model.clone(),
-        model,
-        prompt,
-        stream,
-        cache_salt,
-        priority: 0,
-        max_tokens,
-    })
-}
-
-/// Completions `prompt` / embeddings `input`: string, strings, token ids, or batches of ids.
-fn render_prompt(p: &Value, field: &'static str, out: &mut Vec<u8>) -> Result<(), RequestError> {
-    let invalid = || RequestError::InvalidField {
-        field,
-        reason: "must be a string, an array of strings, or an array of token ids".into(),
-    };
-    match p {
-        Value::String(s) => out.extend_from_slice(s.as_bytes()),
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                match item {
-                    Value::String(s) => {
-                        if i > 0 {
-                            out.push(b' ');
-                        }
-                        out.extend_from_slice(s.as_bytes());
-                    }
-                    Value::Number(_) => push_token(item, out).ok_or_else(invalid)?,
-                    Value::Array(ids) => {
-                        for id in ids {
-                            push_token(id, out).ok_or_else(invalid)?;
-                        }
-                    }
-                    _ => return Err(invalid()),
-                }
-            }
-        }
-        _ => return Err(invalid()),
-    }
-    Ok(())
-}
-
-fn push_token(v: &Value, out: &mut Vec<u8>) -> Option<()> {
-    let id = u32::try_from(v.as_u64()?).ok()?;
-    out.extend_from_slice(&id.to_le_bytes());
-    Some(())
-}
-
-fn push_json(v: &Value, out: &mut Vec<u8>) {
-    // Serializing a Value into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, v);
-}
-
-/// Chat `messages` (or Responses `input` items): `<|role|>\n` + content + `\n` each.
-fn render_messages(
-    messages: &[Value],
-    field: &'static str,
-    out: &mut Vec<u8>,
-) -> Result<(), RequestError> {
-    for m in messages {
-        let Value::Object(m) = m else {
-            return Err(RequestError::InvalidField {
-                field,
-                reason: "every message must be an object".into(),
-            });
-        };
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        out.extend_from_slice(b"<|");
-        out.extend_from_slice(role.as_bytes());
-        out.extend_from_slice(b"|>\n");
-        match m.get("content") {
-            Some(Value::String(s)) => out.extend_from_slice(s.as_bytes()),
-            Some(Value::Array(parts)) => {
-                for part in parts {
-                    render_part(part, out);
-                }
-            }
-            None | Some(Value::Null) => {}
-            Some(other) => push_json(other, out),
-        }
-        if let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) {
-            push_json(calls, out);
-        }
-        out.push(b'\n');
-    }
-    Ok(())
-}
-
-fn render_part(part: &Value, out: &mut Vec<u8>) {
-    if let Some(text) = part.get("text").and_then(Value::as_str) {
-        out.extend_from_slice(text.as_bytes());
-    } else if let Some(url) = part
-        .get("image_url")
-        .and_then(|u| u.get("url").or(Some(u)))
-        .and_then(Value::as_str)
-    {
-        out.extend_from_slice(b"<image:");
-        out.extend_from_slice(url.as_bytes());
-        out.push(b'>');
-    } else if let Value::String(s) = part {
-        out.extend_from_slice(s.as_bytes());
-    } else {
-        push_json(part, out);
-    }
-}
-
-/// Replaces the top-level `"model"` of a JSON body (used when a rewrite header names another
-/// target model). Other fields keep their values; key order may change.
-pub fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, RequestError> {
-    let mut v: serde_json::Map<String, Value> =
-        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
-    v.insert("model".into(), Value::String(model.to_owned()));
-    serde_json::to_vec(&v).map_err(|e| RequestError::NotJson(e.to_string()))
+    out
 }
 
 #[cfg(test)]
@@ -459,10 +293,220 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_model_replaces_only_model() {
-        let out = rewrite_model(br#"{"model":"a","prompt":"p"}"#, "b").unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["model"], "b");
-        assert_eq!(v["prompt"], "p");
+    fn rewrite_model_replaces_only_model_across_chunks() {
+        let body = br#"{"prompt":"p","model":"a-model","x":1}"#;
+        let mut scanner = BodyScanner::new(Api::Completions, ScanLimits::default());
+        scanner.feed(body).unwrap();
+        let span = scanner.finish().unwrap().model_span.unwrap();
+        for split in 0..body.len() {
+            let chunks = [&body[..split], &body[split..]];
+            let out = rewrite_model(&chunks, span, "b\"q");
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["model"], "b\"q", "split at {split}");
+            assert_eq!(v["prompt"], "p");
+            assert_eq!(v["x"], 1);
+        }
+    }
+
+    fn chunked(api: Api, body: &[u8], size: usize) -> Result<LlmRequest, RequestError> {
+        let mut scanner = BodyScanner::new(api, ScanLimits::default());
+        for c in body.chunks(size.max(1)) {
+            scanner.feed(c)?;
+        }
+        scanner.finish().map(LlmRequest::from_scanned)
+    }
+
+    const BODIES: &[(Api, &str)] = &[
+        (
+            Api::ChatCompletions,
+            r#"{ "messages" : [ {"content":"caf\u00e9 \ud83d\ude00 \"q\"\n","role":"system"},
+               {"role":"user","content":[{"type":"text","text":"h\u0069"},"raw",
+               {"type":"image_url","image_url":"http://x/y.png"}],"tool_calls":[{"id":"c1","f":{"a":[1,2.5e3,true,null]}}]},
+               {"role":"assistant","content":{"k":"v w"}} ],
+               "tools":[ {"type": "function", "name":"f"} ], "model" : "m\u00fc", "stream":true,
+               "max_tokens": 99, "cache_salt":"s" }"#,
+        ),
+        (
+            Api::Completions,
+            r#"{"model":"m","prompt":["a","b",[1,2],300],"max_completion_tokens":5,"extra":{"deep":[[[]]]}}"#,
+        ),
+        (
+            Api::Responses,
+            r#"{"input":[{"type":"message","content":[{"type":"input_text","text":"x"}]}],"model":"m","instructions":"be nice"}"#,
+        ),
+    ];
+
+    #[test]
+    fn any_chunking_gives_the_same_result() {
+        for (api, body) in BODIES {
+            let whole = parse(*api, body.as_bytes()).unwrap();
+            for size in [1, 2, 3, 7, 64] {
+                assert_eq!(
+                    chunked(*api, body.as_bytes(), size).unwrap(),
+                    whole,
+                    "{size}"
+                );
+            }
+        }
+        let chat = parse(BODIES[0].0, BODIES[0].1.as_bytes()).unwrap();
+        assert_eq!(
+            String::from_utf8(chat.prompt).unwrap(),
+            "<|tools|>\n[{\"type\":\"function\",\"name\":\"f\"}]\n\
+             <|system|>\ncafé 😀 \"q\"\n\n\
+             <|user|>\nhiraw<image:http://x/y.png>[{\"id\":\"c1\",\"f\":{\"a\":[1,2.5e3,true,null]}}]\n\
+             <|assistant|>\n{\"k\":\"v w\"}\n"
+        );
+        assert_eq!(chat.model, "mü");
+        assert!(chat.stream);
+        assert_eq!(chat.max_tokens, Some(99));
+        let c = parse(BODIES[1].0, BODIES[1].1.as_bytes()).unwrap();
+        let mut want = b"a b".to_vec();
+        for id in [1u32, 2, 300] {
+            want.extend_from_slice(&id.to_le_bytes());
+        }
+        assert_eq!(c.prompt, want);
+        assert_eq!(c.max_tokens, Some(5));
+        let r = parse(BODIES[2].0, BODIES[2].1.as_bytes()).unwrap();
+        assert_eq!(r.prompt, b"be nice\n<|user|>\nx\n");
+    }
+
+    #[test]
+    fn the_prompt_is_kept_up_to_the_cap_and_counted_in_full() {
+        let text = "y".repeat(100_000);
+        let body = format!(r#"{{"model":"m","prompt":"{text}"}}"#);
+        let limits = ScanLimits {
+            max_depth: 8,
+            prompt_cap: 1000,
+        };
+        let r = parse_with(Api::Completions, body.as_bytes(), limits).unwrap();
+        assert_eq!((r.prompt.len(), r.prompt_len()), (1000, 100_000));
+    }
+
+    #[test]
+    fn bad_bodies_are_named() {
+        let cases: &[(Api, &str, &str)] = &[
+            (Api::Completions, "", "empty"),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"x"} extra"#,
+                "trailing",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"x","#,
+                "not valid JSON",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","model":"n","prompt":"x"}"#,
+                "duplicate key \"model\"",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"","prompt":"x"}"#,
+                "must not be empty",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":""}"#,
+                "must not be empty",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":{"a":1}}"#,
+                "prompt",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":[4294967296]}"#,
+                "token ids",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"x","n":01}"#,
+                "invalid number",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"a\qb"}"#,
+                "invalid escape",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"\ud800x"}"#,
+                "surrogate",
+            ),
+            (
+                Api::Completions,
+                "{\"model\":\"m\",\"prompt\":\"a\tb\"}",
+                "control character",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"x","b":tru}"#,
+                "invalid literal",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":[]}"#,
+                "must not be empty",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":{}}"#,
+                "messages",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":["x"]}"#,
+                "must be an object",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":[{"content":"x"}]}"#,
+                "no \"role\"",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                "unknown role",
+            ),
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":[{"role":"user","role":"user"}]}"#,
+                "duplicate key \"role\"",
+            ),
+        ];
+        for (api, body, want) in cases {
+            let e = p(*api, body).unwrap_err().to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        let long = format!(r#"{{"model":"{}","prompt":"x"}}"#, "m".repeat(300));
+        assert_eq!(
+            p(Api::Completions, &long),
+            Err(RequestError::ModelTooLong(256))
+        );
+        let deep = format!(
+            r#"{{"model":"m","prompt":"x","d":{}{}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(matches!(
+            p(Api::Completions, &deep),
+            Err(RequestError::TooDeep(64, _))
+        ));
+        let mut bad = br#"{"model":"m","prompt":"ab"#.to_vec();
+        bad.extend_from_slice(&[0xff, 0xfe]);
+        bad.extend_from_slice(br#""}"#);
+        assert!(matches!(
+            parse(Api::Completions, &bad),
+            Err(RequestError::InvalidUtf8(_))
+        ));
+        // A multi-byte character split across chunks is fine.
+        let ok = r#"{"model":"m","prompt":"é€😀"}"#.as_bytes();
+        assert_eq!(
+            chunked(Api::Completions, ok, 1).unwrap().prompt,
+            "é€😀".as_bytes()
+        );
     }
 }

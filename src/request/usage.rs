@@ -1,13 +1,15 @@
 //! Token usage from model-server responses, for epp's metrics.
 //!
-//! JSON bodies are parsed once complete (bounded); SSE bodies (`text/event-stream`) are scanned
-//! line by line for `data: {...}` events carrying `usage` (the last one wins), `[DONE]` skipped,
-//! lines split across chunks reassembled.
+//! JSON bodies: only the last 64 KiB are kept (servers put `usage` at the end), and the value
+//! of the last `"usage"` key found there is parsed when the body ends. SSE bodies
+//! (`text/event-stream`): each chunk is scanned for line ends with `memchr`; only `data:`
+//! lines containing `"usage"` are parsed (the last one wins), `[DONE]` skipped, a line split
+//! across chunks reassembled (the only copy, bounded). Counts saturate instead of overflowing.
 
 use serde::Deserialize;
 
-/// Largest response (or single SSE line) buffered for usage parsing; larger ones are skipped.
-const MAX_BUFFERED: usize = 4 << 20;
+/// Largest tail of a JSON body, or single SSE line, kept for usage parsing.
+const MAX_BUFFERED: usize = 64 << 10;
 
 /// Token counts reported by the model server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,11 +18,6 @@ pub struct Usage {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cached_tokens: u64,
-}
-
-#[derive(Deserialize)]
-struct Envelope {
-    usage: Option<RawUsage>,
 }
 
 #[derive(Deserialize)]
@@ -39,14 +36,18 @@ struct Details {
     cached_tokens: Option<u64>,
 }
 
-fn parse_usage(json: &[u8]) -> Option<Usage> {
-    let raw = serde_json::from_slice::<Envelope>(json).ok()?.usage?;
+/// Parses the JSON value starting at `json` (trailing bytes ignored) as a usage object.
+fn usage_value(json: &[u8]) -> Option<Usage> {
+    let mut values = serde_json::Deserializer::from_slice(json).into_iter::<RawUsage>();
+    let raw = values.next()?.ok()?;
     let prompt = raw.prompt_tokens.or(raw.input_tokens).unwrap_or(0);
     let completion = raw.completion_tokens.or(raw.output_tokens).unwrap_or(0);
     Some(Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
-        total_tokens: raw.total_tokens.unwrap_or(prompt + completion),
+        total_tokens: raw
+            .total_tokens
+            .unwrap_or(prompt.saturating_add(completion)),
         cached_tokens: raw
             .prompt_tokens_details
             .or(raw.input_tokens_details)
@@ -55,12 +56,22 @@ fn parse_usage(json: &[u8]) -> Option<Usage> {
     })
 }
 
+/// The usage in `json`: the value of its last `"usage"` key.
+fn find_usage(json: &[u8]) -> Option<Usage> {
+    let at = memchr::memmem::rfind(json, b"\"usage\"")?;
+    let rest = &json[at + 7..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    usage_value(rest[colon + 1..].trim_ascii_start())
+}
+
 /// Incremental usage parser for one response body.
 #[derive(Debug, Default)]
 pub struct UsageParser {
     sse: bool,
     buf: Vec<u8>,
-    overflow: bool,
     usage: Option<Usage>,
 }
 
@@ -76,23 +87,25 @@ impl UsageParser {
     /// Feeds one body chunk.
     pub fn push(&mut self, chunk: &[u8]) {
         if !self.sse {
-            if self.buf.len() + chunk.len() > MAX_BUFFERED {
-                self.overflow = true;
-                self.buf = Vec::new();
-            }
-            if !self.overflow {
-                self.buf.extend_from_slice(chunk);
+            // Keep the last MAX_BUFFERED..2×MAX_BUFFERED bytes (trimmed in amortized steps).
+            let chunk = &chunk[chunk.len().saturating_sub(2 * MAX_BUFFERED)..];
+            self.buf.extend_from_slice(chunk);
+            if self.buf.len() > 2 * MAX_BUFFERED {
+                let cut = self.buf.len() - MAX_BUFFERED;
+                self.buf.drain(..cut);
             }
             return;
         }
         let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             if self.buf.is_empty() {
                 self.sse_line(&rest[..nl]);
             } else {
                 let mut line = std::mem::take(&mut self.buf);
                 line.extend_from_slice(&rest[..nl]);
                 self.sse_line(&line);
+                line.clear();
+                self.buf = line;
             }
             rest = &rest[nl + 1..];
         }
@@ -108,8 +121,8 @@ impl UsageParser {
         let buf = std::mem::take(&mut self.buf);
         if self.sse {
             self.sse_line(&buf);
-        } else if !self.overflow && !buf.is_empty() {
-            self.usage = parse_usage(&buf).or(self.usage);
+        } else if !buf.is_empty() {
+            self.usage = find_usage(&buf).or(self.usage);
         }
         self.usage
     }
@@ -119,18 +132,13 @@ impl UsageParser {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        let data = data.trim_ascii_start();
-        if data == b"[DONE]" || !contains(data, b"\"usage\"") {
+        if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return;
         }
-        if let Some(u) = parse_usage(data) {
+        if let Some(u) = find_usage(data) {
             self.usage = Some(u);
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -171,6 +179,19 @@ mod tests {
         p.push(b"tokens\":7,\"completion_tokens\":2}}\r\n\ndata: [DONE]\n\n");
         let u = p.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 2));
+    }
+
+    #[test]
+    fn large_json_bodies_keep_only_their_tail_and_sums_saturate() {
+        let mut p = UsageParser::new(Some("application/json"));
+        p.push(b"{\"choices\":[{\"text\":\"");
+        for _ in 0..100 {
+            p.push(&[b'x'; 10_000]);
+        }
+        p.push(br#""}],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":5}}"#);
+        let u = p.finish().unwrap();
+        assert_eq!(u.total_tokens, u64::MAX);
+        assert_eq!(u.completion_tokens, 5);
     }
 
     #[test]

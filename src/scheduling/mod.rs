@@ -60,6 +60,16 @@ impl Scheduler {
         &self.profile
     }
 
+    /// Prompt bytes the profile's prefix plugins read at most (0 without one): the scanner
+    /// renders no more.
+    pub fn prompt_cap(&self) -> usize {
+        self.prefixes
+            .iter()
+            .map(|p| p.config().hasher.hashed_limit())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The profile's first prefix plugin, if any.
     pub fn prefix_plugin(&self) -> Option<&Arc<PrefixCachePlugin>> {
         self.prefixes.first()

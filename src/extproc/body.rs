@@ -1,0 +1,302 @@
+//! A request body as it arrives: the chunks Envoy sent, kept as received (each chunk's buffer
+//! is moved, never copied, and re-emitted as it is), a streaming scanner reading them as they
+//! arrive (no JSON tree, no second pass), and the process-wide budget of in-flight body bytes.
+//!
+//! Memory per request is the body itself plus the rendered prompt up to the hasher's limit;
+//! across requests the [`BodyBudget`] bounds the bodies held at once (past it: 429).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+
+use super::messages as msg;
+use crate::request::{Api, BodyScanner, RequestError, ScanLimits, Scanned};
+
+/// Chunks smaller than this are coalesced when the body is re-emitted (fewer gRPC messages).
+const COALESCE_BELOW: usize = 16 << 10;
+
+/// The process-wide allowance of request-body bytes held at once.
+#[derive(Debug)]
+pub struct BodyBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes held right now.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes of the budget held by one request; given back when dropped.
+#[derive(Debug)]
+pub struct BudgetHold {
+    budget: Arc<BodyBudget>,
+    held: usize,
+}
+
+impl BudgetHold {
+    pub fn new(budget: Arc<BodyBudget>) -> Self {
+        Self { budget, held: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> bool {
+        if self.budget.try_take(n) {
+            self.held += n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.held, Ordering::AcqRel);
+    }
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("too many large requests in flight (over {0} bytes of request bodies); retry later")]
+    Busy(usize),
+    #[error("{0}")]
+    Invalid(#[from] RequestError),
+}
+
+impl BodyError {
+    pub fn status(&self) -> u16 {
+        match self {
+            BodyError::TooLarge(_) => 413,
+            BodyError::Busy(_) => 429,
+            BodyError::Invalid(_) => 400,
+        }
+    }
+}
+
+/// A request body being received.
+#[derive(Debug)]
+pub struct RequestBody {
+    chunks: Vec<Vec<u8>>,
+    len: usize,
+    max: usize,
+    scanner: Option<BodyScanner>,
+    hold: BudgetHold,
+    failed: Option<RequestError>,
+}
+
+impl RequestBody {
+    pub fn new(api: Api, limits: ScanLimits, max: usize, budget: Arc<BodyBudget>) -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+            max,
+            scanner: Some(BodyScanner::new(api, limits)),
+            hold: BudgetHold::new(budget),
+            failed: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes the next chunk: size limits, budget, then the scanner. A JSON error is kept and
+    /// reported by [`RequestBody::finish`] (the status must wait for the whole body only for
+    /// the limits, which are checked on every chunk).
+    pub fn push(&mut self, chunk: Vec<u8>) -> Result<(), BodyError> {
+        if self.len + chunk.len() > self.max {
+            return Err(BodyError::TooLarge(self.max));
+        }
+        if !self.hold.take(chunk.len()) {
+            return Err(BodyError::Busy(self.hold.budget.limit()));
+        }
+        self.len += chunk.len();
+        if self.failed.is_none()
+            && let Some(s) = self.scanner.as_mut()
+            && let Err(e) = s.feed(&chunk)
+        {
+            self.failed = Some(e);
+            self.scanner = None;
+        }
+        if !chunk.is_empty() {
+            self.chunks.push(chunk);
+        }
+        Ok(())
+    }
+
+    /// The body is complete: what the scanner found, or why it is invalid.
+    pub fn finish(&mut self) -> Result<Scanned, BodyError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e.into());
+        }
+        let scanner = self
+            .scanner
+            .take()
+            .ok_or(BodyError::Invalid(RequestError::EmptyBody))?;
+        Ok(scanner.finish()?)
+    }
+
+    /// The received chunks (for rewriting).
+    pub fn chunks(&self) -> &[Vec<u8>] {
+        &self.chunks
+    }
+
+    /// The body as one buffer (no copy when it arrived in one chunk).
+    pub fn into_bytes(mut self) -> (Vec<u8>, BudgetHold) {
+        let bytes = if self.chunks.len() == 1 {
+            self.chunks.pop().unwrap_or_default()
+        } else {
+            self.chunks.concat()
+        };
+        (bytes, self.hold)
+    }
+
+    /// The body as streamed_response messages of at most [`msg::MAX_CHUNK`] bytes, the last
+    /// with `end_of_stream`: received chunks are moved as they are, small neighbours
+    /// coalesced, oversized ones split. `replacement` (a rewritten body) is sent instead.
+    pub fn into_messages(
+        self,
+        replacement: Option<Vec<u8>>,
+        end_of_stream: bool,
+    ) -> (Vec<ProcessingResponse>, BudgetHold) {
+        let chunks = match replacement {
+            Some(b) => vec![b],
+            None => self.chunks,
+        };
+        let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(chunks.len());
+        let mut small: Vec<u8> = Vec::new();
+        for c in chunks {
+            if c.len() < COALESCE_BELOW && small.len() + c.len() <= msg::MAX_CHUNK {
+                small.extend_from_slice(&c);
+                continue;
+            }
+            if !small.is_empty() {
+                pieces.push(std::mem::take(&mut small));
+            }
+            if c.len() <= msg::MAX_CHUNK {
+                pieces.push(c);
+            } else {
+                pieces.extend(c.chunks(msg::MAX_CHUNK).map(<[u8]>::to_vec));
+            }
+        }
+        if !small.is_empty() || pieces.is_empty() {
+            pieces.push(small);
+        }
+        let n = pieces.len();
+        let out = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| msg::streamed_request_chunk(p, end_of_stream && i + 1 == n))
+            .collect();
+        (out, self.hold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{body_mutation, processing_response};
+
+    fn body(budget: &Arc<BodyBudget>, max: usize) -> RequestBody {
+        RequestBody::new(Api::Completions, ScanLimits::default(), max, budget.clone())
+    }
+
+    fn payloads(msgs: &[ProcessingResponse]) -> Vec<(usize, bool)> {
+        msgs.iter()
+            .map(|m| match &m.response {
+                Some(processing_response::Response::RequestBody(b)) => {
+                    match b.response.as_ref().and_then(|c| c.body_mutation.as_ref()) {
+                        Some(m) => match &m.mutation {
+                            Some(body_mutation::Mutation::StreamedResponse(s)) => {
+                                (s.body.len(), s.end_of_stream)
+                            }
+                            _ => panic!("not streamed"),
+                        },
+                        None => panic!("no mutation"),
+                    }
+                }
+                _ => panic!("not a body response"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_are_moved_coalesced_and_split() {
+        let budget = BodyBudget::new(1 << 30);
+        let mut b = body(&budget, 1 << 30);
+        let json = br#"{"model":"m","prompt":""#;
+        b.push(json.to_vec()).unwrap();
+        b.push(vec![b'x'; 20_000]).unwrap();
+        b.push(vec![b'y'; 130_000]).unwrap();
+        b.push(br#""}"#.to_vec()).unwrap();
+        let scanned = b.finish().unwrap();
+        assert_eq!(scanned.prompt_len, 150_000);
+        assert_eq!(budget.in_use(), json.len() + 150_002);
+        let (msgs, hold) = b.into_messages(None, true);
+        assert_eq!(
+            payloads(&msgs),
+            vec![
+                (json.len(), false),
+                (20_000, false),
+                (62_000, false),
+                (62_000, false),
+                (6_000, false),
+                (2, true)
+            ]
+        );
+        drop(hold);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn limits_and_budget_refuse_with_their_status() {
+        let budget = BodyBudget::new(100);
+        let mut a = body(&budget, 1000);
+        a.push(vec![b' '; 60]).unwrap();
+        let mut b = body(&budget, 1000);
+        let e = b.push(vec![b' '; 60]).unwrap_err();
+        assert_eq!((e.status(), &e), (429, &BodyError::Busy(100)));
+        drop(a);
+        b.push(vec![b' '; 60]).unwrap();
+        let mut c = body(&BodyBudget::new(1 << 20), 10);
+        assert_eq!(c.push(vec![b' '; 11]).unwrap_err().status(), 413);
+    }
+
+    #[test]
+    fn a_json_error_is_reported_at_the_end() {
+        let budget = BodyBudget::new(1 << 20);
+        let mut b = body(&budget, 1 << 20);
+        b.push(b"{oops".to_vec()).unwrap();
+        b.push(b"more".to_vec()).unwrap();
+        assert_eq!(b.finish().unwrap_err().status(), 400);
+    }
+}

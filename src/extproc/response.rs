@@ -1,0 +1,105 @@
+//! The response side of one stream: what the model server sent back, echoed chunk by chunk
+//! (each chunk's buffer moved into the reply, not copied), with the usage parsed for metrics
+//! and, when the request's model was rewritten, the served model's name swapped back.
+
+use std::time::Instant;
+
+use crate::request::usage::{Usage, UsageParser};
+
+/// What epp learns from a response as it passes.
+#[derive(Debug, Default)]
+pub struct ResponseState {
+    usage: Option<UsageParser>,
+    pub bytes: usize,
+    pub first_byte: Option<Instant>,
+    pub complete: bool,
+    /// `("model":"target")` → `("model":"original")` when the model was rewritten.
+    model_swap: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ResponseState {
+    /// Response headers arrived.
+    pub fn headers(&mut self, content_type: Option<&str>) {
+        self.usage = Some(UsageParser::new(content_type));
+    }
+
+    /// The client asked for `original` and the server is answering as `target`.
+    pub fn swap_model(&mut self, target: &str, original: &str) {
+        let quoted = |m: &str| serde_json::to_string(m).unwrap_or_default();
+        self.model_swap = Some((
+            format!("\"model\":{}", quoted(target)).into_bytes(),
+            format!("\"model\":{}", quoted(original)).into_bytes(),
+        ));
+    }
+
+    /// One body chunk: counts it, feeds the usage parser, and returns the bytes to send on.
+    /// Returns whether these were the response's first bytes too.
+    pub fn chunk(&mut self, body: Vec<u8>) -> (Vec<u8>, bool) {
+        let first = self.first_byte.is_none() && !body.is_empty();
+        if first {
+            self.first_byte = Some(Instant::now());
+        }
+        self.bytes += body.len();
+        self.usage
+            .get_or_insert_with(|| UsageParser::new(None))
+            .push(&body);
+        let body = match &self.model_swap {
+            Some((from, to)) => replace_all(&body, from, to).unwrap_or(body),
+            None => body,
+        };
+        (body, first)
+    }
+
+    /// The usage the response reported, if any (call once, at the end).
+    pub fn usage(&mut self) -> Option<Usage> {
+        self.usage.as_mut().and_then(UsageParser::finish)
+    }
+}
+
+/// `haystack` with every `from` replaced by `to`; `None` when `from` does not occur.
+pub fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
+    let finder = memchr::memmem::Finder::new(from);
+    let first = finder.find(haystack)?;
+    let mut out = Vec::with_capacity(haystack.len() + to.len());
+    out.extend_from_slice(&haystack[..first]);
+    let mut rest = &haystack[first..];
+    while let Some(i) = finder.find(rest) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(to);
+        rest = &rest[i + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_swap_replaces_every_occurrence() {
+        assert_eq!(
+            replace_all(
+                b"a\"model\":\"x\"b\"model\":\"x\"",
+                b"\"model\":\"x\"",
+                b"\"model\":\"yy\""
+            )
+            .unwrap(),
+            b"a\"model\":\"yy\"b\"model\":\"yy\"".to_vec()
+        );
+        assert_eq!(replace_all(b"nothing", b"zz", b"y"), None);
+    }
+
+    #[test]
+    fn chunks_pass_through_and_first_bytes_are_noticed() {
+        let mut r = ResponseState::default();
+        r.headers(Some("text/event-stream"));
+        r.swap_model("served", "asked");
+        let (out, first) = r.chunk(b"data: {\"model\":\"served\"}\n\n".to_vec());
+        assert!(first);
+        assert_eq!(out, b"data: {\"model\":\"asked\"}\n\n");
+        let (_, first) = r.chunk(b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n".to_vec());
+        assert!(!first);
+        assert_eq!(r.usage().unwrap().prompt_tokens, 3);
+    }
+}
