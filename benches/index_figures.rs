@@ -1,5 +1,8 @@
 //! Figures for BENCHMARKS.md that criterion does not give:
-//! - per-decision latency percentiles (p50/p99/p99.9) for a 32 KB prompt over 4/100/1000 pods;
+//! - per-decision latency percentiles (p50/p99/p99.9) of a full routing decision for a 32 KB
+//!   prompt (candidates, hash, match, score, pick, reserve, record) over 4/100/1000 pods, and
+//!   over 100 pods filled to 31,250 / 70,000 / 200,000 blocks each, with the prefix index
+//!   recorded inline or by the background recorder;
 //! - prefix-index memory per (block, pod) entry;
 //! - decisions per second with 1 and 2 threads sharing one scheduler (index contention).
 //!
@@ -10,36 +13,73 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use epp::director::Director;
 use epp::index::PrefixIndex;
+use epp::request::LlmRequest;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-fn latency() {
-    println!("## decision latency, 32 KB prompt (hash + match + score + pick + record)");
-    println!("| pods | p50 µs | p99 µs | p99.9 µs |");
-    println!("|---:|---:|---:|---:|");
-    for n in [4usize, 100, 1000] {
-        let pods = support::pods(n);
-        let requests = support::requests();
-        let scheduler = support::warmed_scheduler(&pods, &requests);
-        let mut samples = Vec::with_capacity(20_000);
-        for i in 0..20_000 {
-            let r = &requests[i % requests.len()];
-            let t = Instant::now();
-            let out = scheduler.schedule(r, &pods).unwrap();
-            samples.push(t.elapsed());
-            std::hint::black_box(out);
+/// Times `n` decisions; `gap`: idle time between them (lets the background recorder drain,
+/// as it does at realistic request rates).
+fn measure(d: &Director, requests: &[LlmRequest], n: usize, gap: Duration) -> [f64; 3] {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = &requests[i % requests.len()];
+        let t = Instant::now();
+        let out = d.route(r, None).unwrap();
+        samples.push(t.elapsed());
+        drop(std::hint::black_box(out));
+        let until = Instant::now() + gap;
+        while Instant::now() < until {
+            std::hint::spin_loop();
         }
-        samples.sort();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
-        println!(
-            "| {n} | {:.1} | {:.1} | {:.1} |",
-            us(percentile(&samples, 0.5)),
-            us(percentile(&samples, 0.99)),
-            us(percentile(&samples, 0.999))
-        );
+    }
+    samples.sort();
+    let us = |p| percentile(&samples, p).as_secs_f64() * 1e6;
+    [us(0.5), us(0.99), us(0.999)]
+}
+
+/// Requests with fresh unique tails, to fill pods to capacity.
+fn filler(n: usize) -> Vec<LlmRequest> {
+    (0..n).map(|i| support::request(10_000 + i)).collect()
+}
+
+fn latency() {
+    println!("## routing decision latency, 32 KB prompt (µs)");
+    println!("| pods | blocks per pod | recording | p50 | p99 | p99.9 |");
+    println!("|---:|---|---|---:|---:|---:|");
+    let requests = support::requests();
+    for n in [4usize, 100, 1000] {
+        for background in [false, true] {
+            let s = support::scheduler(31_250);
+            if background {
+                s.record_in_background().unwrap();
+            }
+            let d = support::director(n, s);
+            support::warm(&d, &requests);
+            let gap = Duration::from_micros(if background { 100 } else { 0 });
+            let [p50, p99, p999] = measure(&d, &requests, 20_000, gap);
+            let mode = if background { "background" } else { "inline" };
+            println!("| {n} | warm (4,096 prompts) | {mode} | {p50:.1} | {p99:.1} | {p999:.1} |");
+        }
+    }
+    for capacity in [31_250usize, 70_000, 200_000] {
+        for background in [false, true] {
+            let s = support::scheduler(capacity);
+            if background {
+                s.record_in_background().unwrap();
+            }
+            let d = support::director(100, s);
+            // Each prompt adds ~144 new blocks: fill every pod past its capacity.
+            support::warm(&d, &filler(capacity * 100 / 144 + 4096));
+            support::warm(&d, &requests);
+            let gap = Duration::from_micros(if background { 100 } else { 0 });
+            let [p50, p99, p999] = measure(&d, &requests, 20_000, gap);
+            let mode = if background { "background" } else { "inline" };
+            println!("| 100 | {capacity} (full) | {mode} | {p50:.1} | {p99:.1} | {p999:.1} |");
+        }
     }
 }
 
@@ -52,13 +92,14 @@ fn memory() {
         let mut rng = fastrand::Rng::with_seed(7);
         // Each request records 256 blocks on one pod: 64 shared by a group, 192 unique, so
         // blocks are held by one or several pods; record 3× the capacity to reach steady state.
+        // Dense-block hashes: the top bit clear (a set top bit marks a coarse block).
         let groups: Vec<Vec<u64>> = (0..64)
-            .map(|_| (0..64).map(|_| rng.u64(..)).collect())
+            .map(|_| (0..64).map(|_| rng.u64(..) >> 1).collect())
             .collect();
         let requests = 3 * capacity * 100 / 256;
         for r in 0..requests {
             let mut hashes = groups[r % 64].clone();
-            hashes.extend((0..192).map(|_| rng.u64(..)));
+            hashes.extend((0..192).map(|_| rng.u64(..) >> 1));
             idx.record((r % 100) as u32, &hashes);
         }
         let bytes = idx.memory_bytes();
@@ -73,24 +114,27 @@ fn memory() {
 /// Decisions per second with `threads` threads; `shared`: one scheduler for all threads (the
 /// real case) or one each (no shared state at all: the machine's own scaling limit).
 fn rate(threads: usize, shared: bool) -> f64 {
-    let pods = Arc::new(support::pods(100));
     let requests = Arc::new(support::requests());
-    let make = || Arc::new(support::warmed_scheduler(&pods, &requests));
+    let make = || {
+        let d = Arc::new(support::director(100, support::scheduler(31_250)));
+        support::warm(&d, &requests);
+        d
+    };
     let one = make();
-    let schedulers: Vec<_> = (0..threads)
+    let directors: Vec<_> = (0..threads)
         .map(|_| if shared { one.clone() } else { make() })
         .collect();
     let per_thread = 40_000;
     let start = Instant::now();
-    let handles: Vec<_> = schedulers
+    let handles: Vec<_> = directors
         .into_iter()
         .enumerate()
-        .map(|(t, s)| {
-            let (p, q) = (pods.clone(), requests.clone());
+        .map(|(t, d)| {
+            let q = requests.clone();
             std::thread::spawn(move || {
                 for i in 0..per_thread {
                     let r = &q[(i * 7 + t * 1000) % q.len()];
-                    std::hint::black_box(s.schedule(r, &p).unwrap());
+                    std::hint::black_box(d.route(r, None).unwrap());
                 }
             })
         })
@@ -120,6 +164,55 @@ fn throughput() {
 fn main() {
     // `cargo test --benches` / nextest run bench targets as tests: keep that instant.
     if std::env::args().any(|a| a == "--test" || a == "--list" || a == "--exact") {
+        return;
+    }
+    // For `perf record`: only decisions, at 100 pods, for a while.
+    if std::env::var_os("EPP_PROFILE_DECISIONS").is_some() {
+        let requests = support::requests();
+        let s = support::scheduler(31_250);
+        s.record_in_background().unwrap();
+        let d = support::director(100, s);
+        support::warm(&d, &requests);
+        let time = |name: &str, f: &mut dyn FnMut(usize)| {
+            let mut v: Vec<Duration> = (0..20_000)
+                .map(|i| {
+                    let t = Instant::now();
+                    f(i);
+                    t.elapsed()
+                })
+                .collect();
+            v.sort();
+            println!(
+                "{name}: p50 {:.2} µs",
+                percentile(&v, 0.5).as_secs_f64() * 1e6
+            );
+        };
+        time("candidates", &mut |_| {
+            std::hint::black_box(d.candidates(None).unwrap());
+        });
+        let hasher = epp::index::BlockHasher::default();
+        time("hash", &mut |i| {
+            std::hint::black_box(hasher.hash(7, &requests[i % 4096].prompt));
+        });
+        let idx = d.scheduler.prefix_plugin().unwrap().index().clone();
+        let seed = epp::index::BlockHasher::seed("llama", None);
+        let hs: Vec<Vec<u64>> = requests
+            .iter()
+            .map(|r| hasher.hash(seed, &r.prompt))
+            .collect();
+        time("match", &mut |i| {
+            std::hint::black_box(idx.match_prefix(&hs[i % 4096]));
+        });
+        let cands = d.candidates(None).unwrap();
+        time("schedule", &mut |i| {
+            std::hint::black_box(d.scheduler.schedule(&requests[i % 4096], &cands).unwrap());
+        });
+        let gap = std::env::var("EPP_GAP_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
+        let [a, b, c] = measure(&d, &requests, 20_000, Duration::from_micros(gap));
+        println!("gap {gap} µs: p50 {a:.1} p99 {b:.1} p99.9 {c:.1}");
         return;
     }
     latency();

@@ -1,10 +1,13 @@
-//! Shared set-up for the scheduling benches: a V2 + prefix scheduler over N pods and 32 KB
-//! prompts built as in the shared-prefix workload (a group system prompt + a unique question).
+//! Shared set-up for the scheduling benches: epp's default configuration behind a director
+//! over N pods, and 32 KB prompts built as in the shared-prefix workload (a group system
+//! prompt + a unique question).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use epp::config::env::SchedulerEnv;
-use epp::datastore::{Candidate, Endpoint, EndpointMetrics, EndpointSpec};
+use epp::config::picker_config::build_scheduler;
+use epp::datastore::{Datastore, EndpointMetrics, EndpointSpec};
+use epp::director::Director;
 use epp::request::LlmRequest;
 use epp::scheduling::Scheduler;
 
@@ -13,35 +16,48 @@ pub const GROUPS: usize = 64;
 /// Shared part of each prompt (the group's system prompt); the rest is unique per request.
 pub const SHARED_BYTES: usize = 8 * 1024;
 
-pub fn scheduler() -> Scheduler {
-    SchedulerEnv {
-        use_v2: true,
-        enable_prefix: true,
-        ..Default::default()
-    }
-    .build()
+const DEFAULT: &str = include_str!("../config/default-plugins.yaml");
+
+/// epp's default scheduler, its prefix index sized `capacity` blocks per pod (autoTune off).
+pub fn scheduler(capacity: usize) -> Scheduler {
+    let text = DEFAULT
+        .replace(
+            "lruCapacityPerServer: 31250",
+            &format!("lruCapacityPerServer: {capacity}"),
+        )
+        .replace("autoTune: true", "autoTune: false");
+    build_scheduler(&text, None).expect("the shipped configuration builds")
 }
 
-pub fn pods(n: usize) -> Vec<Candidate> {
-    (0..n)
-        .map(|i| {
-            let spec = EndpointSpec::new(
-                format!("pod-{i}"),
-                ([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000).into(),
-            );
-            // Equal load everywhere: with fixed unequal figures every new prefix group would
-            // pick the same least-loaded pods (nothing updates the figures between decisions
-            // here), leaving "100 pods" really two.
-            let metrics = EndpointMetrics {
+/// A director over `n` pods with fresh, equal metrics, and `scheduler`.
+pub fn director(n: usize, scheduler: Scheduler) -> Director {
+    let ds = Arc::new(Datastore::new());
+    ds.set_endpoints(
+        (0..n)
+            .map(|i| {
+                EndpointSpec::new(
+                    format!("pod-{i}"),
+                    ([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000).into(),
+                )
+            })
+            .collect(),
+    );
+    for e in ds.endpoints() {
+        ds.update_metrics(
+            e.id,
+            EndpointMetrics {
                 waiting_queue: Some(1),
                 running: Some(4),
                 kv_cache_usage: Some(0.3),
-                updated: Some(std::time::Instant::now()),
+                updated: Some(Instant::now() + Duration::from_secs(3600)),
                 ..Default::default()
-            };
-            Candidate::new(Arc::new(Endpoint::new(i as u32, spec)), Arc::new(metrics))
-        })
-        .collect()
+            },
+        );
+    }
+    for o in scheduler.endpoint_observers() {
+        ds.add_observer(o);
+    }
+    Director::new(ds, Arc::new(scheduler), Duration::from_secs(7200))
 }
 
 /// Request `i`: group `i % GROUPS`'s system prompt, then a unique question.
@@ -69,12 +85,10 @@ pub fn requests() -> Vec<LlmRequest> {
     (0..4096).map(request).collect()
 }
 
-/// A scheduler whose index already holds `requests` (each scheduled once over `pods`), so
-/// that measured decisions match real prefixes.
-pub fn warmed_scheduler(pods: &[Candidate], requests: &[LlmRequest]) -> Scheduler {
-    let s = scheduler();
+/// Routes every request once (load released at once), so that measured decisions match real
+/// prefixes.
+pub fn warm(d: &Director, requests: &[LlmRequest]) {
     for r in requests {
-        s.schedule(r, pods).unwrap();
+        d.route(r, None).unwrap();
     }
-    s
 }

@@ -129,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         None => env.build_observed(observer),
     };
     let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
+    scheduler
+        .record_in_background()
+        .context("starting the prefix index recorder")?;
     tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
 
     // Discovery.
@@ -136,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         datastore.add_observer(observer);
     }
     let (_discovery, leader) = start_discovery(&cli, &datastore).await?;
+    tokio::spawn(reconcile_indexes(scheduler.clone(), datastore.clone()));
     let _scrapers = scrape::spawn(
         datastore.clone(),
         scrape::ScrapeConfig {
@@ -273,6 +277,18 @@ async fn start_discovery(
         (None, None, None) => bail!(
             "no endpoint source: pass --pool-name (Kubernetes), --endpoints or --endpoints-file"
         ),
+    }
+}
+
+/// Every 30 s, drops from the prefix indexes any endpoint the datastore no longer has (a
+/// safety net behind the removal notifications).
+async fn reconcile_indexes(scheduler: Arc<epp::scheduling::Scheduler>, datastore: Arc<Datastore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let live: Vec<u32> = datastore.endpoints().iter().map(|e| e.id).collect();
+        scheduler.reconcile(&live);
     }
 }
 

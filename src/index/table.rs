@@ -1,6 +1,6 @@
 //! The prefix index's hash table: open addressing with linear probing and backward-shift
-//! deletion, storing 12-byte entries with no control bytes (an entry with `count == 0` is an
-//! empty slot).
+//! deletion, storing 12-byte entries with no control bytes (an entry whose pod slot is
+//! [`EMPTY_SLOT`] is an empty table slot).
 //!
 //! Why not hashbrown: under the index's constant insert/evict churn, hashbrown leaves tombstones
 //! and doubles a table whenever it is more than half full at rehash time, so tables settled at
@@ -19,11 +19,14 @@ const MAX_LOAD_DEN: usize = 5;
 const MIN_LOAD_DEN: usize = 8;
 const MIN_SLOTS: usize = 16;
 
+/// The pod slot marking an empty table slot (never given to a pod).
+pub(super) const EMPTY_SLOT: u16 = u16::MAX;
+
 const EMPTY: Entry = Entry {
     hash_lo: 0,
     hash_hi: 0,
-    slot: 0,
-    count: 0,
+    slot: EMPTY_SLOT,
+    generation: 0,
 };
 
 #[derive(Debug, Clone)]
@@ -73,7 +76,7 @@ impl Table {
         let start = self.home(hash);
         (0..self.slots.len())
             .map(move |i| (start + i) & mask)
-            .take_while(|&i| self.slots[i].count != 0)
+            .take_while(|&i| self.slots[i].slot != EMPTY_SLOT)
     }
 
     /// Entries whose hash is `hash`.
@@ -89,10 +92,6 @@ impl Table {
             .find(|&i| self.slots[i].hash() == hash && pred(&self.slots[i]))
     }
 
-    pub fn get_mut(&mut self, index: usize) -> &mut Entry {
-        &mut self.slots[index]
-    }
-
     pub fn find_mut(
         &mut self,
         hash: BlockHash,
@@ -102,9 +101,9 @@ impl Table {
         Some(&mut self.slots[i])
     }
 
-    /// Adds an entry (its `count` must be at least 1); duplicates are the caller's business.
+    /// Adds an entry (for a real pod slot); duplicates are the caller's business.
     pub fn insert(&mut self, entry: Entry) {
-        debug_assert!(entry.count > 0);
+        debug_assert!(entry.slot != EMPTY_SLOT);
         if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
             self.resize(self.slots.len() * 2);
         }
@@ -115,7 +114,7 @@ impl Table {
     fn place(&mut self, entry: Entry) {
         let mask = self.mask();
         let mut i = self.home(entry.hash());
-        while self.slots[i].count != 0 {
+        while self.slots[i].slot != EMPTY_SLOT {
             i = (i + 1) & mask;
         }
         self.slots[i] = entry;
@@ -128,7 +127,7 @@ impl Table {
         let mut j = index;
         loop {
             j = (j + 1) & mask;
-            if self.slots[j].count == 0 {
+            if self.slots[j].slot == EMPTY_SLOT {
                 break;
             }
             let home = self.home(self.slots[j].hash());
@@ -152,7 +151,7 @@ impl Table {
 
     fn resize(&mut self, slots: usize) {
         let old = std::mem::replace(&mut self.slots, vec![EMPTY; slots.max(MIN_SLOTS)]);
-        for e in old.into_iter().filter(|e| e.count != 0) {
+        for e in old.into_iter().filter(|e| e.slot != EMPTY_SLOT) {
             self.place(e);
         }
     }
@@ -163,12 +162,12 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn entry(hash: u64, slot: u16, count: u16) -> Entry {
+    fn entry(hash: u64, slot: u16, generation: u16) -> Entry {
         Entry {
             hash_lo: hash as u32,
             hash_hi: (hash >> 32) as u32,
             slot,
-            count,
+            generation,
         }
     }
 
@@ -190,8 +189,8 @@ mod tests {
                     let _ = c;
                 }
                 Some(c) => {
-                    t.find_mut(h, |e| e.slot == s).unwrap().count = c + 1;
-                    model.insert((h, s), c + 1);
+                    t.find_mut(h, |e| e.slot == s).unwrap().generation = c.wrapping_add(1);
+                    model.insert((h, s), c.wrapping_add(1));
                 }
                 None => {
                     t.insert(entry(h, s, 1));
@@ -202,7 +201,7 @@ mod tests {
                 assert_eq!(t.len(), model.len());
                 for (&(h, s), &c) in &model {
                     let e = t.iter_hash(h).find(|e| e.slot == s).expect("entry lost");
-                    assert_eq!(e.count, c);
+                    assert_eq!(e.generation, c);
                 }
             }
         }

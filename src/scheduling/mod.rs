@@ -70,6 +70,21 @@ impl Scheduler {
             .unwrap_or(0)
     }
 
+    /// Moves the prefix plugins' index recording to background threads.
+    pub fn record_in_background(&self) -> std::io::Result<()> {
+        self.prefixes
+            .iter()
+            .try_for_each(|p| p.record_in_background())
+    }
+
+    /// Drops from the prefix indexes every endpoint not in `live` (see
+    /// [`crate::index::PrefixIndex::reconcile`]).
+    pub fn reconcile(&self, live: &[crate::datastore::EndpointId]) {
+        for p in &self.prefixes {
+            p.index().reconcile(live);
+        }
+    }
+
     /// The profile's first prefix plugin, if any.
     pub fn prefix_plugin(&self) -> Option<&Arc<PrefixCachePlugin>> {
         self.prefixes.first()

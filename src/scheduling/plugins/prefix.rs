@@ -17,10 +17,11 @@
 //! tokens, in epp blocks. Endpoints leaving the datastore are purged from the index.
 //! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::datastore::{Candidate, Endpoint, EndpointObserver};
 use crate::index::hash::CHARS_PER_TOKEN;
+use crate::index::recorder::Recorder;
 use crate::index::{BlockHash, BlockHasher, PrefixIndex};
 use crate::scheduling::framework::{
     PluginId, PostSchedule, PreSchedule, PrefixMatchInfo, ScheduleResult, SchedulingContext,
@@ -61,6 +62,8 @@ pub struct PrefixCachePlugin {
     config: PrefixConfig,
     index: Arc<PrefixIndex>,
     observer: Option<Arc<dyn PrefixObserver>>,
+    /// Set by [`PrefixCachePlugin::record_in_background`]; otherwise decisions record inline.
+    recorder: OnceLock<Recorder>,
 }
 
 impl std::fmt::Debug for PrefixCachePlugin {
@@ -85,7 +88,17 @@ impl PrefixCachePlugin {
             index: Arc::new(PrefixIndex::new(config.lru_capacity_per_server)),
             config,
             observer: None,
+            recorder: OnceLock::new(),
         }
+    }
+
+    /// Moves recording off the request path (see [`Recorder`]); the fleet simulator and the
+    /// tests keep the inline, deterministic recording.
+    pub fn record_in_background(&self) -> std::io::Result<()> {
+        if self.recorder.get().is_none() {
+            let _ = self.recorder.set(Recorder::spawn(self.index.clone())?);
+        }
+        Ok(())
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn PrefixObserver>) -> Self {
@@ -123,6 +136,9 @@ impl PreSchedule for PrefixCachePlugin {
         let hasher = &self.config.hasher;
         let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
         let hashes = hasher.hash(seed, &req.prompt);
+        if let Some(r) = self.recorder.get() {
+            r.flush();
+        }
         let matched = self.index.match_prefix(&hashes);
         let len = req.prompt_len();
         let info = PrefixMatchInfo {
@@ -177,7 +193,10 @@ impl PostSchedule for PrefixCachePlugin {
                 self.index.set_capacity(pod, want);
             }
         }
-        self.index.record(pod, &state.hashes);
+        match self.recorder.get() {
+            Some(r) => r.record(pod, state.hashes.clone()),
+            None => self.index.record(pod, &state.hashes),
+        }
         if let Some(o) = &self.observer {
             o.observe_match(state.info.matched_bytes(pod), state.info.hashed_bytes);
             o.observe_index_size(self.index.len());
@@ -258,8 +277,11 @@ mod tests {
             block_size_tokens: Some(16),
             ..Default::default()
         }]);
-        run(&p, &req(&"q".repeat(64 * 300)), &cs, 0);
-        // 100 blocks × 16 tokens × 4 chars / 64 chars per epp block = 100.
+        for c in ["q", "r", "s"] {
+            run(&p, &req(&c.repeat(64 * 50)), &cs, 0);
+        }
+        // 100 blocks × 16 tokens × 4 chars / 64 chars per epp block = 100: of three 50-block
+        // prompts, the oldest was evicted.
         assert_eq!(p.index().capacity(cs[0].endpoint.id), 100);
         assert_eq!(p.index().pod_len(cs[0].endpoint.id), 100);
     }
