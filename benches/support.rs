@@ -58,6 +58,7 @@ pub fn director(n: usize, scheduler: Scheduler) -> Director {
         ds.add_observer(o);
     }
     Director::new(ds, Arc::new(scheduler), Duration::from_secs(7200))
+        .with_candidate_reuse(Duration::from_millis(5))
 }
 
 /// Request `i`: group `i % GROUPS`'s system prompt, then a unique question.

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
+
 use crate::datastore::{Candidate, Datastore, Health};
 use crate::request::LlmRequest;
 use crate::scheduling::{ScheduleError, ScheduleResult, Scheduler};
@@ -40,12 +42,23 @@ impl RouteError {
     }
 }
 
+/// The candidate list of a recent decision, reused while young (see
+/// [`Director::with_candidate_reuse`]).
+#[derive(Debug)]
+struct Reuse {
+    members: u64,
+    built: Instant,
+    candidates: Arc<[Candidate]>,
+}
+
 /// Routes requests over a datastore with a scheduler.
 #[derive(Debug)]
 pub struct Director {
     pub datastore: Arc<Datastore>,
     pub scheduler: Arc<Scheduler>,
     pub staleness_threshold: Duration,
+    reuse_for: Duration,
+    reuse: ArcSwapOption<Reuse>,
 }
 
 impl Director {
@@ -58,32 +71,75 @@ impl Director {
             datastore,
             scheduler,
             staleness_threshold,
+            reuse_for: Duration::ZERO,
+            reuse: ArcSwapOption::empty(),
         }
     }
 
-    /// The endpoints `request` may go to, with their health judged now (step 1–3 above).
-    pub fn candidates(&self, subset: Option<&[IpAddr]>) -> Result<Vec<Candidate>, RouteError> {
+    /// Reuses a decision's candidate list (endpoints with their metrics and health) for up to
+    /// `age` when no endpoint joined or left meanwhile, instead of rebuilding it per request.
+    /// Metrics then lag by at most `age` more — a few milliseconds against a 50 ms scrape —
+    /// while epp's own load accounting, which the scorers read live, does not lag at all.
+    pub fn with_candidate_reuse(mut self, age: Duration) -> Self {
+        self.reuse_for = age;
+        self
+    }
+
+    /// All endpoints with their health, rebuilt or reused.
+    fn all_candidates(&self, now: Instant) -> Result<Arc<[Candidate]>, RouteError> {
+        let members = self.datastore.membership();
+        if let Some(r) = self.reuse.load().as_ref()
+            && r.members == members
+            && now.saturating_duration_since(r.built) < self.reuse_for
+        {
+            return Ok(r.candidates.clone());
+        }
         let snapshot = self.datastore.snapshot();
         if snapshot.candidates.is_empty() {
             return Err(RouteError::NoEndpoints);
         }
-        let now = Instant::now();
-        let mut candidates: Vec<Candidate> = snapshot
-            .candidates
-            .iter()
-            .filter(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())))
-            .cloned()
-            .collect();
-        if candidates.is_empty() {
-            return Err(RouteError::SubsetEmpty);
-        }
-        for c in &mut candidates {
+        let mut list = snapshot.candidates.clone();
+        for c in &mut list {
             c.assess(now, self.staleness_threshold);
         }
-        if candidates.iter().any(|c| c.health != Health::Unreachable) {
-            candidates.retain(|c| c.health != Health::Unreachable);
+        let candidates: Arc<[Candidate]> = list.into();
+        if !self.reuse_for.is_zero() {
+            self.reuse.store(Some(Arc::new(Reuse {
+                members,
+                built: now,
+                candidates: candidates.clone(),
+            })));
         }
         Ok(candidates)
+    }
+
+    /// The endpoints `request` may go to, with their health judged now (step 1–3 above).
+    pub fn candidates(&self, subset: Option<&[IpAddr]>) -> Result<Arc<[Candidate]>, RouteError> {
+        let all = self.all_candidates(Instant::now())?;
+        let reachable = all.iter().any(|c| c.health != Health::Unreachable);
+        let keep = |c: &Candidate| {
+            subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip()))
+                && (!reachable || c.health != Health::Unreachable)
+        };
+        if subset.is_none() && all.iter().all(keep) {
+            return Ok(all);
+        }
+        let in_subset = all
+            .iter()
+            .any(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())));
+        if !in_subset {
+            return Err(RouteError::SubsetEmpty);
+        }
+        let mut chosen: Vec<Candidate> = all.iter().filter(|c| keep(c)).cloned().collect();
+        if chosen.is_empty() {
+            // Only unreachable endpoints in the subset: route anyway (Envoy reports the error).
+            chosen = all
+                .iter()
+                .filter(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())))
+                .cloned()
+                .collect();
+        }
+        Ok(chosen.into())
     }
 
     /// Picks the endpoint(s) for `request` and reserves its load there. `subset`: `None`

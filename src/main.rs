@@ -26,6 +26,10 @@ use epp::telemetry::endpoints::EndpointCollector;
 use epp::telemetry::{self, Metrics};
 use epp::{discovery, duration, leader, scrape, tls};
 
+/// How long one decision's candidate list serves the next ones (metrics lag by at most this
+/// much more than their scrape; epp's own load accounting is read live).
+const CANDIDATE_REUSE: Duration = Duration::from_millis(5);
+
 /// Endpoint Picker for LLM inference gateways (Envoy ext_proc). Flag names follow the Go EPP.
 #[derive(Debug, Parser)]
 #[command(name = "epp", version, about)]
@@ -159,11 +163,14 @@ async fn main() -> anyhow::Result<()> {
         datastore.clone(),
     ));
 
-    let director = Arc::new(Director::new(
-        datastore.clone(),
-        scheduler,
-        cli.metrics_staleness_threshold,
-    ));
+    let director = Arc::new(
+        Director::new(
+            datastore.clone(),
+            scheduler,
+            cli.metrics_staleness_threshold,
+        )
+        .with_candidate_reuse(CANDIDATE_REUSE),
+    );
     let limits = Limits {
         max_body_bytes: cli.max_request_body_bytes,
         scan: ScanLimits {

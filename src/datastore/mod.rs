@@ -161,6 +161,8 @@ struct Entry {
 pub struct Datastore {
     entries: Mutex<Vec<Entry>>,
     generation: AtomicU64,
+    /// Bumped when endpoints join or leave (not on metric updates).
+    members: AtomicU64,
     snapshot: ArcSwap<Snapshot>,
     next_id: AtomicU32,
     observers: Mutex<Vec<Arc<dyn EndpointObserver>>>,
@@ -189,6 +191,7 @@ impl Datastore {
         Self {
             entries: Mutex::new(Vec::new()),
             generation: AtomicU64::new(1),
+            members: AtomicU64::new(1),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             next_id: AtomicU32::new(0),
             observers: Mutex::new(Vec::new()),
@@ -239,6 +242,7 @@ impl Datastore {
             *entries = kept;
             old.into_iter().map(|e| e.endpoint).collect::<Vec<_>>()
         };
+        self.members.fetch_add(1, Ordering::AcqRel);
         self.bump();
         self.notify_removed(&removed);
         removed
@@ -271,6 +275,7 @@ impl Datastore {
             };
             (endpoint, replaced)
         };
+        self.members.fetch_add(1, Ordering::AcqRel);
         self.bump();
         self.notify_removed(replaced.as_slice());
         endpoint
@@ -283,6 +288,7 @@ impl Datastore {
             let pos = entries.iter().position(|e| e.endpoint.name == name)?;
             entries.remove(pos).endpoint
         };
+        self.members.fetch_add(1, Ordering::AcqRel);
         self.bump();
         self.notify_removed(std::slice::from_ref(&removed));
         Some(removed)
@@ -358,6 +364,11 @@ impl Datastore {
         drop(entries);
         self.snapshot.store(snap.clone());
         snap
+    }
+
+    /// Changes whenever an endpoint joins or leaves.
+    pub fn membership(&self) -> u64 {
+        self.members.load(Ordering::Acquire)
     }
 
     fn bump(&self) {
