@@ -18,6 +18,7 @@ use epp::config::{endpoints_file, picker_config};
 use epp::datastore::Datastore;
 use epp::director::Director;
 use epp::extproc::body::BodyBudget;
+use epp::extproc::serve::{self, ServeOptions};
 use epp::extproc::{ExtProcService, Limits, Shared};
 use epp::request::ScanLimits;
 use epp::scheduling::PluginTimer;
@@ -25,6 +26,14 @@ use epp::scheduling::plugins::prefix::PrefixObserver;
 use epp::telemetry::endpoints::EndpointCollector;
 use epp::telemetry::{self, Metrics};
 use epp::{discovery, duration, leader, scrape, tls};
+
+#[cfg(feature = "alloc-stats")]
+#[global_allocator]
+static ALLOCATOR: epp::telemetry::alloc::Counting = epp::telemetry::alloc::Counting;
+
+#[cfg(not(feature = "alloc-stats"))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How long one decision's candidate list serves the next ones (metrics lag by at most this
 /// much more than their scrape; epp's own load accounting is read live).
@@ -89,6 +98,10 @@ struct Cli {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]
     max_request_body_bytes: usize,
+    /// Threads serving ext_proc connections (each connection stays on one thread); default:
+    /// the number of CPUs.
+    #[arg(long)]
+    ext_proc_threads: Option<usize>,
     /// Request-body bytes held at once across all requests; past it requests get 429.
     #[arg(long, default_value_t = 256 << 20)]
     max_inflight_body_bytes: usize,
@@ -202,31 +215,30 @@ async fn main() -> anyhow::Result<()> {
     let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
         .await
         .context("binding the ext_proc port")?;
-    let mut server = tonic::transport::Server::builder();
-    if cli.secure_serving {
+    let tls = if cli.secure_serving {
         let pair = match &cli.cert_path {
             Some(dir) => tls::from_dir(dir)?,
             None => tls::self_signed()?,
         };
-        server = server
-            .tls_config(tls::server_config(&pair))
-            .context("TLS configuration")?;
-    }
+        Some(tls::server_config(&pair))
+    } else {
+        None
+    };
+    let threads = cli.ext_proc_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     tracing::info!(
         address = %grpc_listener.local_addr()?,
         tls = cli.secure_serving,
+        threads,
         "ext_proc server listening"
     );
-    server
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(service.into_server())
-        // TCP_NODELAY on every accepted connection (tonic's own setting only covers the
-        // listeners it binds): without it each ext_proc reply after the first waits for
-        // Envoy's delayed ACK, ~40 ms per request on Linux.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            shutdown_signal(),
-        )
+    let options = ServeOptions {
+        threads,
+        tls,
+        keepalive: Duration::from_secs(30),
+    };
+    serve::serve(grpc_listener, service, options, shutdown_signal())
         .await
         .context("ext_proc server")?;
     metrics_server.abort();

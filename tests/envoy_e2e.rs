@@ -504,3 +504,67 @@ async fn load_accounting_returns_to_zero_after_errors_and_client_resets() {
     }
     assert_still_serving(&stack).await;
 }
+
+/// Two Envoys (two ext_proc connections) against epp with two serving threads: every request
+/// through either is routed; SIGTERM then stops epp cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
+    let mut stack = Stack::start(3, BodyMode::FullDuplex, &["--ext-proc-threads", "2"]).await;
+    let grpc_port = stack
+        .epp
+        .logs()
+        .lines()
+        .find(|l| l.contains("ext_proc server listening"))
+        .and_then(|l| l.split("address=127.0.0.1:").nth(1))
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .expect("ext_proc port in the log");
+    let second_dir = tempfile::tempdir().unwrap();
+    let (_second_envoy, second_gateway) = common::start_envoy(
+        second_dir.path(),
+        &common::envoy_config(grpc_port, BodyMode::FullDuplex),
+    );
+    let gateways = [stack.gateway, second_gateway];
+    let sends = (0..24).map(|i| {
+        let mut body = serde_json::json!({"model": "m", "prompt": format!("request {i}")});
+        body["max_tokens"] = 2.into();
+        let uri = format!(
+            "http://127.0.0.1:{}/v1/completions",
+            gateways[i % gateways.len()]
+        );
+        let client = stack.client.clone();
+        async move {
+            let req = hyper::Request::post(uri)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .unwrap();
+            client.request(req).await.unwrap().status().as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let pid = stack.epp.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = stack.epp.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "epp ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}\n{}", stack.epp.logs());
+    // The log reader thread may lag the exit by a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        stack.epp.logs().contains("epp stopped"),
+        "{}",
+        stack.epp.logs()
+    );
+}

@@ -8,9 +8,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use bytes::{Bytes, BytesMut};
 
 use super::messages as msg;
+use super::proto::ProcessingResponse;
 use crate::request::{Api, BodyScanner, RequestError, ScanLimits, Scanned};
 
 /// Chunks smaller than this are coalesced when the body is re-emitted (fewer gRPC messages).
@@ -101,7 +102,7 @@ impl BodyError {
 /// A request body being received.
 #[derive(Debug)]
 pub struct RequestBody {
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Bytes>,
     len: usize,
     max: usize,
     scanner: Option<BodyScanner>,
@@ -132,7 +133,7 @@ impl RequestBody {
     /// Takes the next chunk: size limits, budget, then the scanner. A JSON error is kept and
     /// reported by [`RequestBody::finish`] (the status must wait for the whole body only for
     /// the limits, which are checked on every chunk).
-    pub fn push(&mut self, chunk: Vec<u8>) -> Result<(), BodyError> {
+    pub fn push(&mut self, chunk: Bytes) -> Result<(), BodyError> {
         if self.len + chunk.len() > self.max {
             return Err(BodyError::TooLarge(self.max));
         }
@@ -166,50 +167,55 @@ impl RequestBody {
     }
 
     /// The received chunks (for rewriting).
-    pub fn chunks(&self) -> &[Vec<u8>] {
+    pub fn chunks(&self) -> &[Bytes] {
         &self.chunks
     }
 
     /// The body as one buffer (no copy when it arrived in one chunk).
-    pub fn into_bytes(mut self) -> (Vec<u8>, BudgetHold) {
+    pub fn into_bytes(mut self) -> (Bytes, BudgetHold) {
         let bytes = if self.chunks.len() == 1 {
             self.chunks.pop().unwrap_or_default()
         } else {
-            self.chunks.concat()
+            let mut all = BytesMut::with_capacity(self.len);
+            for c in &self.chunks {
+                all.extend_from_slice(c);
+            }
+            all.freeze()
         };
         (bytes, self.hold)
     }
 
     /// The body as streamed_response messages of at most [`msg::MAX_CHUNK`] bytes, the last
-    /// with `end_of_stream`: received chunks are moved as they are, small neighbours
-    /// coalesced, oversized ones split. `replacement` (a rewritten body) is sent instead.
+    /// with `end_of_stream`: received chunks are sent as they are, small neighbours
+    /// coalesced (the only copy), oversized ones split into views of the same buffer.
+    /// `replacement` (a rewritten body) is sent instead.
     pub fn into_messages(
         self,
-        replacement: Option<Vec<u8>>,
+        replacement: Option<Bytes>,
         end_of_stream: bool,
     ) -> (Vec<ProcessingResponse>, BudgetHold) {
         let chunks = match replacement {
             Some(b) => vec![b],
             None => self.chunks,
         };
-        let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(chunks.len());
-        let mut small: Vec<u8> = Vec::new();
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(chunks.len());
+        let mut small = BytesMut::new();
         for c in chunks {
             if c.len() < COALESCE_BELOW && small.len() + c.len() <= msg::MAX_CHUNK {
                 small.extend_from_slice(&c);
                 continue;
             }
             if !small.is_empty() {
-                pieces.push(std::mem::take(&mut small));
+                pieces.push(small.split().freeze());
             }
-            if c.len() <= msg::MAX_CHUNK {
-                pieces.push(c);
-            } else {
-                pieces.extend(c.chunks(msg::MAX_CHUNK).map(<[u8]>::to_vec));
+            let mut rest = c;
+            while rest.len() > msg::MAX_CHUNK {
+                pieces.push(rest.split_to(msg::MAX_CHUNK));
             }
+            pieces.push(rest);
         }
         if !small.is_empty() || pieces.is_empty() {
-            pieces.push(small);
+            pieces.push(small.freeze());
         }
         let n = pieces.len();
         let out = pieces
@@ -224,20 +230,20 @@ impl RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::service::ext_proc::v3::{body_mutation, processing_response};
+    use crate::extproc::proto::{body_mutation, processing_response};
 
     fn body(budget: &Arc<BodyBudget>, max: usize) -> RequestBody {
         RequestBody::new(Api::Completions, ScanLimits::default(), max, budget.clone())
     }
 
-    fn payloads(msgs: &[ProcessingResponse]) -> Vec<(usize, bool)> {
+    fn streamed(msgs: &[ProcessingResponse]) -> Vec<(&Bytes, bool)> {
         msgs.iter()
             .map(|m| match &m.response {
                 Some(processing_response::Response::RequestBody(b)) => {
                     match b.response.as_ref().and_then(|c| c.body_mutation.as_ref()) {
                         Some(m) => match &m.mutation {
                             Some(body_mutation::Mutation::StreamedResponse(s)) => {
-                                (s.body.len(), s.end_of_stream)
+                                (&s.body, s.end_of_stream)
                             }
                             _ => panic!("not streamed"),
                         },
@@ -249,15 +255,22 @@ mod tests {
             .collect()
     }
 
+    fn payloads(msgs: &[ProcessingResponse]) -> Vec<(usize, bool)> {
+        streamed(msgs)
+            .into_iter()
+            .map(|(b, e)| (b.len(), e))
+            .collect()
+    }
+
     #[test]
     fn chunks_are_moved_coalesced_and_split() {
         let budget = BodyBudget::new(1 << 30);
         let mut b = body(&budget, 1 << 30);
         let json = br#"{"model":"m","prompt":""#;
-        b.push(json.to_vec()).unwrap();
-        b.push(vec![b'x'; 20_000]).unwrap();
-        b.push(vec![b'y'; 130_000]).unwrap();
-        b.push(br#""}"#.to_vec()).unwrap();
+        b.push(Bytes::from_static(json)).unwrap();
+        b.push(Bytes::from(vec![b'x'; 20_000])).unwrap();
+        b.push(Bytes::from(vec![b'y'; 130_000])).unwrap();
+        b.push(Bytes::from_static(br#""}"#)).unwrap();
         let scanned = b.finish().unwrap();
         assert_eq!(scanned.prompt_len, 150_000);
         assert_eq!(budget.in_use(), json.len() + 150_002);
@@ -278,25 +291,47 @@ mod tests {
     }
 
     #[test]
+    fn large_chunks_are_sent_from_the_received_buffer() {
+        let budget = BodyBudget::new(1 << 30);
+        let mut b = body(&budget, 1 << 30);
+        let json = Bytes::from(format!(
+            r#"{{"model":"m","prompt":"{}"}}"#,
+            "z".repeat(100_000)
+        ));
+        let start = json.as_ptr();
+        b.push(json).unwrap();
+        b.finish().unwrap();
+        let (msgs, _hold) = b.into_messages(None, true);
+        let pieces = streamed(&msgs);
+        assert_eq!(pieces.len(), 2);
+        // Views of the one buffer, not copies.
+        assert_eq!(pieces[0].0.as_ptr(), start);
+        assert_eq!(pieces[1].0.as_ptr(), start.wrapping_add(msg::MAX_CHUNK));
+    }
+
+    #[test]
     fn limits_and_budget_refuse_with_their_status() {
         let budget = BodyBudget::new(100);
         let mut a = body(&budget, 1000);
-        a.push(vec![b' '; 60]).unwrap();
+        a.push(Bytes::from(vec![b' '; 60])).unwrap();
         let mut b = body(&budget, 1000);
-        let e = b.push(vec![b' '; 60]).unwrap_err();
+        let e = b.push(Bytes::from(vec![b' '; 60])).unwrap_err();
         assert_eq!((e.status(), &e), (429, &BodyError::Busy(100)));
         drop(a);
-        b.push(vec![b' '; 60]).unwrap();
+        b.push(Bytes::from(vec![b' '; 60])).unwrap();
         let mut c = body(&BodyBudget::new(1 << 20), 10);
-        assert_eq!(c.push(vec![b' '; 11]).unwrap_err().status(), 413);
+        assert_eq!(
+            c.push(Bytes::from(vec![b' '; 11])).unwrap_err().status(),
+            413
+        );
     }
 
     #[test]
     fn a_json_error_is_reported_at_the_end() {
         let budget = BodyBudget::new(1 << 20);
         let mut b = body(&budget, 1 << 20);
-        b.push(b"{oops".to_vec()).unwrap();
-        b.push(b"more".to_vec()).unwrap();
+        b.push(Bytes::from_static(b"{oops")).unwrap();
+        b.push(Bytes::from_static(b"more")).unwrap();
         assert_eq!(b.finish().unwrap_err().status(), 400);
     }
 }

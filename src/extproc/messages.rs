@@ -1,15 +1,17 @@
 //! Builders for the ext_proc messages epp sends back to Envoy.
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option,
 };
-use envoy_types::pb::envoy::service::ext_proc::v3::{
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+use super::proto::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
     ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
     processing_response::Response,
 };
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
 /// Header (and `envoy.lb` metadata key) naming the chosen endpoint(s).
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -87,7 +89,6 @@ pub fn request_headers(common: CommonResponse, metadata: Option<Struct>) -> Proc
             response: Some(common),
         })),
         dynamic_metadata: metadata,
-        ..Default::default()
     }
 }
 
@@ -97,18 +98,16 @@ pub fn request_body(common: CommonResponse, metadata: Option<Struct>) -> Process
             response: Some(common),
         })),
         dynamic_metadata: metadata,
-        ..Default::default()
     }
 }
 
-fn streamed(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
+fn streamed(body: Bytes, end_of_stream: bool) -> CommonResponse {
     CommonResponse {
         body_mutation: Some(BodyMutation {
             mutation: Some(body_mutation::Mutation::StreamedResponse(
                 StreamedBodyResponse {
                     body,
                     end_of_stream,
-                    ..Default::default()
                 },
             )),
         }),
@@ -117,12 +116,12 @@ fn streamed(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
 }
 
 /// One request-body chunk sent on as a streamed_response.
-pub fn streamed_request_chunk(body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+pub fn streamed_request_chunk(body: Bytes, end_of_stream: bool) -> ProcessingResponse {
     request_body(streamed(body, end_of_stream), None)
 }
 
 /// One response-body chunk echoed as a streamed_response.
-pub fn streamed_response_body(body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+pub fn streamed_response_body(body: Bytes, end_of_stream: bool) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ResponseBody(BodyResponse {
             response: Some(streamed(body, end_of_stream)),

@@ -2,15 +2,12 @@
 
 pub mod body;
 pub mod messages;
+pub mod proto;
 pub mod response;
+pub mod serve;
 pub mod stream;
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
-use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use proto::{ExternalProcessor, ExternalProcessorServer, ProcessingRequest, ProcessingResponse};
 use tonic::{Request, Response, Status, Streaming};
 
 pub use stream::{Limits, Shared, StreamHandler};
@@ -33,47 +30,73 @@ impl ExtProcService {
     /// is the body limit plus room for the message's other fields, not more.
     pub fn into_server(self) -> ExternalProcessorServer<Self> {
         let limit = self.shared.limits.max_body_bytes.saturating_add(1 << 20);
-        ExternalProcessorServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit)
+        ExternalProcessorServer::new(self).max_message_size(limit)
     }
 }
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = Replies;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(32);
-        let mut handler = StreamHandler::new(self.shared.clone());
-        tokio::spawn(async move {
-            'stream: loop {
-                match inbound.message().await {
-                    Ok(Some(msg)) => {
-                        for reply in handler.handle(msg) {
-                            if tx.send(Ok(reply)).await.is_err() {
-                                break 'stream;
-                            }
-                        }
+        Ok(Response::new(Replies {
+            inbound: request.into_inner(),
+            handler: Some(StreamHandler::new(self.shared.clone())),
+            pending: Vec::new().into_iter(),
+        }))
+    }
+}
+
+/// The reply stream of one ext_proc stream. Each inbound message is handled inside the poll
+/// that asks for the next reply (no task or channel between the gRPC stream and the handler:
+/// a hop costs two wake-ups per message). Ends when the handler is done or Envoy ends the
+/// stream; dropping it (the stream reset) drops the handler, which releases the request's load.
+pub struct Replies {
+    inbound: Streaming<ProcessingRequest>,
+    handler: Option<StreamHandler>,
+    pending: std::vec::IntoIter<ProcessingResponse>,
+}
+
+impl futures::Stream for Replies {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            let Some(handler) = this.handler.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Some(reply) = this.pending.next() {
+                if this.pending.len() == 0 {
+                    handler.replies_sent();
+                }
+                return Poll::Ready(Some(Ok(reply)));
+            }
+            if handler.is_done() {
+                this.handler = None;
+                continue;
+            }
+            match futures::ready!(std::pin::Pin::new(&mut this.inbound).poll_next(cx)) {
+                Some(Ok(msg)) => {
+                    this.pending = handler.handle(msg).into_iter();
+                    if this.pending.len() == 0 {
                         handler.replies_sent();
-                        if handler.is_done() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    // Envoy resets the stream after the last message of a request: not an error.
-                    Err(status) => {
-                        tracing::trace!(%status, "ext_proc stream ended");
-                        break;
                     }
                 }
+                // Envoy resets the stream after the last message of a request: not an error.
+                Some(Err(status)) => {
+                    tracing::trace!(%status, "ext_proc stream ended");
+                    this.handler = None;
+                }
+                None => this.handler = None,
             }
-            drop(handler);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        }
     }
 }

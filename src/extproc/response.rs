@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::request::usage::{Usage, UsageParser};
 
 /// What epp learns from a response as it passes.
@@ -34,7 +36,7 @@ impl ResponseState {
 
     /// One body chunk: counts it, feeds the usage parser, and returns the bytes to send on.
     /// Returns whether these were the response's first bytes too.
-    pub fn chunk(&mut self, body: Vec<u8>) -> (Vec<u8>, bool) {
+    pub fn chunk(&mut self, body: Bytes) -> (Bytes, bool) {
         let first = self.first_byte.is_none() && !body.is_empty();
         if first {
             self.first_byte = Some(Instant::now());
@@ -44,7 +46,7 @@ impl ResponseState {
             .get_or_insert_with(|| UsageParser::new(None))
             .push(&body);
         let body = match &self.model_swap {
-            Some((from, to)) => replace_all(&body, from, to).unwrap_or(body),
+            Some((from, to)) => replace_all(&body, from, to).map_or(body, Bytes::from),
             None => body,
         };
         (body, first)
@@ -95,10 +97,12 @@ mod tests {
         let mut r = ResponseState::default();
         r.headers(Some("text/event-stream"));
         r.swap_model("served", "asked");
-        let (out, first) = r.chunk(b"data: {\"model\":\"served\"}\n\n".to_vec());
+        let (out, first) = r.chunk(Bytes::from_static(b"data: {\"model\":\"served\"}\n\n"));
         assert!(first);
-        assert_eq!(out, b"data: {\"model\":\"asked\"}\n\n");
-        let (_, first) = r.chunk(b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n".to_vec());
+        assert_eq!(&out[..], b"data: {\"model\":\"asked\"}\n\n");
+        let (_, first) = r.chunk(Bytes::from_static(
+            b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n",
+        ));
         assert!(!first);
         assert_eq!(r.usage().unwrap().prompt_tokens, 3);
     }

@@ -25,16 +25,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
-    processing_request::Request,
-};
+use bytes::Bytes;
 use envoy_types::pb::google::protobuf::value::Kind;
 
 use super::body::{BodyBudget, BudgetHold, RequestBody};
 use super::messages as msg;
+use super::proto::{
+    BodyMutation, BodySendMode, HeaderMap, HttpBody, HttpHeaders, Metadata, ProcessingRequest,
+    ProcessingResponse, body_mutation, processing_request::Request,
+};
 use super::response::ResponseState;
 use crate::datastore::Reservation;
 use crate::director::{Director, RouteError};
@@ -369,19 +368,19 @@ impl StreamHandler {
         let span = scanned.model_span;
         let mut request = LlmRequest::from_scanned(scanned);
         request.request_id = self.request_id();
-        let mut rewritten: Option<Vec<u8>> = None;
+        let mut rewritten: Option<Bytes> = None;
         if let Some(target) = self.info.model_rewrite.clone()
             && target != request.model
         {
             let Some(span) = span else {
                 return self.fail(400, "cannot rewrite a model that is not a top-level string");
             };
-            rewritten = Some(request::rewrite_model(body.chunks(), span, &target));
+            rewritten = Some(request::rewrite_model(body.chunks(), span, &target).into());
             self.response.swap_model(&target, &request.model);
             request.target_model = target;
         }
         let id = request.request_id.clone();
-        let body_len = rewritten.as_ref().map_or(body.len(), Vec::len);
+        let body_len = rewritten.as_ref().map_or(body.len(), Bytes::len);
         let dest = match self.route(request, body.len()) {
             Ok(d) => d,
             Err((status, message)) => return self.fail(status, &message),
@@ -583,10 +582,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
-    use envoy_types::pb::envoy::service::ext_proc::v3::{
+    use crate::extproc::proto::{
         HttpTrailers, ProtocolConfiguration, processing_response::Response,
     };
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
     use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
 
     use crate::config::env::SchedulerEnv;
@@ -632,9 +631,8 @@ mod tests {
     fn body(b: &[u8], end_of_stream: bool) -> ProcessingRequest {
         ProcessingRequest {
             request: Some(Request::RequestBody(HttpBody {
-                body: b.to_vec(),
+                body: Bytes::copy_from_slice(b),
                 end_of_stream,
-                ..Default::default()
             })),
             ..Default::default()
         }

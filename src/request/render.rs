@@ -107,6 +107,11 @@ impl Rendered {
     /// `<|tools|>\n` + tools + `\n` (when there are tools), instructions + `\n` (when there are
     /// instructions), then the main section.
     pub fn finish(self, cap: usize) -> (Vec<u8>, usize) {
+        if self.tools.is_empty() && self.instructions.is_empty() && self.main.cap <= cap {
+            // The common case, only the main section: its bytes as they are (no copy).
+            let len = self.main.len();
+            return (self.main.into_kept(), len);
+        }
         let mut out = Section::with_cap(cap);
         if !self.tools.is_empty() {
             out.push(b"<|tools|>\n");

@@ -1,5 +1,7 @@
 //! epp's own observability: Prometheus metrics on `--metrics-port`, and logging.
 
+#[cfg(feature = "alloc-stats")]
+pub mod alloc;
 pub mod endpoints;
 pub mod health;
 pub mod metrics;

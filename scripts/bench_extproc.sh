@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# The whole ext_proc path at wire speed. Four upstreams that answer at once (bench_upstream,
+# one thread) behind a real Envoy (--concurrency 1), driven by a closed-loop HTTP/1.1 load
+# generator (bench_load, one thread, CONNECTIONS keep-alive connections), in these setups:
+#   envoy         Envoy alone, round-robin (the ceiling)
+#   naive         Envoy + a naive minimal ext_proc picker (examples/naive_picker.rs: buffer,
+#                 xxh3, pick, re-emit; FULL_DUPLEX_STREAMED; plaintext gRPC)
+#   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (FULL_DUPLEX_STREAMED
+#                 both ways), plaintext gRPC like the naive picker
+#   epp-buffered  the same with request_body_mode BUFFERED
+#   epp-tls       epp with its default TLS
+# For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
+# head at the upstream) p50/p99 with one connection (unloaded), the picker's CPU µs per request
+# (utime+stime from /proc), and epp's allocated bytes per request (an alloc-stats build, in a
+# separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
+#
+# Settings (environment): SETUPS="envoy naive epp epp-buffered" SIZES="1024 32768 204800 2097152"
+#   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
+#   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
+#   MEMORY_SECONDS=30 (0: skip): epp's idle RSS, then 1M-token (4 MB) prompts at 10 QPS over 10
+#   endpoints through Envoy (FULL_DUPLEX_STREAMED) for that long: peak RSS (VmHWM) and final RSS.
+# Prints a markdown table; writes it and results.jsonl to $OUT. Stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SETUPS=${SETUPS:-"envoy naive epp epp-buffered"}
+SIZES=${SIZES:-"1024 32768 204800 2097152"}
+CONNECTIONS=${CONNECTIONS:-32}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
+SSE_CHUNKS=${SSE_CHUNKS:-500}
+MEMORY_SECONDS=${MEMORY_SECONDS:-30}
+BASE_PORT=${BASE_PORT:-20000}
+OUT=${OUT:-bench-results/extproc}
+
+GATEWAY_PORT=$((BASE_PORT + 81))
+ADMIN_PORT=$((BASE_PORT + 90))
+PICKER_PORT=$((BASE_PORT + 92))
+EPP_METRICS_PORT=$((BASE_PORT + 93))
+EPP_HEALTH_PORT=$((BASE_PORT + 94))
+UPSTREAMS="" # the 4 the setups route to
+for i in 0 1 2 3; do UPSTREAMS="$UPSTREAMS${UPSTREAMS:+,}127.0.0.1:$((BASE_PORT + i))"; done
+ALL_UPSTREAMS="" # 10, for the memory run
+for i in $(seq 0 9); do ALL_UPSTREAMS="$ALL_UPSTREAMS${ALL_UPSTREAMS:+,}127.0.0.1:$((BASE_PORT + i))"; done
+
+scripts/setup.sh >/dev/null
+echo "building epp (plain and alloc-stats) and the bench fixtures (release)…"
+cargo build --release --locked --quiet --features alloc-stats --bin epp
+cp target/release/epp target/release/epp-alloc-stats
+cargo build --release --locked --quiet --bin epp \
+  --example bench_upstream --example bench_load --example naive_picker
+BIN=target/release
+EX=target/release/examples
+CLK_TCK=$(getconf CLK_TCK)
+
+WORK=$(mktemp -d)
+PIDS=()
+stop_all() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  [ -n "${UPSTREAM_PID:-}" ] && kill "$UPSTREAM_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+wait_http() { # url, name
+  for _ in $(seq 1 300); do
+    if curl -s -o /dev/null "$1"; then return 0; fi
+    sleep 0.05
+  done
+  echo "$2 did not come up ($1)" >&2
+  return 1
+}
+
+cpu_ticks() { # pid → utime+stime in clock ticks (0 without a pid)
+  if [ -z "$1" ]; then echo 0; return; fi
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+
+alloc_bytes() {
+  curl -s "http://127.0.0.1:$EPP_METRICS_PORT/metrics" |
+    awk '/^epp_allocated_bytes_total / { print $2 }'
+}
+
+ext_proc_msgs() { # messages Envoy has sent to the picker so far
+  curl -s "http://127.0.0.1:$ADMIN_PORT/stats?filter=ext_proc" |
+    awk -F': ' '/ext_proc\.stream_msgs_sent:/ { n += $2 } END { print n + 0 }'
+}
+
+local_envoy() { # template → rendered config on loopback ports
+  sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
+      -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
+      -e "s/port_value: 9002/port_value: $PICKER_PORT/" \
+      -e "s/address: 0.0.0.0/address: 127.0.0.1/" "$@"
+}
+
+start_envoy() { # config
+  .venv/bin/envoy --disable-hot-restart --concurrency 1 -l warn -c "$1" >"$WORK/envoy.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$GATEWAY_PORT/v1/models" envoy || { cat "$WORK"/*.log >&2; exit 1; }
+}
+
+start_epp() { # binary, tls(true|false) [endpoints, default 4]
+  {
+    echo "endpoints:"
+    for i in $(seq 0 $((${3:-4} - 1))); do
+      echo "  - { address: 127.0.0.1:$((BASE_PORT + i)), name: up-$i }"
+    done
+  } >"$WORK/endpoints.yaml"
+  "$1" --bind-address 127.0.0.1 --grpc-port "$PICKER_PORT" --grpc-health-port "$EPP_HEALTH_PORT" \
+    --metrics-port "$EPP_METRICS_PORT" --secure-serving="$2" --config-file config/default-plugins.yaml \
+    --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
+  PICKER_PID=$!
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" epp
+}
+
+start_setup() { # setup [epp binary]
+  local epp_bin=${2:-$BIN/epp}
+  PICKER_PID=""
+  case "$1" in
+    envoy)
+      { sed -n '1,/# ENDPOINTS/p' deploy/envoy/envoy-round-robin.yaml
+        for i in 0 1 2 3; do
+          echo "        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $((BASE_PORT + i)) } } }"
+        done; } | local_envoy >"$WORK/envoy.yaml" ;;
+    naive)
+      "$EX/naive_picker" "$PICKER_PORT" "$UPSTREAMS" 2>"$WORK/naive.log" &
+      PICKER_PID=$!
+      PIDS+=($!)
+      sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp)
+      start_epp "$epp_bin" false
+      sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-buffered)
+      start_epp "$epp_bin" false
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: FULL_DUPLEX_STREAMED/request_body_mode: BUFFERED/' \
+        deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-tls)
+      start_epp "$epp_bin" true
+      local_envoy deploy/envoy/envoy.yaml >"$WORK/envoy.yaml" ;;
+    *) echo "unknown setup $1" >&2; exit 2 ;;
+  esac
+  start_envoy "$WORK/envoy.yaml"
+}
+
+load() { # body-bytes connections seconds sse → JSON line
+  "$EX/bench_load" --url "http://127.0.0.1:$GATEWAY_PORT/v1/completions" \
+    --body-bytes "$1" --connections "$2" --seconds "$3" --sse "$4"
+}
+
+RESULTS="$WORK/results.jsonl"
+record() { # setup kind size sse json cpu_ticks alloc_bytes ext_proc_msgs
+  python3 - "$@" "$CLK_TCK" >>"$RESULTS" <<'EOF'
+import json, sys
+setup, kind, size, sse, line, ticks, alloc, msgs, tck = sys.argv[1:10]
+r = json.loads(line)
+r.update(setup=setup, kind=kind, size=int(size), sse=int(sse), ext_proc_msgs=int(msgs),
+         cpu_s=int(ticks) / int(tck), alloc_bytes=float(alloc) if alloc else None)
+print(json.dumps(r))
+EOF
+}
+
+measure() { # setup kind size connections seconds sse
+  local before after a0="" a1="" line m0 m1
+  m0=$(ext_proc_msgs)
+  before=$(cpu_ticks "$PICKER_PID")
+  [ "$2" = alloc ] && a0=$(alloc_bytes)
+  local perf_pid=""
+  if [ -n "${PROFILE:-}" ] && [ -n "$PICKER_PID" ] && [ "$2" != latency ] && [ "$2" != alloc ]; then
+    mkdir -p "$PROFILE"
+    perf record -q -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$PICKER_PID" -o "$PROFILE/$1-$3-$6.data" 2>/dev/null &
+    perf_pid=$!
+  fi
+  line=$(load "$3" "$4" "$5" "$6")
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+  after=$(cpu_ticks "$PICKER_PID")
+  m1=$(ext_proc_msgs)
+  [ "$2" = alloc ] && a1=$(alloc_bytes)
+  local alloc=""
+  [ "$2" = alloc ] && alloc=$(python3 -c "print(float('$a1') - float('$a0'))")
+  record "$1" "$2" "$3" "$6" "$line" $((after - before)) "$alloc" $((m1 - m0))
+  echo "  $1 $2 size=$3 sse=$6: $line"
+}
+
+"$EX/bench_upstream" "$ALL_UPSTREAMS" 2>"$WORK/upstream.log" &
+UPSTREAM_PID=$!
+wait_http "http://127.0.0.1:$BASE_PORT/metrics" bench_upstream
+
+for setup in $SETUPS; do
+  echo "== $setup"
+  start_setup "$setup"
+  load 1024 4 1 0 >/dev/null # warm-up: connections, caches
+  for size in $SIZES; do
+    measure "$setup" throughput "$size" "$CONNECTIONS" "$SECONDS_PER_RUN" 0
+    measure "$setup" latency "$size" 1 3 0
+  done
+  measure "$setup" sse 1024 "$CONNECTIONS" "$SECONDS_PER_RUN" "$SSE_CHUNKS"
+  stop_all
+  case "$setup" in
+    epp*)
+      start_setup "$setup" "$BIN/epp-alloc-stats"
+      load 1024 4 1 0 >/dev/null
+      for size in $SIZES; do measure "$setup" alloc "$size" 8 2 0; done
+      measure "$setup" alloc 1024 8 2 "$SSE_CHUNKS"
+      stop_all ;;
+  esac
+done
+
+rss_kib() { # pid field(VmRSS|VmHWM)
+  awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
+}
+
+if [ "$MEMORY_SECONDS" != 0 ]; then
+  echo "== memory: idle, then 4 MB prompts at 10 QPS over 10 endpoints for ${MEMORY_SECONDS}s"
+  start_epp "$BIN/epp" false 10
+  sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml"
+  start_envoy "$WORK/envoy.yaml"
+  sleep 5
+  idle=$(rss_kib "$PICKER_PID" VmRSS)
+  line=$("$EX/bench_load" --url "http://127.0.0.1:$GATEWAY_PORT/v1/completions" \
+    --body-bytes 4194304 --connections 10 --rate 10 --seconds "$MEMORY_SECONDS")
+  echo "  $line"
+  python3 - "$line" "$idle" "$(rss_kib "$PICKER_PID" VmHWM)" "$(rss_kib "$PICKER_PID" VmRSS)" \
+    >>"$RESULTS" <<'EOF'
+import json, sys
+r = json.loads(sys.argv[1])
+r.update(setup="epp", kind="memory", size=4194304, sse=0, idle_rss_kib=int(sys.argv[2]),
+         peak_rss_kib=int(sys.argv[3]), end_rss_kib=int(sys.argv[4]))
+print(json.dumps(r))
+EOF
+  stop_all
+fi
+
+mkdir -p "$OUT"
+cp "$RESULTS" "$OUT/results.jsonl"
+python3 scripts/bench_extproc_table.py "$OUT/results.jsonl" "$CONNECTIONS" "$SSE_CHUNKS" | tee "$OUT/table.md"
