@@ -43,11 +43,11 @@ ALL_UPSTREAMS="" # 10, for the memory run
 for i in $(seq 0 9); do ALL_UPSTREAMS="$ALL_UPSTREAMS${ALL_UPSTREAMS:+,}127.0.0.1:$((BASE_PORT + i))"; done
 
 scripts/setup.sh >/dev/null
-echo "building epp (plain and alloc-stats) and the bench fixtures (release)…"
-cargo build --release --locked --quiet --features alloc-stats --bin epp
-cp target/release/epp target/release/epp-alloc-stats
+echo "building epp (plain, and with alloc-stats in target/alloc-stats) and the bench fixtures…"
 cargo build --release --locked --quiet --bin epp \
   --example bench_upstream --example bench_load --example naive_picker
+# Its own target directory: toggling the feature in target/ would rebuild epp twice per run.
+cargo build --release --locked --quiet --features alloc-stats --bin epp --target-dir target/alloc-stats
 BIN=target/release
 EX=target/release/examples
 CLK_TCK=$(getconf CLK_TCK)
@@ -202,7 +202,7 @@ for setup in $SETUPS; do
   stop_all
   case "$setup" in
     epp*)
-      start_setup "$setup" "$BIN/epp-alloc-stats"
+      start_setup "$setup" target/alloc-stats/release/epp
       load 1024 4 1 0 >/dev/null
       for size in $SIZES; do measure "$setup" alloc "$size" 8 2 0; done
       measure "$setup" alloc 1024 8 2 "$SSE_CHUNKS"

@@ -98,6 +98,10 @@ struct Cli {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]
     max_request_body_bytes: usize,
+    /// Distinct model names that label request metrics; later names are counted as `other`
+    /// (names come from requests, and every label value is a series kept forever).
+    #[arg(long, default_value_t = epp::telemetry::cardinality::DEFAULT_MAX_VALUES)]
+    max_model_label_values: usize,
     /// Threads serving ext_proc connections (each connection stays on one thread); default:
     /// the number of CPUs.
     #[arg(long)]
@@ -134,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
             datastore.clone(),
             cli.metrics_staleness_threshold,
         )),
+        cli.max_model_label_values,
     );
     let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
     let env = SchedulerEnv::from_env()?;

@@ -268,6 +268,44 @@ async fn epp_metrics_count_requests() {
     );
 }
 
+/// Model names come from clients: past `--max-model-label-values` distinct names, request
+/// metrics count them as `other` instead of growing a series per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_name_labels_are_capped() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &["--max-model-label-values", "3"]).await;
+    for i in 0..12 {
+        let body =
+            serde_json::json!({"model": format!("model-{i}"), "prompt": "hi", "max_tokens": 1});
+        let reply = stack
+            .send(
+                "POST",
+                "/v1/completions",
+                &[],
+                body.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+    let names: HashSet<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("inference_objective_request_total{"))
+        .filter_map(|l| l.split("model_name=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        names,
+        HashSet::from(["model-0", "model-1", "model-2", "other"]),
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            "inference_objective_request_total{model_name=\"other\",target_model_name=\"other\"} 9"
+        ),
+        "{page}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_ext_proc_with_self_signed_certificate() {
     let stack = Stack::start(3, BodyMode::FullDuplex, &["--secure-serving=true"]).await;

@@ -109,7 +109,7 @@ struct RunningGuard {
 impl RunningGuard {
     fn new(metrics: Arc<Metrics>, model: &str) -> Self {
         let labels = RunningLabels {
-            model_name: model.to_owned(),
+            model_name: metrics.models.bound(model),
         };
         metrics.running_requests.get_or_create(&labels).inc();
         Self { metrics, labels }
@@ -434,7 +434,7 @@ impl StreamHandler {
                     "request routed"
                 );
                 let running = self.shared.metrics.as_ref().map(|m| {
-                    let labels = model_labels(&request);
+                    let labels = model_labels(m, &request);
                     m.request_total.get_or_create(&labels).inc();
                     m.request_sizes
                         .get_or_create(&labels)
@@ -460,8 +460,8 @@ impl StreamHandler {
         if let Some(m) = &self.shared.metrics {
             m.request_error_total
                 .get_or_create(&ErrorLabels {
-                    model_name: request.model.clone(),
-                    target_model_name: request.target_model.clone(),
+                    model_name: m.models.bound(&request.model),
+                    target_model_name: m.models.bound(&request.target_model),
                     error_code: status.to_string(),
                 })
                 .inc();
@@ -527,7 +527,7 @@ impl StreamHandler {
         if !self.response.complete {
             return;
         }
-        let labels = model_labels(&routed.request);
+        let labels = model_labels(&m, &routed.request);
         m.request_duration
             .get_or_create(&labels)
             .observe(self.started.elapsed().as_secs_f64());
@@ -562,10 +562,10 @@ impl Drop for StreamHandler {
     }
 }
 
-fn model_labels(r: &LlmRequest) -> ModelLabels {
+fn model_labels(m: &Metrics, r: &LlmRequest) -> ModelLabels {
     ModelLabels {
-        model_name: r.model.clone(),
-        target_model_name: r.target_model.clone(),
+        model_name: m.models.bound(&r.model),
+        target_model_name: m.models.bound(&r.target_model),
     }
 }
 

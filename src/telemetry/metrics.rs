@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
 use prometheus_client::registry::Registry;
 
+use super::cardinality::BoundedLabel;
 use super::endpoints::EndpointCollector;
 use crate::datastore::Datastore;
 use crate::scheduling::PluginTimer;
@@ -89,6 +90,8 @@ pub struct Metrics {
     pub prefix_indexer_size: Gauge,
     pub prefix_hit_ratio: Histogram,
     pub prefix_hit_bytes: Histogram,
+    /// The cap on distinct `model_name`/`target_model_name` values (they come from requests).
+    pub models: BoundedLabel,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,8 +102,13 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Creates and registers every metric. `pool_name` labels the pool gauges; the
-    /// per-endpoint gauges are read from `endpoints` at each scrape.
-    pub fn new(pool_name: &str, endpoints: Option<EndpointCollector>) -> Arc<Self> {
+    /// per-endpoint gauges are read from `endpoints` at each scrape; at most
+    /// `max_model_labels` distinct model names label the request metrics (the rest: `other`).
+    pub fn new(
+        pool_name: &str,
+        endpoints: Option<EndpointCollector>,
+        max_model_labels: usize,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
         let m = Metrics {
             pool_name: pool_name.to_owned(),
@@ -123,6 +131,7 @@ impl Metrics {
             prefix_hit_ratio: Histogram::new(linear_buckets(0.0, 0.1, 11)),
             prefix_hit_bytes: Histogram::new(exponential_buckets(64.0, 2.0, 16)),
             registry: Registry::default(),
+            models: BoundedLabel::new(max_model_labels),
         };
         let objective = registry.sub_registry_with_prefix("inference_objective");
         objective.register(

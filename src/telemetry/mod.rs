@@ -2,6 +2,7 @@
 
 #[cfg(feature = "alloc-stats")]
 pub mod alloc;
+pub mod cardinality;
 pub mod endpoints;
 pub mod health;
 pub mod metrics;
