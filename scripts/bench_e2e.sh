@@ -88,15 +88,17 @@ start_epp() { # plugins config file
       echo "    name: sim-$i"
     done
   } >"$WORK/endpoints.yaml"
+  # TLS as shipped: Envoy verifies epp's certificate against a local CA.
+  [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
   "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
-    --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" \
+    --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" --cert-path "$WORK/tls" \
     --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
   sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
       -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
       -e "s/port_value: 9002/port_value: $EPP_GRPC_PORT/" \
-      -e "s/address: 0.0.0.0/address: 127.0.0.1/" \
+      -e "s/address: 0.0.0.0/address: 127.0.0.1/" -e "s|/etc/epp-tls|$WORK/tls|g" \
       deploy/envoy/envoy.yaml >"$WORK/envoy-epp.yaml"
   start_envoy "$WORK/envoy-epp.yaml"
 }

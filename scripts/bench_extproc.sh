@@ -110,8 +110,10 @@ start_epp() { # binary, tls(true|false) [endpoints, default 4]
       echo "  - { address: 127.0.0.1:$((BASE_PORT + i)), name: up-$i }"
     done
   } >"$WORK/endpoints.yaml"
+  local tls_args=(--secure-serving=false)
+  [ "$2" = true ] && tls_args=(--cert-path "$WORK/tls")
   "$1" --bind-address 127.0.0.1 --grpc-port "$PICKER_PORT" --grpc-health-port "$EPP_HEALTH_PORT" \
-    --metrics-port "$EPP_METRICS_PORT" --secure-serving="$2" --config-file config/default-plugins.yaml \
+    --metrics-port "$EPP_METRICS_PORT" "${tls_args[@]}" --config-file config/default-plugins.yaml \
     --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
   PICKER_PID=$!
   PIDS+=($!)
@@ -140,8 +142,9 @@ start_setup() { # setup [epp binary]
       sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: FULL_DUPLEX_STREAMED/request_body_mode: BUFFERED/' \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-tls)
+      [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
       start_epp "$epp_bin" true
-      local_envoy deploy/envoy/envoy.yaml >"$WORK/envoy.yaml" ;;
+      local_envoy deploy/envoy/envoy.yaml | sed "s|/etc/epp-tls|$WORK/tls|g" >"$WORK/envoy.yaml" ;;
     *) echo "unknown setup $1" >&2; exit 2 ;;
   esac
   start_envoy "$WORK/envoy.yaml"

@@ -7,3 +7,5 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo nextest run --locked --all-targets --no-fail-fast
+# A 2-minute soak through real processes (RELIABILITY.md records the 30-minute run).
+SECONDS_TOTAL=120 OUT=bench-results/soak-ci scripts/soak.sh

@@ -12,6 +12,7 @@ pub mod director;
 pub mod discovery;
 pub mod duration;
 pub mod extproc;
+pub mod fuzz;
 pub mod index;
 pub mod leader;
 pub mod request;

@@ -24,6 +24,7 @@ use epp::request::ScanLimits;
 use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
 use epp::telemetry::endpoints::EndpointCollector;
+use epp::telemetry::process::ProcessCollector;
 use epp::telemetry::{self, Metrics};
 use epp::{discovery, duration, leader, scrape, tls};
 
@@ -62,6 +63,17 @@ struct Cli {
     /// Directory holding tls.crt and tls.key (e.g. a mounted TLS secret).
     #[arg(long)]
     cert_path: Option<PathBuf>,
+    /// PEM CA bundle: ext_proc clients (Envoy) must present a certificate it signed (mutual
+    /// TLS). Needs --secure-serving.
+    #[arg(long)]
+    client_ca_path: Option<PathBuf>,
+    /// Write a local CA, epp's certificate (tls.crt/tls.key, for --cert-path) and a client
+    /// certificate for Envoy (client.crt/client.key) into this directory, then exit.
+    #[arg(long, value_name = "DIR")]
+    write_certs: Option<PathBuf>,
+    /// Names and addresses epp's certificate is valid for (with --write-certs).
+    #[arg(long, value_delimiter = ',', default_values_t = tls::DEFAULT_HOSTS.map(String::from))]
+    cert_hosts: Vec<String>,
     /// EndpointPickerConfig file (plugins and scheduling profiles); overrides the scheduler
     /// environment variables.
     #[arg(long)]
@@ -122,6 +134,14 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.verbosity);
+    if let Some(dir) = &cli.write_certs {
+        tls::write_bundle(dir, &cli.cert_hosts)?;
+        println!(
+            "wrote ca.crt, tls.crt, tls.key, client.crt, client.key to {}",
+            dir.display()
+        );
+        return Ok(());
+    }
     if cli.ha_enable_leader_election && cli.pool_name.is_none() {
         bail!("--ha-enable-leader-election needs --pool-name (a Kubernetes pool)");
     }
@@ -132,12 +152,16 @@ async fn main() -> anyhow::Result<()> {
 
     // Configuration → scheduler (config file over environment).
     let datastore = Arc::new(Datastore::new());
+    let budget = BodyBudget::new(cli.max_inflight_body_bytes);
     let metrics = Metrics::new(
         cli.pool_name.as_deref().unwrap_or("static"),
-        Some(EndpointCollector::new(
-            datastore.clone(),
-            cli.metrics_staleness_threshold,
-        )),
+        vec![
+            Box::new(EndpointCollector::new(
+                datastore.clone(),
+                cli.metrics_staleness_threshold,
+            )),
+            Box::new(ProcessCollector::new(budget.clone())),
+        ],
         cli.max_model_label_values,
     );
     let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
@@ -197,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let service = ExtProcService::new(Shared {
-        budget: BodyBudget::new(cli.max_inflight_body_bytes),
+        budget,
         ..Shared::new(director, Some(metrics), limits)
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -220,15 +244,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
         .await
         .context("binding the ext_proc port")?;
-    let tls = if cli.secure_serving {
-        let pair = match &cli.cert_path {
-            Some(dir) => tls::from_dir(dir)?,
-            None => tls::self_signed()?,
-        };
-        Some(tls::server_config(&pair))
-    } else {
-        None
-    };
+    let tls = server_tls(&cli)?;
     let threads = cli.ext_proc_threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -250,6 +266,26 @@ async fn main() -> anyhow::Result<()> {
     health_server.abort();
     tracing::info!("epp stopped");
     Ok(())
+}
+
+/// The ext_proc TLS configuration the flags ask for (`None`: plaintext).
+fn server_tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    if !cli.secure_serving {
+        if cli.client_ca_path.is_some() {
+            bail!("--client-ca-path needs --secure-serving");
+        }
+        return Ok(None);
+    }
+    let pair = match &cli.cert_path {
+        Some(dir) => tls::from_dir(dir)?,
+        None => tls::self_signed()?,
+    };
+    let client_ca = cli
+        .client_ca_path
+        .as_deref()
+        .map(tls::read_pem)
+        .transpose()?;
+    Ok(Some(tls::server_config(&pair, client_ca.as_deref())))
 }
 
 /// Starts the endpoint source the flags name; returns its task and, with leader election,

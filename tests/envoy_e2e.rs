@@ -221,7 +221,13 @@ async fn buffered_mode_routes_and_rejects_like_full_duplex() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rewrite_header_changes_the_served_model() {
-    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    // The header as a trusted filter in front of epp would set it: the shipped config's
+    // client-header strip is left out here.
+    let options = common::EnvoyOptions {
+        strip_client_headers: false,
+        ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+    };
+    let stack = Stack::start_with(2, options, &[]).await;
     let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
     let r = stack
         .send(
@@ -235,6 +241,26 @@ async fn model_rewrite_header_changes_the_served_model() {
     // The backend saw the rewritten model; the client sees its own model name back.
     assert_eq!(r.json()["served_model"], "real-model");
     assert_eq!(r.json()["model"], "alias");
+}
+
+/// The shipped Envoy config strips client-sent routing headers before ext_proc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_envoy_config_drops_client_routing_headers() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
+    let r = stack
+        .send(
+            "POST",
+            "/v1/completions",
+            &[
+                ("x-gateway-model-name-rewrite", "chosen-by-client"),
+                ("x-gateway-destination-endpoint", "127.0.0.1:1"),
+            ],
+            body.into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["served_model"], "alias");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,10 +349,8 @@ async fn tls_ext_proc_with_self_signed_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_ext_proc_with_mounted_certificate() {
-    let certs = tempfile::tempdir().unwrap();
-    let pair = epp::tls::self_signed().unwrap();
-    std::fs::write(certs.path().join("tls.crt"), &pair.cert_pem).unwrap();
-    std::fs::write(certs.path().join("tls.key"), &pair.key_pem).unwrap();
+    // The shipped Envoy config verifies epp's certificate against the CA next to it.
+    let certs = write_certs();
     let dir = certs.path().to_str().unwrap().to_owned();
     let stack = Stack::start(
         2,
@@ -335,6 +359,62 @@ async fn tls_ext_proc_with_mounted_certificate() {
     )
     .await;
     assert_eq!(stack.complete("hello over mounted tls").await.status, 200);
+}
+
+/// `epp --write-certs` into a temporary directory.
+fn write_certs() -> tempfile::TempDir {
+    let certs = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .arg("--write-certs")
+        .arg(certs.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    certs
+}
+
+/// Envoy checks epp's certificate: one signed by another CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_refuses_an_epp_certificate_from_another_ca() {
+    let epp_certs = write_certs();
+    let other = write_certs();
+    let dir = epp_certs.path().to_str().unwrap().to_owned();
+    let options = common::EnvoyOptions {
+        tls: common::EnvoyTls::Verified(other.path().to_owned()),
+        ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+    };
+    let stack =
+        Stack::start_with(2, options, &["--secure-serving=true", "--cert-path", &dir]).await;
+    let r = stack.complete("who are you?").await;
+    assert!(r.status >= 500, "status {}", r.status);
+    let served: usize = stack.backends.iter().map(|b| b.requests()).sum();
+    assert_eq!(served, 0);
+}
+
+/// With --client-ca-path epp serves only clients holding a certificate from that CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_envoy_with_a_client_certificate_only() {
+    let certs = write_certs();
+    let dir = certs.path().to_str().unwrap().to_owned();
+    let ca = certs.path().join("ca.crt").to_str().unwrap().to_owned();
+    let args = [
+        "--secure-serving=true",
+        "--cert-path",
+        &dir,
+        "--client-ca-path",
+        &ca,
+    ];
+    let stack = Stack::start(2, BodyMode::FullDuplex, &args).await;
+    assert_eq!(stack.complete("with my certificate").await.status, 200);
+
+    let without = common::EnvoyOptions {
+        tls: common::EnvoyTls::Verified(certs.path().to_owned()),
+        ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+    };
+    let stack = Stack::start_with(2, without, &args).await;
+    let r = stack.complete("without a certificate").await;
+    assert!(r.status >= 500, "status {}", r.status);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,9 @@ struct Collection {
     events: broadcast::Sender<Option<String>>,
     watches: AtomicUsize,
     fail_next_watch: AtomicBool,
+    /// Lists still to answer with 500 (the API server failing at start-up).
+    fail_lists: AtomicUsize,
+    lists: AtomicUsize,
 }
 
 impl Collection {
@@ -38,6 +41,8 @@ impl Collection {
             events: broadcast::channel(64).0,
             watches: AtomicUsize::new(0),
             fail_next_watch: AtomicBool::new(false),
+            fail_lists: AtomicUsize::new(0),
+            lists: AtomicUsize::new(0),
         })
     }
 
@@ -81,6 +86,16 @@ async fn serve(
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1")
     {
+        c.lists.fetch_add(1, Ordering::SeqCst);
+        let failing = c
+            .fail_lists
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "injected failure", "reason": "InternalError", "code": 500});
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(status)).into_response();
+        }
         let list = json!({
             "apiVersion": "v1", "kind": format!("{}List", c.kind),
             "metadata": {"resourceVersion": c.rv.load(Ordering::SeqCst).to_string()},
@@ -266,6 +281,42 @@ async fn pool_v1_pods_follow_add_update_delete_selector_and_restarts() {
             "unexpected call {call}"
         );
     }
+    task.abort();
+}
+
+/// The API server answers the first pod lists with 500: discovery retries with backoff (not
+/// in a hot loop) and converges once it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_lists_are_retried_with_backoff_until_the_api_recovers() {
+    let (mock, client) = Mock::start(
+        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
+        fixture("inferencepool-v1.json"),
+        vec![pod("a", "vllm", true, "10.0.0.1")],
+    )
+    .await;
+    mock.pods.fail_lists.store(2, Ordering::SeqCst);
+    let ds = Arc::new(Datastore::new());
+    let pool = PoolRef {
+        name: "vllm-pool".into(),
+        namespace: "ns".into(),
+        group: GROUP_V1.into(),
+    };
+    let started = Instant::now();
+    let task = tokio::spawn(run(client, pool, ds.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ds.endpoints().is_empty() {
+        assert!(Instant::now() < deadline, "discovery never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        mock.pods.lists.load(Ordering::SeqCst),
+        3,
+        "one list per attempt"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "retried without backing off"
+    );
     task.abort();
 }
 

@@ -14,29 +14,11 @@ use common::{BodyMode, HttpClient, Proc};
 
 /// Starts epp-sim on an OS-chosen port, 50× faster than the modelled GPU.
 fn start_sim(name: &str) -> (Proc, String) {
-    start_sim_with(name, &[])
+    common::start_sim(name, 0, &[])
 }
 
 fn start_sim_with(name: &str, extra: &[&str]) -> (Proc, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp-sim"));
-    cmd.args([
-        "--port", "0", "--speed", "50", "--model", "model", "--name", name,
-    ])
-    .args(extra)
-    .env("RUST_LOG", "info")
-    .env("NO_COLOR", "1");
-    let (proc, line) = common::spawn_and_wait("epp-sim", cmd, |l| {
-        l.contains("epp-sim listening").then(|| l.to_owned())
-    });
-    let addr = line
-        .split("address=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    (proc, addr)
+    common::start_sim(name, 0, extra)
 }
 
 fn client() -> HttpClient {

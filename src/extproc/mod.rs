@@ -90,10 +90,22 @@ impl futures::Stream for Replies {
                         handler.replies_sent();
                     }
                 }
-                // Envoy resets the stream after the last message of a request: not an error.
                 Some(Err(status)) => {
-                    tracing::trace!(%status, "ext_proc stream ended");
+                    // A reset after the request's last message is the usual end; a failure
+                    // before its answer must fail the request, never let it through unrouted.
+                    tracing::debug!(%status, "ext_proc stream ended with an error");
+                    if let Some(reply) = handler.stream_failed(&status) {
+                        this.pending = vec![reply].into_iter();
+                        continue;
+                    }
                     this.handler = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                None if handler.awaiting_answer() => {
+                    this.handler = None;
+                    return Poll::Ready(Some(Err(Status::aborted(
+                        "ext_proc stream closed before the request was routed",
+                    ))));
                 }
                 None => this.handler = None,
             }

@@ -232,6 +232,31 @@ impl StreamHandler {
         self.hold = None;
     }
 
+    /// True while Envoy waits for epp's answer to the request (headers seen, neither routed
+    /// nor refused): ending the gRPC stream now must not look like a clean finish, or Envoy
+    /// would send the request on unrouted.
+    pub fn awaiting_answer(&self) -> bool {
+        !self.done && self.routed.is_none() && (self.body.is_some() || self.body_done)
+    }
+
+    /// The gRPC stream failed while the request awaited its answer. A message over the gRPC
+    /// size limit (a body far past `--max-request-body-bytes`) is answered with 413; for any
+    /// other failure there is no reply (the stream ends with the error, and Envoy fails the
+    /// request closed).
+    pub fn stream_failed(&mut self, status: &tonic::Status) -> Option<ProcessingResponse> {
+        if !self.awaiting_answer() {
+            return None;
+        }
+        match status.code() {
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+                let limit = self.shared.limits.max_body_bytes;
+                let message = format!("request body exceeds {limit} bytes");
+                self.fail(413, &message).pop()
+            }
+            _ => None,
+        }
+    }
+
     /// Handles one message from Envoy; returns the replies to send (possibly none yet).
     pub fn handle(&mut self, req: ProcessingRequest) -> Vec<ProcessingResponse> {
         if !self.mode_known

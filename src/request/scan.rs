@@ -180,6 +180,8 @@ pub struct BodyScanner {
     esc: Esc,
     high_surrogate: Option<u32>,
     utf8_carry: Vec<u8>,
+    /// Offset of the first byte in `utf8_carry`.
+    utf8_carry_at: usize,
     captured: Vec<u8>,
     str_start: usize,
     // The number or literal being read.
@@ -283,6 +285,7 @@ impl BodyScanner {
             esc: Esc::None,
             high_surrogate: None,
             utf8_carry: Vec::new(),
+            utf8_carry_at: 0,
             captured: Vec::new(),
             str_start: 0,
             token: Vec::new(),
@@ -793,26 +796,34 @@ impl BodyScanner {
 
     /// Validates UTF-8 of a run of plain string bytes (carrying an incomplete sequence over).
     fn check_utf8(&mut self, run: &[u8], at: usize) -> Result<(), RequestError> {
-        let bad = || RequestError::InvalidUtf8(at);
+        // Errors name the offset of the first byte of the bad sequence, wherever the chunks
+        // were cut.
         let mut run = run;
+        let mut at = at;
         if !self.utf8_carry.is_empty() {
-            let need = utf8_len(self.utf8_carry[0]).ok_or_else(bad)?;
+            let bad = RequestError::InvalidUtf8(self.utf8_carry_at);
+            let need = utf8_len(self.utf8_carry[0]).ok_or(bad.clone())?;
             let take = (need - self.utf8_carry.len()).min(run.len());
+            if run[..take].iter().any(|b| b & 0xc0 != 0x80) {
+                return Err(bad);
+            }
             self.utf8_carry.extend_from_slice(&run[..take]);
             run = &run[take..];
+            at += take;
             if self.utf8_carry.len() < need {
                 return Ok(());
             }
-            std::str::from_utf8(&self.utf8_carry).map_err(|_| bad())?;
+            std::str::from_utf8(&self.utf8_carry).map_err(|_| bad)?;
             self.utf8_carry.clear();
         }
         match std::str::from_utf8(run) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
                 self.utf8_carry.extend_from_slice(&run[e.valid_up_to()..]);
+                self.utf8_carry_at = at + e.valid_up_to();
                 Ok(())
             }
-            Err(_) => Err(bad()),
+            Err(e) => Err(RequestError::InvalidUtf8(at + e.valid_up_to())),
         }
     }
 
@@ -829,10 +840,15 @@ impl BodyScanner {
             if !run.is_empty() && self.high_surrogate.is_some() {
                 return Err(not_json(self.base + i, "lone surrogate in a \\u escape"));
             }
-            if let Some(k) = first_control(run) {
+            // The earlier of a bad UTF-8 sequence and a control character is reported.
+            let control = first_control(run);
+            self.check_utf8(&run[..control.unwrap_or(run.len())], self.base + i)?;
+            if let Some(k) = control {
+                if !self.utf8_carry.is_empty() {
+                    return Err(RequestError::InvalidUtf8(self.utf8_carry_at));
+                }
                 return Err(not_json(self.base + i + k, "control character in a string"));
             }
-            self.check_utf8(run, self.base + i)?;
             if self.raw.is_some() {
                 self.raw_push(run);
             }
@@ -842,7 +858,7 @@ impl BodyScanner {
                 break;
             }
             if !self.utf8_carry.is_empty() {
-                return Err(RequestError::InvalidUtf8(self.base + i));
+                return Err(RequestError::InvalidUtf8(self.utf8_carry_at));
             }
             if chunk[i] == b'\\' {
                 if self.raw.is_some() {

@@ -115,23 +115,6 @@ impl Collector for EndpointCollector {
             };
             ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
         }
-        #[cfg(feature = "alloc-stats")]
-        for (name, help, value) in [
-            (
-                "epp_allocated_bytes",
-                "Bytes allocated since start (alloc-stats builds)",
-                super::alloc::allocated_bytes(),
-            ),
-            (
-                "epp_allocations",
-                "Allocations since start (alloc-stats builds)",
-                super::alloc::allocations(),
-            ),
-        ] {
-            use prometheus_client::metrics::counter::ConstCounter;
-            let c = ConstCounter::new(value);
-            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
-        }
         Ok(())
     }
 }

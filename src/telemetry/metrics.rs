@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,7 +13,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, line
 use prometheus_client::registry::Registry;
 
 use super::cardinality::BoundedLabel;
-use super::endpoints::EndpointCollector;
 use crate::datastore::Datastore;
 use crate::scheduling::PluginTimer;
 use crate::scheduling::plugins::prefix::PrefixObserver;
@@ -101,12 +101,12 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric. `pool_name` labels the pool gauges; the
-    /// per-endpoint gauges are read from `endpoints` at each scrape; at most
+    /// Creates and registers every metric. `pool_name` labels the pool gauges; `collectors`
+    /// (per-endpoint and process gauges) are read at each scrape; at most
     /// `max_model_labels` distinct model names label the request metrics (the rest: `other`).
     pub fn new(
         pool_name: &str,
-        endpoints: Option<EndpointCollector>,
+        collectors: Vec<Box<dyn Collector>>,
         max_model_labels: usize,
     ) -> Arc<Self> {
         let mut registry = Registry::default();
@@ -226,8 +226,8 @@ impl Metrics {
             "Length of the prefix match in bytes",
             m.prefix_hit_bytes.clone(),
         );
-        if let Some(c) = endpoints {
-            registry.register_collector(Box::new(c));
+        for c in collectors {
+            registry.register_collector(c);
         }
         Arc::new(Metrics { registry, ..m })
     }

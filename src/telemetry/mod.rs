@@ -6,6 +6,7 @@ pub mod cardinality;
 pub mod endpoints;
 pub mod health;
 pub mod metrics;
+pub mod process;
 
 use std::sync::Arc;
 

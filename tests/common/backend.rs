@@ -14,9 +14,20 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+/// How a backend's `/metrics` behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MetricsMode {
+    Ok = 0,
+    Status500 = 1,
+    Garbage = 2,
+    Hang = 3,
+}
+
 #[derive(Default)]
 pub struct Counters {
     pub queue: AtomicU32,
+    pub metrics_mode: std::sync::atomic::AtomicU8,
     pub scrapes: AtomicUsize,
     pub requests: AtomicUsize,
 }
@@ -61,6 +72,12 @@ impl Backend {
         self.counters.queue.store(q, Ordering::SeqCst);
     }
 
+    pub fn set_metrics_mode(&self, mode: MetricsMode) {
+        self.counters
+            .metrics_mode
+            .store(mode as u8, Ordering::SeqCst);
+    }
+
     pub fn scrapes(&self) -> usize {
         self.counters.scrapes.load(Ordering::SeqCst)
     }
@@ -72,14 +89,26 @@ impl Backend {
 
 type St = (String, Arc<Counters>);
 
-async fn metrics(State((_, c)): State<St>) -> impl IntoResponse {
+async fn metrics(State((_, c)): State<St>) -> Response {
     c.scrapes.fetch_add(1, Ordering::SeqCst);
+    match c.metrics_mode.load(Ordering::SeqCst) {
+        1 => return (StatusCode::INTERNAL_SERVER_ERROR, "metrics broke").into_response(),
+        2 => {
+            return "\u{0}\u{1}{{{ not prometheus !!\nvllm:num_requests_waiting{ oops"
+                .into_response();
+        }
+        3 => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        _ => {}
+    }
     let q = c.queue.load(Ordering::SeqCst);
     format!(
         "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {q}\n\
          # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} 0\n\
          # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.1\n"
     )
+    .into_response()
 }
 
 async fn models(State((id, _)): State<St>) -> impl IntoResponse {

@@ -17,7 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-pub use backend::Backend;
+#[allow(unused_imports)]
+pub use backend::{Backend, MetricsMode};
 
 /// The Envoy binary: `$EPP_ENVOY_BIN`, else `.venv/bin/envoy` in the repository.
 pub fn envoy_bin() -> PathBuf {
@@ -84,6 +85,40 @@ pub fn spawn_and_wait(
     }
 }
 
+/// Starts epp-sim (50× faster than the modelled GPU) on `port` (0: any); returns it and its
+/// address.
+pub fn start_sim(name: &str, port: u16, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp-sim"));
+    cmd.args([
+        "--speed", "50", "--model", "model", "--name", name, "--port",
+    ])
+    .arg(port.to_string())
+    .args(extra)
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1");
+    let (proc, line) = spawn_and_wait("epp-sim", cmd, |l| {
+        l.contains("epp-sim listening").then(|| l.to_owned())
+    });
+    let addr = line
+        .split("address=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (proc, addr)
+}
+
+/// Writes a static endpoints file naming `addrs` `<prefix>-<i>`.
+pub fn endpoints_file(dir: &std::path::Path, prefix: &str, addrs: &[String]) -> PathBuf {
+    let path = dir.join("endpoints.yaml");
+    let mut text = String::from("endpoints:\n");
+    for (i, addr) in addrs.iter().enumerate() {
+        text.push_str(&format!("  - address: {addr}\n    name: {prefix}-{i}\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Starts epp with a static endpoints file; returns it and its ext_proc and metrics ports.
 pub fn start_epp(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16, u16) {
     let (p, grpc, metrics, _) = start_epp_full(endpoints_file, extra);
@@ -93,29 +128,30 @@ pub fn start_epp(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16
 /// Like [`start_epp`], also returning the health port.
 pub fn start_epp_full(endpoints_file: &std::path::Path, extra: &[&str]) -> (Proc, u16, u16, u16) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
-    cmd.args([
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--refresh-metrics-interval",
-        "20ms",
-        "--endpoints-file",
-    ])
-    .arg(endpoints_file)
-    .args(extra)
-    .args(
-        (!extra.iter().any(|a| a.starts_with("--secure-serving")))
-            .then_some("--secure-serving=false"),
-    )
-    .env("EXPERIMENTAL_USE_SCHEDULER_V2", "true")
-    .env("ENABLE_PREFIX_CACHE_SCHEDULING", "true")
-    .env("RUST_LOG", "info")
-    .env("NO_COLOR", "1");
+    // Defaults for the flags the caller does not set itself.
+    let defaults = [
+        ("--grpc-port", "0"),
+        ("--metrics-port", "0"),
+        ("--grpc-health-port", "0"),
+        ("--bind-address", "127.0.0.1"),
+        ("--refresh-metrics-interval", "20ms"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.arg("--endpoints-file")
+        .arg(endpoints_file)
+        .args(extra)
+        .args(
+            (!extra.iter().any(|a| a.starts_with("--secure-serving")))
+                .then_some("--secure-serving=false"),
+        )
+        .env("EXPERIMENTAL_USE_SCHEDULER_V2", "true")
+        .env("ENABLE_PREFIX_CACHE_SCHEDULING", "true")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
     let (proc, ports) = spawn_and_wait("epp", cmd, |line| {
         // Both servers log "… listening address=ip:port"; report them in one string.
         line.contains("listening address=").then(|| line.to_owned())
@@ -148,21 +184,110 @@ fn port_from(line: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// Envoy body modes used by the tests.
+/// Envoy request body modes (`request_body_mode` in the ext_proc filter).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BodyMode {
     FullDuplex,
     Buffered,
+    BufferedPartial,
+    Streamed,
+    None,
+}
+
+impl BodyMode {
+    pub const ALL: [BodyMode; 5] = [
+        BodyMode::FullDuplex,
+        BodyMode::Buffered,
+        BodyMode::BufferedPartial,
+        BodyMode::Streamed,
+        BodyMode::None,
+    ];
+
+    fn envoy_name(self) -> &'static str {
+        match self {
+            BodyMode::FullDuplex => "FULL_DUPLEX_STREAMED",
+            BodyMode::Buffered => "BUFFERED",
+            BodyMode::BufferedPartial => "BUFFERED_PARTIAL",
+            BodyMode::Streamed => "STREAMED",
+            BodyMode::None => "NONE",
+        }
+    }
+}
+
+/// How Envoy talks to epp.
+#[derive(Debug, Clone)]
+pub enum EnvoyTls {
+    /// Plaintext gRPC.
+    Off,
+    /// TLS without checking epp's certificate (epp's self-signed default).
+    Unverified,
+    /// TLS, epp's certificate checked against `<dir>/ca.crt` (the shipped config).
+    Verified(PathBuf),
+    /// Verified, and Envoy presents `<dir>/client.crt` (mutual TLS).
+    Mutual(PathBuf),
+}
+
+impl EnvoyTls {
+    /// What epp's own flags ask of Envoy.
+    pub fn for_epp_args(args: &[&str]) -> EnvoyTls {
+        if !args.contains(&"--secure-serving=true") {
+            return EnvoyTls::Off;
+        }
+        let dir = args
+            .iter()
+            .position(|a| *a == "--cert-path")
+            .map(|i| PathBuf::from(args[i + 1]));
+        match dir {
+            None => EnvoyTls::Unverified,
+            Some(d) if args.contains(&"--client-ca-path") => EnvoyTls::Mutual(d),
+            Some(d) => EnvoyTls::Verified(d),
+        }
+    }
+}
+
+/// How a test renders deploy/envoy/envoy.yaml.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub mode: BodyMode,
+    pub tls: EnvoyTls,
+    /// Keep the filter that strips client-sent routing headers before ext_proc (shipped
+    /// default); off to test epp's own defence, or to let a test send the rewrite header.
+    pub strip_client_headers: bool,
+}
+
+impl EnvoyOptions {
+    pub fn new(mode: BodyMode) -> Self {
+        Self {
+            mode,
+            tls: EnvoyTls::Off,
+            strip_client_headers: true,
+        }
+    }
 }
 
 /// Renders deploy/envoy/envoy.yaml for a test: gateway on port 0, epp on `epp_port` in
 /// plaintext.
 pub fn envoy_config(epp_port: u16, mode: BodyMode) -> String {
-    envoy_config_tls(epp_port, mode, false)
+    envoy_config_with(epp_port, EnvoyOptions::new(mode))
 }
 
-/// Like [`envoy_config`]; `tls`: talk to epp over TLS (the shipped default).
-pub fn envoy_config_tls(epp_port: u16, mode: BodyMode, tls: bool) -> String {
+/// Deletes the lines from `# <name>:begin` to `# <name>:end` (markers in the shipped config).
+fn cut_section(text: &mut String, name: &str) {
+    let begin = format!("# {name}:begin\n");
+    let end = format!("# {name}:end\n");
+    let start = text
+        .find(&begin)
+        .unwrap_or_else(|| panic!("{name}:begin marker"));
+    let start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let stop = text[start..]
+        .find(&end)
+        .unwrap_or_else(|| panic!("{name}:end marker"))
+        + start;
+    text.replace_range(start..stop + end.len(), "");
+}
+
+/// Renders deploy/envoy/envoy.yaml with `options`.
+pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
     )
@@ -172,18 +297,25 @@ pub fn envoy_config_tls(epp_port: u16, mode: BodyMode, tls: bool) -> String {
         .replace("port_value: 19000", "port_value: 0")
         .replace("port_value: 9002", &format!("port_value: {epp_port}"))
         .replace("address: 0.0.0.0", "address: 127.0.0.1");
-    if !tls {
-        let start = text.find("    # tls:begin").expect("tls:begin marker");
-        let end = text.find("    # tls:end\n").expect("tls:end marker") + "    # tls:end\n".len();
-        text.replace_range(start..end, "");
+    match &options.tls {
+        EnvoyTls::Off => cut_section(&mut text, "tls"),
+        EnvoyTls::Unverified => {
+            cut_section(&mut text, "verify");
+            cut_section(&mut text, "mtls");
+        }
+        EnvoyTls::Verified(dir) => {
+            cut_section(&mut text, "mtls");
+            text = text.replace("/etc/epp-tls", dir.to_str().unwrap());
+        }
+        EnvoyTls::Mutual(dir) => text = text.replace("/etc/epp-tls", dir.to_str().unwrap()),
     }
-    if mode == BodyMode::Buffered {
-        text = text.replace(
-            "request_body_mode: FULL_DUPLEX_STREAMED",
-            "request_body_mode: BUFFERED",
-        );
+    if !options.strip_client_headers {
+        cut_section(&mut text, "strip");
     }
-    text
+    text.replace(
+        "request_body_mode: FULL_DUPLEX_STREAMED",
+        &format!("request_body_mode: {}", options.mode.envoy_name()),
+    )
 }
 
 /// Starts Envoy with `config`; returns it and the gateway port.
@@ -267,6 +399,15 @@ pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 impl Stack {
     pub async fn start(n: usize, mode: BodyMode, epp_args: &[&str]) -> Stack {
+        let options = EnvoyOptions {
+            tls: EnvoyTls::for_epp_args(epp_args),
+            ..EnvoyOptions::new(mode)
+        };
+        Self::start_with(n, options, epp_args).await
+    }
+
+    /// Like [`Stack::start`], with Envoy rendered from `options`.
+    pub async fn start_with(n: usize, options: EnvoyOptions, epp_args: &[&str]) -> Stack {
         let mut backends = Vec::new();
         for i in 0..n {
             backends.push(Backend::start(&format!("b{i}")).await);
@@ -279,8 +420,7 @@ impl Stack {
         }
         std::fs::write(&endpoints, text).unwrap();
         let (epp, grpc, epp_metrics_port, health_port) = start_epp_full(&endpoints, epp_args);
-        let tls = epp_args.contains(&"--secure-serving=true");
-        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config_tls(grpc, mode, tls));
+        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config_with(grpc, options));
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let stack = Stack {
             backends,
