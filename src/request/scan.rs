@@ -804,17 +804,16 @@ impl BodyScanner {
             let bad = RequestError::InvalidUtf8(self.utf8_carry_at);
             let need = utf8_len(self.utf8_carry[0]).ok_or(bad.clone())?;
             let take = (need - self.utf8_carry.len()).min(run.len());
-            if run[..take].iter().any(|b| b & 0xc0 != 0x80) {
-                return Err(bad);
-            }
             self.utf8_carry.extend_from_slice(&run[..take]);
             run = &run[take..];
             at += take;
-            if self.utf8_carry.len() < need {
-                return Ok(());
+            // Invalid as soon as no completion could make it valid (as a whole-run check
+            // would see it).
+            match std::str::from_utf8(&self.utf8_carry) {
+                Ok(_) => self.utf8_carry.clear(),
+                Err(e) if e.error_len().is_none() => return Ok(()),
+                Err(_) => return Err(bad),
             }
-            std::str::from_utf8(&self.utf8_carry).map_err(|_| bad)?;
-            self.utf8_carry.clear();
         }
         match std::str::from_utf8(run) {
             Ok(_) => Ok(()),
