@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::config::env::SchedulerEnv;
-use crate::datastore::EngineType;
 use crate::datastore::{Datastore, EndpointSpec};
 use crate::director::Director;
 use crate::extproc::proto::{
@@ -29,6 +28,7 @@ use crate::extproc::{Limits, Shared, StreamHandler};
 use crate::request::usage::UsageParser;
 use crate::request::{Api, BodyScanner, ScanLimits};
 use crate::scrape::engine::parse_metrics;
+use crate::scrape::mapping::Mappings;
 
 /// Splits `data` into chunks whose sizes come from `seed` (1..=64 bytes each, cycling).
 fn chunks<'a>(data: &'a [u8], seed: &[u8]) -> Vec<&'a [u8]> {
@@ -80,12 +80,15 @@ pub fn body_scanner(data: &[u8]) {
 /// The `/metrics` parser, for each engine.
 pub fn metrics_page(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
+    let mappings = Mappings::default();
     for engine in [
-        EngineType::Vllm,
-        EngineType::Sglang,
-        EngineType::TrtllmServe,
+        "vllm",
+        "sglang",
+        "trtllm-serve",
+        "triton-tensorrt-llm",
+        "triton",
     ] {
-        if let Ok(m) = parse_metrics(engine, &text, Instant::now()) {
+        if let Ok(m) = parse_metrics(&mappings.get(engine), &text, Instant::now()) {
             for v in [m.kv_cache_usage, m.waiting_queue.map(f64::from)]
                 .into_iter()
                 .flatten()
@@ -141,7 +144,7 @@ fn fixture() -> &'static Fixture {
         );
         let limits = Limits {
             max_body_bytes: 4096,
-            scan: ScanLimits::default(),
+            ..Limits::default()
         };
         Fixture {
             datastore,

@@ -6,6 +6,9 @@
 //! follow that path: [`extproc`] → [`request`] → [`director`] → [`scheduling`] (with [`index`])
 //! over the [`datastore`], which [`discovery`] and [`scrape`] keep current.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod director;
@@ -15,6 +18,7 @@ pub mod extproc;
 pub mod fuzz;
 pub mod index;
 pub mod leader;
+pub mod objectives;
 pub mod request;
 pub mod scheduling;
 pub mod scrape;

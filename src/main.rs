@@ -1,18 +1,20 @@
-//! `epp`: parse config → build datastore → start discovery and scrapers → build scheduler →
-//! serve ext_proc and metrics → wait for shutdown.
+//! `epp`: the Endpoint Picker server. Flags follow the Go EPP (see `epp::cli`).
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{ArgAction, Parser};
+use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use epp::cli::{Cli, compat};
+use epp::config::datalayer::DataLayer;
 use epp::config::env::SchedulerEnv;
 use epp::config::{endpoints_file, picker_config};
 use epp::datastore::Datastore;
@@ -20,13 +22,18 @@ use epp::director::Director;
 use epp::extproc::body::BodyBudget;
 use epp::extproc::serve::{self, ServeOptions};
 use epp::extproc::{ExtProcService, Limits, Shared};
+use epp::objectives::Policy;
 use epp::request::ScanLimits;
-use epp::scheduling::PluginTimer;
 use epp::scheduling::plugins::prefix::PrefixObserver;
+use epp::scheduling::{PluginTimer, Scheduler};
+use epp::scrape::mapping::{LegacyNames, Mappings};
+use epp::scrape::{MetricsTarget, ScrapeConfig};
 use epp::telemetry::endpoints::EndpointCollector;
+use epp::telemetry::health::{HealthService, HealthState};
+use epp::telemetry::logging::{self, LogOptions};
 use epp::telemetry::process::ProcessCollector;
-use epp::telemetry::{self, Metrics};
-use epp::{discovery, duration, leader, scrape, tls};
+use epp::telemetry::{self, Metrics, MetricsAuth};
+use epp::{discovery, leader, scrape, tls};
 
 #[cfg(feature = "alloc-stats")]
 #[global_allocator]
@@ -40,100 +47,19 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// much more than their scrape; epp's own load accounting is read live).
 const CANDIDATE_REUSE: Duration = Duration::from_millis(5);
 
-/// Endpoint Picker for LLM inference gateways (Envoy ext_proc). Flag names follow the Go EPP.
-#[derive(Debug, Parser)]
-#[command(name = "epp", version, about)]
-struct Cli {
-    /// ext_proc gRPC port.
-    #[arg(long, default_value_t = 9002)]
-    grpc_port: u16,
-    /// gRPC health port (grpc.health.v1).
-    #[arg(long, default_value_t = 9003)]
-    grpc_health_port: u16,
-    /// Prometheus metrics port (`/metrics`).
-    #[arg(long, default_value_t = 9090)]
-    metrics_port: u16,
-    /// Address the servers bind to.
-    #[arg(long, default_value = "0.0.0.0")]
-    bind_address: IpAddr,
-    /// Serve ext_proc over TLS (a self-signed certificate unless --cert-path is given);
-    /// `--secure-serving=false` for plaintext.
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
-    secure_serving: bool,
-    /// Directory holding tls.crt and tls.key (e.g. a mounted TLS secret).
-    #[arg(long)]
-    cert_path: Option<PathBuf>,
-    /// PEM CA bundle: ext_proc clients (Envoy) must present a certificate it signed (mutual
-    /// TLS). Needs --secure-serving.
-    #[arg(long)]
-    client_ca_path: Option<PathBuf>,
-    /// Write a local CA, epp's certificate (tls.crt/tls.key, for --cert-path) and a client
-    /// certificate for Envoy (client.crt/client.key) into this directory, then exit.
-    #[arg(long, value_name = "DIR")]
-    write_certs: Option<PathBuf>,
-    /// Names and addresses epp's certificate is valid for (with --write-certs).
-    #[arg(long, value_delimiter = ',', default_values_t = tls::DEFAULT_HOSTS.map(String::from))]
-    cert_hosts: Vec<String>,
-    /// EndpointPickerConfig file (plugins and scheduling profiles); overrides the scheduler
-    /// environment variables.
-    #[arg(long)]
-    config_file: Option<PathBuf>,
-    /// EndpointPickerConfig as text (instead of --config-file).
-    #[arg(long)]
-    config_text: Option<String>,
-    /// Static endpoints, `ip:port,ip:port…` (no Kubernetes).
-    #[arg(long, env = "EPP_ENDPOINTS")]
-    endpoints: Option<String>,
-    /// Static endpoints file (YAML; reloaded when it changes).
-    #[arg(long)]
-    endpoints_file: Option<PathBuf>,
-    /// InferencePool to follow (Kubernetes discovery); also labels the pool metrics.
-    #[arg(long)]
-    pool_name: Option<String>,
-    /// Namespace of the InferencePool.
-    #[arg(long, env = "NAMESPACE", default_value = "default")]
-    pool_namespace: String,
-    /// API group of the InferencePool: inference.networking.k8s.io (v1) or
-    /// inference.networking.x-k8s.io (v1alpha2).
-    #[arg(long, default_value = discovery::kube::GROUP_V1)]
-    pool_group: String,
-    /// Model-server metrics scrape interval.
-    #[arg(long, default_value = "50ms", value_parser = duration::parse)]
-    refresh_metrics_interval: Duration,
-    /// Accepted for compatibility with the Go EPP; epp computes its pool gauges whenever its
-    /// /metrics is scraped, so they are never older than the scrape.
-    #[arg(long, default_value = "5s", value_parser = duration::parse)]
-    refresh_prometheus_metrics_interval: Duration,
-    /// Age after which an endpoint's metrics are stale.
-    #[arg(long, default_value = "2s", value_parser = duration::parse)]
-    metrics_staleness_threshold: Duration,
-    /// Largest request body accepted (bytes); larger ones get 413.
-    #[arg(long, default_value_t = 32 << 20)]
-    max_request_body_bytes: usize,
-    /// Distinct model names that label request metrics; later names are counted as `other`
-    /// (names come from requests, and every label value is a series kept forever).
-    #[arg(long, default_value_t = epp::telemetry::cardinality::DEFAULT_MAX_VALUES)]
-    max_model_label_values: usize,
-    /// Threads serving ext_proc connections (each connection stays on one thread); default:
-    /// the number of CPUs.
-    #[arg(long)]
-    ext_proc_threads: Option<usize>,
-    /// Request-body bytes held at once across all requests; past it requests get 429.
-    #[arg(long, default_value_t = 256 << 20)]
-    max_inflight_body_bytes: usize,
-    /// Leader election across replicas with a Lease (only the leader reports ready);
-    /// needs --pool-name.
-    #[arg(long)]
-    ha_enable_leader_election: bool,
-    /// Log verbosity (0 info, 1–2 debug, 3+ trace); RUST_LOG overrides.
-    #[arg(short = 'v', long = "v", default_value_t = 0)]
-    verbosity: u8,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init_tracing(cli.verbosity);
+    let log = LogOptions::from_flags(
+        cli.verbosity,
+        cli.log_level.as_deref(),
+        cli.zap_log_level.as_deref(),
+        cli.zap_devel,
+        cli.zap_encoder.as_deref(),
+        cli.zap_time_encoding.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    logging::init(&log);
     if let Some(dir) = &cli.write_certs {
         tls::write_bundle(dir, &cli.cert_hosts)?;
         println!(
@@ -142,19 +68,20 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if cli.ha_enable_leader_election && cli.pool_name.is_none() {
-        bail!("--ha-enable-leader-election needs --pool-name (a Kubernetes pool)");
+    cli.validate().map_err(anyhow::Error::msg)?;
+    for (flag, note) in compat::unsupported(&cli) {
+        tracing::warn!(flag, "flag accepted without effect: {note}");
     }
+    run(cli).await
+}
 
-    if cli.refresh_metrics_interval.is_zero() {
-        bail!("--refresh-metrics-interval must be greater than 0");
-    }
-
-    // Configuration → scheduler (config file over environment).
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let datastore = Arc::new(Datastore::new());
     let budget = BodyBudget::new(cli.max_inflight_body_bytes);
+    let kube_mode = cli.pool_name.is_some() || cli.endpoint_selector.is_some();
     let metrics = Metrics::new(
         cli.pool_name.as_deref().unwrap_or("static"),
+        if kube_mode { &cli.pool_namespace } else { "" },
         vec![
             Box::new(EndpointCollector::new(
                 datastore.clone(),
@@ -164,185 +91,351 @@ async fn main() -> anyhow::Result<()> {
         ],
         cli.max_model_label_values,
     );
-    let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
-    let env = SchedulerEnv::from_env()?;
-    let scheduler = match picker_config::load(
-        cli.config_file.as_deref(),
-        cli.config_text.as_deref(),
-        observer.clone(),
-    )? {
-        Some(s) => s.with_saturation(env.saturation()),
-        None => env.build_observed(observer),
-    };
-    let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
-    scheduler
-        .record_in_background()
-        .context("starting the prefix index recorder")?;
+    let (scheduler, data_layer) = scheduler(&cli, &metrics)?;
     tracing::info!(profile = ?scheduler.profile(), "scheduler configured");
-
-    // Discovery.
+    let scrape_config = scrape_config(&cli, data_layer)?;
     for observer in scheduler.endpoint_observers() {
         datastore.add_observer(observer);
     }
-    let (_discovery, leader) = start_discovery(&cli, &datastore).await?;
+
+    // Endpoints, request policy, scrapes.
+    let kube = if kube_mode {
+        Some(kube_client(&cli).await?)
+    } else {
+        None
+    };
+    let policy = Policy::new();
+    let (_discovery, leader) =
+        start_discovery(&cli, &datastore, kube.clone(), &scrape_config.mappings)?;
+    let _policy_task = start_policy(&cli, kube.clone(), &policy)?;
     tokio::spawn(reconcile_indexes(scheduler.clone(), datastore.clone()));
-    let _scrapers = scrape::spawn(
-        datastore.clone(),
-        scrape::ScrapeConfig {
-            interval: cli.refresh_metrics_interval,
-            ..Default::default()
-        },
-    );
+    let _scrapers = scrape::spawn(datastore.clone(), scrape_config);
 
     // Servers.
-    let metrics_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.metrics_port))
-        .await
-        .context("binding the metrics port")?;
-    tracing::info!(address = %metrics_listener.local_addr()?, "metrics server listening");
-    let metrics_server = tokio::spawn(telemetry::serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        datastore.clone(),
-    ));
-
-    let director = Arc::new(
-        Director::new(
-            datastore.clone(),
-            scheduler,
-            cli.metrics_staleness_threshold,
-        )
-        .with_candidate_reuse(CANDIDATE_REUSE),
-    );
-    let limits = Limits {
-        max_body_bytes: cli.max_request_body_bytes,
-        scan: ScanLimits {
-            prompt_cap: director.scheduler.prompt_cap(),
-            ..ScanLimits::default()
-        },
-    };
-    let service = ExtProcService::new(Shared {
-        budget,
-        ..Shared::new(director, Some(metrics), limits)
-    });
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let health_listener =
-        TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_health_port))
-            .await
-            .context("binding the health port")?;
-    tracing::info!(address = %health_listener.local_addr()?, "health server listening");
-    tokio::spawn(telemetry::health::maintain(
-        health_reporter,
-        datastore.clone(),
-        move || leader.as_ref().is_none_or(|l| l.load(Ordering::Acquire)),
-    ));
-    let health_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .serve_with_incoming(TcpIncoming::from(health_listener).with_nodelay(Some(true))),
-    );
-
+    let health = HealthState::new(datastore.clone(), leader);
+    tokio::spawn(telemetry::health::log_changes(health.clone()));
+    let metrics_server = serve_metrics(&cli, metrics.clone(), datastore.clone(), kube).await?;
+    let health_server = serve_health(&cli, health.clone()).await?;
+    let service = ext_proc_service(&cli, scheduler, datastore, metrics, budget, policy);
     let grpc_listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_port))
         .await
         .context("binding the ext_proc port")?;
-    let tls = server_tls(&cli)?;
-    let threads = cli.ext_proc_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let options = serve_options(&cli, &health)?;
     tracing::info!(
         address = %grpc_listener.local_addr()?,
         tls = cli.secure_serving,
-        threads,
+        threads = options.threads,
         "ext_proc server listening"
     );
-    let options = ServeOptions {
-        threads,
-        tls,
-        keepalive: Duration::from_secs(30),
-    };
-    serve::serve(grpc_listener, service, options, shutdown_signal())
-        .await
-        .context("ext_proc server")?;
+    let drain = health.clone();
+    serve::serve(grpc_listener, service, options, async move {
+        shutdown_signal().await;
+        drain.start_draining();
+    })
+    .await
+    .context("ext_proc server")?;
     metrics_server.abort();
     health_server.abort();
     tracing::info!("epp stopped");
     Ok(())
 }
 
-/// The ext_proc TLS configuration the flags ask for (`None`: plaintext).
-fn server_tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-    if !cli.secure_serving {
-        if cli.client_ca_path.is_some() {
-            bail!("--client-ca-path needs --secure-serving");
-        }
-        return Ok(None);
-    }
-    let pair = match &cli.cert_path {
-        Some(dir) => tls::from_dir(dir)?,
-        None => tls::self_signed()?,
+/// The scheduler from the config file (or the environment), and what the config says about
+/// scraping.
+fn scheduler(cli: &Cli, metrics: &Arc<Metrics>) -> anyhow::Result<(Arc<Scheduler>, DataLayer)> {
+    let observer = Some(metrics.clone() as Arc<dyn PrefixObserver>);
+    let (scheduler, data_layer) = match picker_config::load(
+        cli.config_file.as_deref().map(std::path::Path::new),
+        cli.config_text.as_deref(),
+        observer.clone(),
+    )? {
+        Some(c) => (c.scheduler, c.data_layer),
+        None => (
+            SchedulerEnv::from_env()?.build_observed(observer),
+            DataLayer::default(),
+        ),
     };
-    let client_ca = cli
-        .client_ca_path
-        .as_deref()
-        .map(tls::read_pem)
-        .transpose()?;
-    Ok(Some(tls::server_config(&pair, client_ca.as_deref())))
+    let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
+    scheduler
+        .record_in_background()
+        .context("starting the prefix index recorder")?;
+    Ok((scheduler, data_layer))
 }
+
+/// Where and how model-server metrics are scraped: the config's `metrics-data-source` and
+/// `core-metrics-extractor`, else the flags, else the defaults.
+fn scrape_config(cli: &Cli, data_layer: DataLayer) -> anyhow::Result<ScrapeConfig> {
+    let source = data_layer.source.unwrap_or_default();
+    let target = MetricsTarget {
+        https: source
+            .https
+            .unwrap_or(cli.model_server_metrics_scheme.as_deref() == Some("https")),
+        path: source
+            .path
+            .or_else(|| cli.model_server_metrics_path.clone())
+            .unwrap_or_else(|| "/metrics".into()),
+        port: cli.model_server_metrics_port,
+        insecure_skip_verify: source
+            .insecure_skip_verify
+            .or(cli.model_server_metrics_https_insecure_skip_verify)
+            .unwrap_or(true),
+    };
+    let legacy = LegacyNames {
+        queued: cli.total_queued_requests_metric.clone(),
+        running: cli.total_running_requests_metric.clone(),
+        kv_usage: cli.kv_cache_usage_percentage_metric.clone(),
+        lora: cli.lora_info_metric.clone(),
+        cache_info: cli.cache_info_metric.clone(),
+    };
+    let mappings = data_layer
+        .mappings
+        .unwrap_or_default()
+        .with_legacy(&legacy)
+        .context("legacy metric flags")?;
+    let interval = source.interval.unwrap_or(cli.refresh_metrics_interval);
+    Ok(ScrapeConfig {
+        interval,
+        target,
+        mappings: Arc::new(mappings),
+        ..ScrapeConfig::default()
+    })
+}
+
+fn ext_proc_service(
+    cli: &Cli,
+    scheduler: Arc<Scheduler>,
+    datastore: Arc<Datastore>,
+    metrics: Arc<Metrics>,
+    budget: Arc<BodyBudget>,
+    policy: Arc<Policy>,
+) -> ExtProcService {
+    let prompt_cap = scheduler.prompt_cap();
+    let director = Arc::new(
+        Director::new(datastore, scheduler, cli.metrics_staleness_threshold)
+            .with_candidate_reuse(CANDIDATE_REUSE),
+    );
+    let limits = Limits {
+        max_body_bytes: cli.max_request_body_bytes,
+        scan: ScanLimits {
+            prompt_cap,
+            ..ScanLimits::default()
+        },
+        max_recv_message: cli.grpc_max_recv_msg_size,
+        max_send_message: cli.grpc_max_send_msg_size,
+    };
+    ExtProcService::new(Shared {
+        budget,
+        policy,
+        ignore_subset_hint: cli.disable_endpoint_subset_filter,
+        ..Shared::new(director, Some(metrics), limits)
+    })
+}
+
+fn serve_options(cli: &Cli, health: &Arc<HealthState>) -> anyhow::Result<ServeOptions> {
+    let tls = if cli.secure_serving {
+        let tls13_only = cli
+            .tls_min_version
+            .as_deref()
+            .map(tls::parse_min_version)
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or(false);
+        let options = tls::ServerTlsOptions {
+            cert: match &cli.cert_path {
+                Some(dir) => tls::CertSource::Dir {
+                    path: dir.into(),
+                    reload: cli.enable_cert_reload,
+                },
+                None => tls::CertSource::SelfSigned,
+            },
+            client_ca: cli
+                .client_ca_path
+                .as_deref()
+                .map(tls::read_pem)
+                .transpose()?,
+            tls13_only,
+        };
+        Some(tls::server_acceptor(&options)?)
+    } else {
+        None
+    };
+    Ok(ServeOptions {
+        threads: cli.ext_proc_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        tls,
+        keepalive: Duration::from_secs(30),
+        health: cli.health_checking.then(|| health.clone()),
+        drain_timeout: cli.drain_timeout,
+    })
+}
+
+async fn serve_metrics(
+    cli: &Cli,
+    metrics: Arc<Metrics>,
+    datastore: Arc<Datastore>,
+    kube: Option<kube::Client>,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.metrics_port))
+        .await
+        .context("binding the metrics port")?;
+    let auth = match (
+        &cli.metrics_bearer_token_file,
+        cli.metrics_endpoint_auth,
+        kube,
+    ) {
+        (Some(path), _, _) => MetricsAuth::Token(path.clone()),
+        (None, true, Some(client)) => MetricsAuth::kubernetes(client),
+        (None, true, None) => {
+            tracing::warn!(
+                "--metrics-endpoint-auth needs Kubernetes discovery; /metrics is open (use --metrics-bearer-token-file)"
+            );
+            MetricsAuth::Open
+        }
+        (None, false, _) => MetricsAuth::Open,
+    };
+    tracing::info!(address = %listener.local_addr()?, auth = ?auth, "metrics server listening");
+    Ok(tokio::spawn(telemetry::serve_metrics(
+        listener, metrics, datastore, auth,
+    )))
+}
+
+async fn serve_health(
+    cli: &Cli,
+    health: Arc<HealthState>,
+) -> anyhow::Result<JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = TcpListener::bind(SocketAddr::new(cli.bind_address, cli.grpc_health_port))
+        .await
+        .context("binding the health port")?;
+    tracing::info!(address = %listener.local_addr()?, "health server listening");
+    Ok(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HealthService::server(health))
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
+    ))
+}
+
+async fn kube_client(cli: &Cli) -> anyhow::Result<kube::Client> {
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {path}"))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {path}"))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (in-cluster or ~/.kube/config)")?,
+    };
+    kube::Client::try_from(config).context("connecting to the Kubernetes API")
+}
+
+type Discovery = (Option<JoinHandle<()>>, Option<Arc<AtomicBool>>);
 
 /// Starts the endpoint source the flags name; returns its task and, with leader election,
 /// the flag telling whether this replica leads.
-async fn start_discovery(
+fn start_discovery(
     cli: &Cli,
     datastore: &Arc<Datastore>,
-) -> anyhow::Result<(Option<JoinHandle<()>>, Option<Arc<AtomicBool>>)> {
-    match (&cli.endpoints, &cli.endpoints_file, &cli.pool_name) {
-        (Some(_), Some(_), _) => bail!("give either --endpoints or --endpoints-file, not both"),
-        (Some(list), None, _) => {
+    kube: Option<kube::Client>,
+    mappings: &Mappings,
+) -> anyhow::Result<Discovery> {
+    if let Some(client) = kube {
+        let source = match (&cli.pool_name, &cli.endpoint_selector) {
+            (Some(name), _) => {
+                let pool = discovery::kube::PoolRef {
+                    name: name.clone(),
+                    namespace: cli.pool_namespace.clone(),
+                    group: cli.pool_group.clone(),
+                };
+                pool.api_resource()?;
+                discovery::kube::Source::Pool(pool)
+            }
+            (None, Some(selector)) => {
+                discovery::kube::Source::Selector(discovery::kube::SelectorRef {
+                    namespace: cli.pool_namespace.clone(),
+                    selector: selector.clone(),
+                    target_ports: cli.target_ports(),
+                })
+            }
+            (None, None) => bail!("Kubernetes discovery needs --pool-name or --endpoint-selector"),
+        };
+        let leader = cli
+            .ha_enable_leader_election
+            .then(|| start_leader_election(cli, client.clone()));
+        let task = tokio::spawn(discovery::kube::run_source(
+            client,
+            source,
+            datastore.clone(),
+            mappings.label_key.clone(),
+        ));
+        return Ok((Some(task), leader));
+    }
+    match (&cli.endpoints, &cli.endpoints_file) {
+        (Some(_), Some(_)) => bail!("give either --endpoints or --endpoints-file, not both"),
+        (Some(list), None) => {
             discovery::static_::install_list(datastore, endpoints_file::parse_list(list)?);
             Ok((None, None))
         }
-        (None, Some(path), _) => Ok((
+        (None, Some(path)) => Ok((
             Some(discovery::static_::watch_file(
                 datastore.clone(),
                 path.clone(),
             )?),
             None,
         )),
-        (None, None, Some(name)) => {
-            let pool = discovery::kube::PoolRef {
-                name: name.clone(),
-                namespace: cli.pool_namespace.clone(),
-                group: cli.pool_group.clone(),
-            };
-            pool.api_resource()?;
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
-            let mut leader = None;
-            if cli.ha_enable_leader_election {
-                let identity = std::env::var("POD_NAME")
-                    .or_else(|_| std::env::var("HOSTNAME"))
-                    .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
-                let elector = leader::Elector::new(
-                    kube::Api::namespaced(client.clone(), &pool.namespace),
-                    leader::lease_name(&pool.name),
-                    identity,
-                    leader::Timing::default(),
-                );
-                leader = Some(elector.leader_flag());
-                tokio::spawn(elector.run());
-            }
-            let task = tokio::spawn(discovery::kube::run(client, pool, datastore.clone()));
-            Ok((Some(task), leader))
-        }
-        (None, None, None) => bail!(
-            "no endpoint source: pass --pool-name (Kubernetes), --endpoints or --endpoints-file"
+        (None, None) => bail!(
+            "no endpoint source: pass --pool-name or --endpoint-selector (Kubernetes), --endpoints or --endpoints-file"
         ),
     }
 }
 
+fn start_leader_election(cli: &Cli, client: kube::Client) -> Arc<AtomicBool> {
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
+    let lease_for = cli
+        .pool_name
+        .clone()
+        .or_else(|| cli.endpoint_selector.clone())
+        .unwrap_or_default();
+    let elector = leader::Elector::new(
+        kube::Api::namespaced(client, &cli.pool_namespace),
+        leader::lease_name(&lease_for),
+        identity,
+        leader::Timing::default(),
+    );
+    let flag = elector.leader_flag();
+    tokio::spawn(elector.run());
+    flag
+}
+
+/// Keeps the request policy current: watched in Kubernetes mode, read from
+/// `--objectives-file` in static mode.
+fn start_policy(
+    cli: &Cli,
+    kube: Option<kube::Client>,
+    policy: &Arc<Policy>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    if let Some(path) = &cli.objectives_file {
+        let task = discovery::policy::watch_file(path.clone(), policy.clone())
+            .map_err(anyhow::Error::msg)?;
+        return Ok(Some(task));
+    }
+    Ok(kube.map(|client| {
+        tokio::spawn(discovery::policy::watch(
+            client,
+            cli.pool_namespace.clone(),
+            cli.pool_name.clone(),
+            policy.clone(),
+        ))
+    }))
+}
+
 /// Every 30 s, drops from the prefix indexes any endpoint the datastore no longer has (a
 /// safety net behind the removal notifications).
-async fn reconcile_indexes(scheduler: Arc<epp::scheduling::Scheduler>, datastore: Arc<Datastore>) {
+async fn reconcile_indexes(scheduler: Arc<Scheduler>, datastore: Arc<Datastore>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -352,15 +445,23 @@ async fn reconcile_indexes(scheduler: Arc<epp::scheduling::Scheduler>, datastore
     }
 }
 
+/// Resolves at SIGTERM or Ctrl-C (at once if the SIGTERM handler cannot be installed, so
+/// that a broken signal setup cannot keep epp from stopping).
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler; waiting for Ctrl-C");
+                let _ = ctrl_c.await;
+            }
         }
     }
     #[cfg(not(unix))]

@@ -9,7 +9,13 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -19,6 +25,8 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Certificate(String),
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]
@@ -65,13 +73,144 @@ pub fn from_dir(dir: &Path) -> Result<CertPair, TlsError> {
     })
 }
 
-/// The tonic server TLS config for a certificate pair; with `client_ca` (PEM), clients must
-/// present a certificate that CA signed.
-pub fn server_config(pair: &CertPair, client_ca: Option<&str>) -> ServerTlsConfig {
-    let config = ServerTlsConfig::new().identity(Identity::from_pem(&pair.cert_pem, &pair.key_pem));
-    match client_ca {
-        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-        None => config,
+/// Where the ext_proc server's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// Generated at start.
+    SelfSigned,
+    /// `tls.crt` and `tls.key` in a directory; with `reload`, re-read when they change.
+    Dir { path: PathBuf, reload: bool },
+}
+
+/// ext_proc TLS settings.
+#[derive(Debug, Clone)]
+pub struct ServerTlsOptions {
+    pub cert: CertSource,
+    /// PEM CA bundle for mutual TLS.
+    pub client_ca: Option<String>,
+    /// Refuse TLS 1.2.
+    pub tls13_only: bool,
+}
+
+/// The Go EPP's `--tls-min-version` values: `VersionTLS12` / `VersionTLS13` (also `1.2`,
+/// `1.3`); `Ok(true)` means TLS 1.3 only.
+pub fn parse_min_version(v: &str) -> Result<bool, String> {
+    match v.trim() {
+        "VersionTLS12" | "1.2" | "TLS12" | "" => Ok(false),
+        "VersionTLS13" | "1.3" | "TLS13" => Ok(true),
+        "VersionTLS10" | "VersionTLS11" | "1.0" | "1.1" => Err(format!(
+            "--tls-min-version {v}: epp supports TLS 1.2 and 1.3 only"
+        )),
+        other => Err(format!("--tls-min-version: unknown version {other:?}")),
+    }
+}
+
+fn certified_key(pair: &CertPair) -> Result<Arc<CertifiedKey>, TlsError> {
+    let bad = |reason: String| TlsError::Certificate(reason);
+    let certs = rustls_pemfile_certs(&pair.cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+        .map_err(|e| bad(format!("private key: {e}")))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| bad(format!("private key: {e}")))?;
+    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| TlsError::Certificate(format!("certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate(
+            "no certificate in the PEM text".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Serves the current certificate; a reload swaps it in for new handshakes.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: arc_swap::ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// The TLS acceptor for the ext_proc port (ALPN `h2`). With a reloading [`CertSource::Dir`],
+/// a task re-reads the files every 5 s and swaps the certificate when they changed (bad files
+/// are logged and the old certificate kept).
+pub fn server_acceptor(options: &ServerTlsOptions) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let pair = match &options.cert {
+        CertSource::SelfSigned => self_signed()?,
+        CertSource::Dir { path, .. } => from_dir(path)?,
+    };
+    let resolver = Arc::new(CertResolver {
+        current: arc_swap::ArcSwap::new(certified_key(&pair)?),
+    });
+    if let CertSource::Dir { path, reload: true } = &options.cert {
+        tokio::spawn(reload_loop(path.clone(), pair, resolver.clone()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if options.tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let builder = match &options.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError::Certificate(format!("client CA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::Certificate(format!("client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn reload_loop(dir: PathBuf, mut last: CertPair, resolver: Arc<CertResolver>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let pair = match from_dir(&dir) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate reload: keeping the current certificate");
+                continue;
+            }
+        };
+        if pair.cert_pem == last.cert_pem && pair.key_pem == last.key_pem {
+            continue;
+        }
+        match certified_key(&pair) {
+            Ok(key) => {
+                resolver.current.store(key);
+                tracing::info!(dir = %dir.display(), "certificate reloaded");
+                last = pair;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate reload: keeping the current certificate")
+            }
+        }
     }
 }
 
@@ -81,6 +220,78 @@ pub fn read_pem(path: &Path) -> Result<String, TlsError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// A TLS client configuration for scrapes: the system's root certificates, or (insecure)
+/// any certificate at all, as the Go EPP's `insecureSkipVerify` (its default) does.
+pub fn client_config(insecure: bool) -> rustls::ClientConfig {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder_with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        });
+    if insecure {
+        return builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    builder.with_root_certificates(roots).with_no_client_auth()
+}
+
+/// Accepts every server certificate (signatures are still checked to be well-formed).
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Names epp's certificate is valid for when none are given.

@@ -429,11 +429,15 @@ async fn grpc_health_reports_ready_services() {
             .await
             .unwrap();
     let mut client = HealthClient::new(channel);
+    // Without leader election every name answers with the sync state, as in the Go EPP
+    // (its chart probes `inference-extension`).
     for service in [
         "",
         "liveness",
         "readiness",
+        "inference-extension",
         "envoy.service.ext_proc.v3.ExternalProcessor",
+        "any-name",
     ] {
         let resp = client
             .check(HealthCheckRequest {
@@ -444,12 +448,37 @@ async fn grpc_health_reports_ready_services() {
             .into_inner();
         assert_eq!(resp.status(), ServingStatus::Serving, "service {service:?}");
     }
-    let unknown = client
+}
+
+/// `--health-checking`: the ext_proc port answers gRPC health too (TLS, as Envoy's health
+/// checks of the epp cluster would reach it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checking_serves_health_on_the_ext_proc_port() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let stack = Stack::start(1, BodyMode::FullDuplex, &["--health-checking"]).await;
+    let grpc_port = stack
+        .epp
+        .logs()
+        .lines()
+        .find(|l| l.contains("ext_proc server listening"))
+        .and_then(|l| l.split("address=127.0.0.1:").nth(1))
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let resp = HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: "nope".into(),
+            service: "inference-extension".into(),
         })
-        .await;
-    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status(), ServingStatus::Serving);
+    assert_eq!(stack.complete("still routes").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

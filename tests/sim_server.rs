@@ -92,7 +92,7 @@ async fn completions_json_reports_usage_and_prefix_hits() {
     }
     // epp's own parser accepts the page.
     let m = epp::scrape::parse_metrics(
-        epp::datastore::EngineType::Vllm,
+        &epp::scrape::mapping::Mappings::default().get("vllm"),
         &metrics,
         std::time::Instant::now(),
     )

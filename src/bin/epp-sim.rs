@@ -630,7 +630,7 @@ async fn models(State(s): State<St>) -> Response {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    epp::telemetry::init_tracing(0);
+    epp::telemetry::logging::init(&epp::telemetry::logging::LogOptions::default());
     anyhow::ensure!(cli.speed > 0.0, "--speed must be greater than 0");
     anyhow::ensure!(
         cli.kv_blocks > 0 && cli.block_size > 0,

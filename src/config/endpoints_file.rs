@@ -120,7 +120,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v[0].metrics_address.port(), 9000);
-        assert_eq!(v[0].engine, EngineType::Sglang);
+        assert_eq!(v[0].engine.as_str(), "sglang");
         assert_eq!(v[1].name, "b");
         assert_eq!(v[1].metrics_address.port(), 8001);
     }
@@ -133,7 +133,7 @@ mod tests {
         assert!(e.contains("endpoints[0].address"), "{e}");
         let e = parse_file_text(
             "f",
-            "endpoints:\n  - address: 127.0.0.1:1\n    engine: tgi\n",
+            "endpoints:\n  - address: 127.0.0.1:1\n    engine: \"not an engine!\"\n",
         )
         .unwrap_err()
         .to_string();

@@ -195,7 +195,8 @@ impl SchedulerEnv {
 
     /// Like [`SchedulerEnv::build`], reporting prefix matches to `observer`.
     pub fn build_observed(&self, observer: Option<Arc<dyn PrefixObserver>>) -> Scheduler {
-        let saturation = self.saturation();
+        let saturation: Arc<dyn crate::scheduling::plugins::utilization::SaturationDetector> =
+            Arc::new(self.saturation());
         if !self.use_v2 {
             return Scheduler::new(v1::profile(self.v1), Vec::new()).with_saturation(saturation);
         }

@@ -1,6 +1,7 @@
 //! Configuration: environment variables of the Go EPP (this module), command-line flags (in
 //! `main.rs`), and the static endpoints file.
 
+pub mod datalayer;
 pub mod endpoints_file;
 pub mod env;
 pub mod params;

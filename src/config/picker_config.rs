@@ -30,6 +30,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::datalayer::DataLayer;
 use super::params::Params;
 use super::plugin_factory::{self, Built};
 use crate::scheduling::Scheduler;
@@ -37,6 +38,7 @@ use crate::scheduling::framework::{Filter, Profile};
 use crate::scheduling::plugins::decision_tree::DecisionTreeFilter;
 use crate::scheduling::plugins::max_score::MaxScorePicker;
 use crate::scheduling::plugins::prefix::{PrefixCachePlugin, PrefixObserver};
+use crate::scheduling::plugins::utilization::{self, SaturationDetector, UtilizationDetector};
 
 /// A config problem: the field (path) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +71,36 @@ struct RawConfig {
     scheduling_profiles: Vec<RawProfile>,
     #[serde(default)]
     feature_gates: Vec<String>,
+    #[serde(default)]
+    saturation_detector: Option<RawPluginRef>,
+    #[serde(default)]
+    data_layer: Option<RawDataLayer>,
+    #[serde(default)]
+    parser: Option<RawPluginRef>,
+    #[serde(default)]
+    flow_control: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPluginRef {
+    #[serde(default)]
+    plugin_ref: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataLayer {
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    plugin_ref: String,
+    #[serde(default)]
+    extractors: Vec<RawPluginRef>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +217,13 @@ fn parse_document(text: &str) -> Result<RawConfig, PickerConfigError> {
             format!("{:?} is not EndpointPickerConfig", raw.kind),
         ));
     }
+    if raw.flow_control.is_some() {
+        return Err(err(
+            "flowControl",
+            "not supported: epp has no flow-control queue (requests are scheduled at once; \
+             sheddable ones get 429 while the pool is saturated)",
+        ));
+    }
     if !raw.feature_gates.is_empty() {
         tracing::warn!(gates = ?raw.feature_gates, "featureGates are accepted but have no effect in epp");
     }
@@ -285,10 +324,24 @@ fn build_profile(
                 picker_set = true;
             }
             Built::LoadProducer(l) => profile.load = l,
+            Built::Utilization(u) => profile.filters.push(u),
             Built::ProfileHandler => {}
+            Built::MetricsSource(_) | Built::MetricsExtractor(_) | Built::Parser => {
+                return Err(err(
+                    format!("{field}.pluginRef"),
+                    format!("{kind} is not a scheduling plugin"),
+                ));
+            }
         }
     }
     Ok((profile, prefixes))
+}
+
+/// A built config: the scheduler and what it says about scraping.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub scheduler: Scheduler,
+    pub data_layer: DataLayer,
 }
 
 /// Parses and builds a scheduler from config text (YAML or JSON).
@@ -296,14 +349,23 @@ pub fn build_scheduler(
     text: &str,
     observer: Option<Arc<dyn PrefixObserver>>,
 ) -> Result<Scheduler, PickerConfigError> {
+    build_config(text, observer).map(|c| c.scheduler)
+}
+
+/// Parses and builds everything a config describes, injecting the Go EPP's defaults: a
+/// profile of every filter, scorer and picker when none is given, the max-score picker, the
+/// utilization detector, the OpenAI parser, and the metrics source and extractor.
+pub fn build_config(
+    text: &str,
+    observer: Option<Arc<dyn PrefixObserver>>,
+) -> Result<LoadedConfig, PickerConfigError> {
     let raw = parse_document(text)?;
     let reg = register_plugins(&raw.plugins, observer.as_ref())?;
+    let default_profile;
     let profile_raw = match raw.scheduling_profiles.as_slice() {
         [] => {
-            return Err(err(
-                "schedulingProfiles",
-                "at least one profile is required",
-            ));
+            default_profile = implicit_profile(&raw.plugins, &reg);
+            &default_profile
         }
         [p] => p,
         _ => {
@@ -314,7 +376,134 @@ pub fn build_scheduler(
         }
     };
     let (profile, prefixes) = build_profile(profile_raw, &reg)?;
-    Ok(Scheduler::new(profile, prefixes))
+    check_parser(raw.parser.as_ref(), &reg)?;
+    let scheduler = Scheduler::new(profile, prefixes)
+        .with_saturation(saturation_detector(raw.saturation_detector.as_ref(), &reg)?);
+    Ok(LoadedConfig {
+        scheduler,
+        data_layer: data_layer(raw.data_layer.as_ref(), &raw.plugins, &reg)?,
+    })
+}
+
+/// The profile the Go EPP assumes without `schedulingProfiles`: every filter, scorer and
+/// picker, in the order the plugins are listed, scorers weighted 1.
+fn implicit_profile(plugins: &[RawPlugin], reg: &Registry) -> RawProfile {
+    let refs = plugins
+        .iter()
+        .map(|p| p.name.clone().unwrap_or_else(|| p.kind.clone()))
+        .filter(|name| {
+            reg.by_name.get(name).is_some_and(|(_, b)| {
+                matches!(
+                    b,
+                    Built::Prefix { .. }
+                        | Built::Scorer(_)
+                        | Built::Filter(_)
+                        | Built::Utilization(_)
+                        | Built::Picker(_)
+                        | Built::LoadProducer(_)
+                )
+            })
+        })
+        .map(|plugin_ref| RawRef {
+            plugin_ref,
+            weight: None,
+        })
+        .collect();
+    RawProfile {
+        name: "default".into(),
+        plugins: refs,
+    }
+}
+
+/// `saturationDetector.pluginRef`: a `utilization-detector` plugin, or (unset, or naming the
+/// type) one with default parameters.
+fn saturation_detector(
+    raw: Option<&RawPluginRef>,
+    reg: &Registry,
+) -> Result<Arc<dyn SaturationDetector>, PickerConfigError> {
+    let name = raw
+        .map(|r| r.plugin_ref.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or(utilization::TYPE);
+    match reg.by_name.get(name) {
+        Some((_, Built::Utilization(u))) => Ok(u.clone()),
+        Some((kind, _)) => Err(err(
+            "saturationDetector.pluginRef",
+            format!("{kind} is not a saturation detector"),
+        )),
+        None if name == utilization::TYPE => Ok(Arc::new(UtilizationDetector::default())),
+        None => Err(err(
+            "saturationDetector.pluginRef",
+            format!("no plugin named {name:?}"),
+        )),
+    }
+}
+
+/// `parser.pluginRef`: epp parses OpenAI-style bodies only (`openai-parser`).
+fn check_parser(raw: Option<&RawPluginRef>, reg: &Registry) -> Result<(), PickerConfigError> {
+    let Some(name) = raw.map(|r| r.plugin_ref.as_str()).filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    match reg.by_name.get(name) {
+        Some((_, Built::Parser)) => Ok(()),
+        Some((kind, _)) => Err(err("parser.pluginRef", format!("{kind} is not a parser"))),
+        None if name == "openai-parser" => Ok(()),
+        None => Err(err("parser.pluginRef", format!("no plugin named {name:?}"))),
+    }
+}
+
+/// The data source and extractor: those the `dataLayer` section wires (one source, one
+/// extractor), else the ones listed among the plugins.
+fn data_layer(
+    raw: Option<&RawDataLayer>,
+    plugins: &[RawPlugin],
+    reg: &Registry,
+) -> Result<DataLayer, PickerConfigError> {
+    let mut out = DataLayer::default();
+    let Some(raw) = raw else {
+        for p in plugins {
+            let name = p.name.clone().unwrap_or_else(|| p.kind.clone());
+            match reg.by_name.get(&name).map(|(_, b)| b) {
+                Some(Built::MetricsSource(s)) if out.source.is_none() => {
+                    out.source = Some(s.clone())
+                }
+                Some(Built::MetricsExtractor(m)) if out.mappings.is_none() => {
+                    out.mappings = Some(m.clone());
+                }
+                _ => {}
+            }
+        }
+        return Ok(out);
+    };
+    if raw.sources.len() > 1 {
+        return Err(err("dataLayer.sources", "epp supports one metrics source"));
+    }
+    for (i, source) in raw.sources.iter().enumerate() {
+        let field = format!("dataLayer.sources[{i}]");
+        match reg.get(&source.plugin_ref, &format!("{field}.pluginRef"))? {
+            (_, Built::MetricsSource(s)) => out.source = Some(s.clone()),
+            (kind, _) => {
+                return Err(err(
+                    format!("{field}.pluginRef"),
+                    format!("{kind} is not a data source"),
+                ));
+            }
+        }
+        if source.extractors.len() > 1 {
+            return Err(err(
+                format!("{field}.extractors"),
+                "epp supports one extractor",
+            ));
+        }
+        for (j, e) in source.extractors.iter().enumerate() {
+            let f = format!("{field}.extractors[{j}].pluginRef");
+            match reg.get(&e.plugin_ref, &f)? {
+                (_, Built::MetricsExtractor(m)) => out.mappings = Some(m.clone()),
+                (kind, _) => return Err(err(f, format!("{kind} is not an extractor"))),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Reads `--config-file` or uses `--config-text`.
@@ -322,7 +511,7 @@ pub fn load(
     file: Option<&std::path::Path>,
     text: Option<&str>,
     observer: Option<Arc<dyn PrefixObserver>>,
-) -> Result<Option<Scheduler>, PickerConfigError> {
+) -> Result<Option<LoadedConfig>, PickerConfigError> {
     let text = match (file, text) {
         (Some(_), Some(_)) => {
             return Err(err("--config-file/--config-text", "give one, not both"));
@@ -332,7 +521,7 @@ pub fn load(
         (None, Some(t)) => t.to_owned(),
         (None, None) => return Ok(None),
     };
-    build_scheduler(&text, observer).map(Some)
+    build_config(&text, observer).map(Some)
 }
 
 #[cfg(test)]
@@ -454,8 +643,32 @@ schedulingProfiles:
                 "plugins[0].parameters.current.pluginRef",
             ),
             (
-                "plugins: []\nschedulingProfiles: []\n",
-                "schedulingProfiles",
+                "plugins: []\nflowControl: {maxBytes: 1Gi}\nschedulingProfiles: [{name: a}]\n",
+                "flowControl",
+            ),
+            (
+                "plugins:\n- type: queue-scorer\nsaturationDetector: {pluginRef: queue-scorer}\nschedulingProfiles: [{name: a}]\n",
+                "saturationDetector.pluginRef",
+            ),
+            (
+                "plugins:\n- type: queue-scorer\ndataLayer: {sources: [{pluginRef: queue-scorer}]}\nschedulingProfiles: [{name: a}]\n",
+                "dataLayer.sources[0].pluginRef",
+            ),
+            (
+                "plugins:\n- type: metrics-data-source\n  parameters: {scheme: ftp}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.scheme",
+            ),
+            (
+                "plugins:\n- type: core-metrics-extractor\n  parameters: {engineConfigs: [{name: x, kvUsageSpec: 'a{b'}]}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.engineConfigs",
+            ),
+            (
+                "plugins:\n- type: utilization-detector\n  parameters: {kvCacheUtilThreshold: 1.5}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.kvCacheUtilThreshold",
+            ),
+            (
+                "plugins: []\nparser: {pluginRef: vllmgrpc-parser}\nschedulingProfiles: [{name: a}]\n",
+                "parser.pluginRef",
             ),
             (
                 "plugins: []\nschedulingProfiles: [{name: a}, {name: b}]\n",
@@ -472,6 +685,55 @@ schedulingProfiles:
         }
         assert!(error("apiVersion: v9\nkind: EndpointPickerConfig\n").contains("apiVersion"));
         assert!(error("apiVersion: llm-d.ai/v1alpha1\nkind: Pod\n").contains("kind"));
+    }
+
+    /// GIE v1.5.0's chart config: no picker, no profile handler, a data source and extractor.
+    #[test]
+    fn gie_chart_config_gets_the_injected_defaults() {
+        let text = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+  parameters:
+    scheme: "https"
+    path: "/prometheus/metrics"
+    insecureSkipVerify: true
+- type: core-metrics-extractor
+  parameters:
+    defaultEngine: "sglang"
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"#;
+        let c = build_config(text, None).unwrap();
+        assert_eq!(c.scheduler.profile().picker.name(), "max-score-picker");
+        let source = c.data_layer.source.unwrap();
+        assert_eq!(source.https, Some(true));
+        assert_eq!(source.path.as_deref(), Some("/prometheus/metrics"));
+        let mappings = c.data_layer.mappings.unwrap();
+        assert_eq!(mappings.default_mapping().name, "sglang");
+    }
+
+    #[test]
+    fn no_profile_means_every_scheduling_plugin_with_weight_one() {
+        let text = format!(
+            "{HEAD}plugins:\n- type: queue-scorer\n- type: utilization-detector\n  parameters: {{queueDepthThreshold: 9, headroom: 0.5}}\n- type: random-picker\n- type: openai-parser\nparser: {{pluginRef: openai-parser}}\nsaturationDetector: {{pluginRef: utilization-detector}}\ndataLayer: {{sources: []}}\n"
+        );
+        let c = build_config(&text, None).unwrap();
+        let p = c.scheduler.profile();
+        assert_eq!(names(&c.scheduler), vec![("queue-scorer".to_owned(), 1.0)]);
+        assert_eq!(p.filters[0].name(), "utilization-detector");
+        assert_eq!(p.picker.name(), "random-picker");
     }
 
     #[test]

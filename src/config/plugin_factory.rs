@@ -26,6 +26,7 @@ use crate::scheduling::plugins::{
     random::RandomPicker,
     running_requests::RunningRequestsScorer,
     token_load::TokenLoadScorer,
+    utilization::{self, UtilizationDetector},
     weighted_random::WeightedRandomPicker,
 };
 
@@ -45,6 +46,14 @@ pub enum Built {
     LoadProducer(Arc<InflightLoadProducer>),
     /// Accepted; epp runs one profile per request.
     ProfileHandler,
+    /// `metrics-data-source`.
+    MetricsSource(super::datalayer::MetricsSource),
+    /// `core-metrics-extractor`.
+    MetricsExtractor(crate::scrape::mapping::Mappings),
+    /// `utilization-detector`: a saturation detector, and a filter when a profile lists it.
+    Utilization(Arc<UtilizationDetector>),
+    /// `openai-parser` (epp's request parser; the only one).
+    Parser,
 }
 
 impl Built {
@@ -113,9 +122,42 @@ pub fn build(
             max_endpoints: max_endpoints(p)?,
         })),
         "single-profile-handler" => Built::ProfileHandler,
+        "metrics-data-source" => Built::MetricsSource(super::datalayer::metrics_source(p)?),
+        "core-metrics-extractor" => {
+            Built::MetricsExtractor(super::datalayer::metrics_extractor(p)?)
+        }
+        utilization::TYPE => Built::Utilization(Arc::new(utilization_detector(p)?)),
+        "openai-parser" => Built::Parser,
         _ => return Ok(None),
     };
     Ok(Some(built))
+}
+
+/// `utilization-detector` parameters.
+fn utilization_detector(p: &mut Params<'_>) -> Result<UtilizationDetector, PickerConfigError> {
+    let mut d = UtilizationDetector::default();
+    if let Some(q) = p.positive("queueDepthThreshold")? {
+        d.queue_threshold = clamp_u32(q);
+    }
+    if let Some(kv) = p.number("kvCacheUtilThreshold")? {
+        if !(kv > 0.0 && kv <= 1.0) {
+            return Err(p.error("kvCacheUtilThreshold", "must be in (0, 1]"));
+        }
+        d.kv_threshold = kv;
+    }
+    if let Some(s) = p.string("metricsStalenessThreshold")? {
+        d.staleness = crate::duration::parse(&s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| p.error("metricsStalenessThreshold", "must be a positive duration"))?;
+    }
+    if let Some(h) = p.number("headroom")? {
+        if !(h >= 0.0 && h.is_finite()) {
+            return Err(p.error("headroom", "must be ≥ 0"));
+        }
+        d.headroom = h;
+    }
+    Ok(d)
 }
 
 fn clamp_u32(n: usize) -> u32 {

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::load::EndpointLoad;
@@ -10,22 +11,25 @@ use super::load::EndpointLoad;
 /// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
 pub type EndpointId = u32;
 
-/// Which model server runs on the endpoint; decides the metric names scraped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum EngineType {
-    #[default]
-    Vllm,
-    Sglang,
-    TrtllmServe,
-}
+/// Which model server runs on the endpoint: an engine name (vllm, sglang, trtllm-serve,
+/// triton-tensorrt-llm, triton, or one a config file defines); decides the metric names
+/// scraped. Unknown names scrape with the default engine's names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EngineType(Arc<str>);
 
 impl EngineType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EngineType::Vllm => "vllm",
-            EngineType::Sglang => "sglang",
-            EngineType::TrtllmServe => "trtllm-serve",
-        }
+    pub fn vllm() -> Self {
+        Self(Arc::from("vllm"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for EngineType {
+    fn default() -> Self {
+        Self::vllm()
     }
 }
 
@@ -38,13 +42,17 @@ impl fmt::Display for EngineType {
 impl FromStr for EngineType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "vllm" | "" => Ok(EngineType::Vllm),
-            "sglang" => Ok(EngineType::Sglang),
-            "trtllm-serve" | "trtllm" => Ok(EngineType::TrtllmServe),
-            other => Err(format!(
-                "unknown engine type {other:?} (expected vllm, sglang or trtllm-serve)"
-            )),
+        let name = s.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "" => Ok(Self::vllm()),
+            "trtllm" => Ok(Self(Arc::from("trtllm-serve"))),
+            n if n.len() <= 63
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
+            {
+                Ok(Self(Arc::from(n)))
+            }
+            other => Err(format!("invalid engine name {other:?}")),
         }
     }
 }
@@ -67,7 +75,7 @@ impl EndpointSpec {
             name: name.into(),
             address,
             metrics_address: address,
-            engine: EngineType::Vllm,
+            engine: EngineType::vllm(),
         }
     }
 }
@@ -104,7 +112,7 @@ impl Endpoint {
             name: self.name.clone(),
             address: self.address,
             metrics_address: self.metrics_address,
-            engine: self.engine,
+            engine: self.engine.clone(),
         }
     }
 }

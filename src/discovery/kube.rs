@@ -61,8 +61,11 @@ impl PoolRef {
 /// What discovery needs from an InferencePool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSpec {
+    /// Labels a pod must carry (empty: any pod the watch returns).
     pub selector: BTreeMap<String, String>,
     pub target_ports: Vec<u16>,
+    /// The pod label naming the engine, tried before the standard ones.
+    pub engine_label: Option<String>,
 }
 
 fn label_map(v: Option<&Value>) -> Option<BTreeMap<String, String>> {
@@ -115,7 +118,20 @@ pub fn parse_pool(obj: &DynamicObject, group: &str) -> Result<PoolSpec, PoolErro
     Ok(PoolSpec {
         selector,
         target_ports,
+        engine_label: None,
     })
+}
+
+/// The engine a pod's labels name: `label_key` if given, then llm-d's and GIE's labels.
+fn engine_of(
+    labels: &BTreeMap<String, String>,
+    label_key: Option<&str>,
+) -> Result<EngineType, String> {
+    label_key
+        .into_iter()
+        .chain(crate::scrape::mapping::ENGINE_LABELS)
+        .find_map(|k| labels.get(k))
+        .map_or(Ok(EngineType::default()), |e| e.parse())
 }
 
 /// The endpoints one pod contributes to `pool` (none unless it matches and is ready).
@@ -140,13 +156,10 @@ pub fn pod_endpoints(pod: &Pod, pool: &PoolSpec) -> Vec<EndpointSpec> {
         return Vec::new();
     };
     let name = meta.name.clone().unwrap_or_default();
-    let engine = labels
-        .get(ENGINE_LABEL)
-        .map_or(Ok(EngineType::Vllm), |e| e.parse())
-        .unwrap_or_else(|e| {
-            tracing::warn!(pod = %name, error = %e, "using vllm metrics");
-            EngineType::Vllm
-        });
+    let engine = engine_of(&labels, pool.engine_label.as_deref()).unwrap_or_else(|e| {
+        tracing::warn!(pod = %name, error = %e, "using the default engine's metrics");
+        EngineType::default()
+    });
     pool.target_ports
         .iter()
         .enumerate()
@@ -156,7 +169,7 @@ pub fn pod_endpoints(pod: &Pod, pool: &PoolSpec) -> Vec<EndpointSpec> {
                 name: format!("{name}-rank-{i}"),
                 address,
                 metrics_address: address,
-                engine,
+                engine: engine.clone(),
             }
         })
         .collect()
@@ -191,30 +204,87 @@ enum Change {
     Pod(Box<watcher::Event<Pod>>),
 }
 
+/// Pods selected without an InferencePool (`--endpoint-selector`, `--endpoint-target-ports`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorRef {
+    pub namespace: String,
+    /// A Kubernetes label selector, filtered by the API server.
+    pub selector: String,
+    pub target_ports: Vec<u16>,
+}
+
+/// What discovery follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Pool(PoolRef),
+    Selector(SelectorRef),
+}
+
+type Changes = futures::stream::BoxStream<'static, Result<Change, watcher::Error>>;
+
 /// Follows `pool` until the task is dropped.
 pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>) {
-    let resource = match pool.api_resource() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "kubernetes discovery not started");
-            return;
+    run_source(client, Source::Pool(pool), datastore, None).await;
+}
+
+/// Follows `source` until the task is dropped; `engine_label` is the pod label naming each
+/// pod's engine (`core-metrics-extractor`'s `engineLabelKey`), tried before the standard ones.
+pub async fn run_source(
+    client: kube::Client,
+    source: Source,
+    datastore: Arc<Datastore>,
+    engine_label: Option<String>,
+) {
+    let mut state = State::default();
+    let (namespace, pool_events, pod_config, pool_name) = match &source {
+        Source::Pool(pool) => {
+            let resource = match pool.api_resource() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "kubernetes discovery not started");
+                    return;
+                }
+            };
+            let pools: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &pool.namespace, &resource);
+            let events: Changes = watcher(
+                pools,
+                watcher::Config::default().fields(&format!("metadata.name={}", pool.name)),
+            )
+            .default_backoff()
+            .map(|e| e.map(|ev| Change::Pool(Box::new(ev))))
+            .boxed();
+            tracing::info!(pool = %pool.name, namespace = %pool.namespace, group = %pool.group, "watching InferencePool");
+            (
+                pool.namespace.clone(),
+                events,
+                watcher::Config::default(),
+                Some(pool.name.clone()),
+            )
+        }
+        Source::Selector(sel) => {
+            state.pool = Some(PoolSpec {
+                selector: BTreeMap::new(),
+                target_ports: sel.target_ports.clone(),
+                engine_label: engine_label.clone(),
+            });
+            state.pool_listed = true;
+            tracing::info!(selector = %sel.selector, namespace = %sel.namespace, ports = ?sel.target_ports, "watching pods by label selector");
+            let events: Changes = futures::stream::pending().boxed();
+            (
+                sel.namespace.clone(),
+                events,
+                watcher::Config::default().labels(&sel.selector),
+                None,
+            )
         }
     };
-    let pools: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &pool.namespace, &resource);
-    let pods: Api<Pod> = Api::namespaced(client, &pool.namespace);
-    let pool_events = watcher(
-        pools,
-        watcher::Config::default().fields(&format!("metadata.name={}", pool.name)),
-    )
-    .default_backoff()
-    .map(|e| e.map(|ev| Change::Pool(Box::new(ev))));
-    let pod_events = watcher(pods, watcher::Config::default())
+    let pods: Api<Pod> = Api::namespaced(client, &namespace);
+    let pod_events: Changes = watcher(pods, pod_config)
         .default_backoff()
-        .map(|e| e.map(|ev| Change::Pod(Box::new(ev))));
-    let mut events = std::pin::pin!(futures::stream::select(pool_events, pod_events));
-    let mut state = State::default();
-    tracing::info!(pool = %pool.name, namespace = %pool.namespace, group = %pool.group, "watching InferencePool");
+        .map(|e| e.map(|ev| Change::Pod(Box::new(ev))))
+        .boxed();
+    let mut events = futures::stream::select(pool_events, pod_events);
     while let Some(event) = events.next().await {
         let change = match event {
             Ok(c) => c,
@@ -224,43 +294,14 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
             }
         };
         match change {
-            Change::Pool(ev) => match *ev {
-                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
-                    match parse_pool(&obj, &pool.group) {
-                        Ok(spec) => state.pool = Some(spec),
-                        Err(e) => tracing::error!(error = %e, "ignoring invalid InferencePool"),
-                    }
-                }
-                watcher::Event::Delete(_) => {
-                    tracing::warn!(pool = %pool.name, "InferencePool deleted");
-                    state.pool = None;
-                }
-                watcher::Event::Init => {}
-                watcher::Event::InitDone => state.pool_listed = true,
-            },
-            Change::Pod(ev) => match *ev {
-                watcher::Event::Apply(p) => {
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    state.pods.insert(name, p);
-                }
-                watcher::Event::Delete(p) => {
-                    state
-                        .pods
-                        .remove(p.metadata.name.as_deref().unwrap_or_default());
-                }
-                watcher::Event::Init => state.relisting = Some(HashMap::new()),
-                watcher::Event::InitApply(p) => {
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    state
-                        .relisting
-                        .get_or_insert_with(HashMap::new)
-                        .insert(name, p);
-                }
-                watcher::Event::InitDone => {
-                    state.pods = state.relisting.take().unwrap_or_default();
-                    state.pods_listed = true;
-                }
-            },
+            Change::Pool(ev) => {
+                let group = match &source {
+                    Source::Pool(p) => p.group.as_str(),
+                    Source::Selector(_) => GROUP_V1,
+                };
+                apply_pool_event(&mut state, *ev, group, pool_name.as_deref(), &engine_label);
+            }
+            Change::Pod(ev) => apply_pod_event(&mut state, *ev),
         }
         if state.relisting.is_some() {
             continue; // apply a re-list only once complete
@@ -279,6 +320,58 @@ pub async fn run(client: kube::Client, pool: PoolRef, datastore: Arc<Datastore>)
         if state.pool_listed && state.pods_listed && !datastore.is_ready() {
             tracing::info!("pool synced");
             datastore.set_ready(true);
+        }
+    }
+}
+
+fn apply_pool_event(
+    state: &mut State,
+    ev: watcher::Event<DynamicObject>,
+    group: &str,
+    name: Option<&str>,
+    engine_label: &Option<String>,
+) {
+    match ev {
+        watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+            match parse_pool(&obj, group) {
+                Ok(mut spec) => {
+                    spec.engine_label = engine_label.clone();
+                    state.pool = Some(spec);
+                }
+                Err(e) => tracing::error!(error = %e, "ignoring invalid InferencePool"),
+            }
+        }
+        watcher::Event::Delete(_) => {
+            tracing::warn!(pool = name.unwrap_or_default(), "InferencePool deleted");
+            state.pool = None;
+        }
+        watcher::Event::Init => {}
+        watcher::Event::InitDone => state.pool_listed = true,
+    }
+}
+
+fn apply_pod_event(state: &mut State, ev: watcher::Event<Pod>) {
+    match ev {
+        watcher::Event::Apply(p) => {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            state.pods.insert(name, p);
+        }
+        watcher::Event::Delete(p) => {
+            state
+                .pods
+                .remove(p.metadata.name.as_deref().unwrap_or_default());
+        }
+        watcher::Event::Init => state.relisting = Some(HashMap::new()),
+        watcher::Event::InitApply(p) => {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            state
+                .relisting
+                .get_or_insert_with(HashMap::new)
+                .insert(name, p);
+        }
+        watcher::Event::InitDone => {
+            state.pods = state.relisting.take().unwrap_or_default();
+            state.pods_listed = true;
         }
     }
 }
@@ -334,6 +427,7 @@ mod tests {
         let spec = PoolSpec {
             selector: [("app".to_owned(), "m".to_owned())].into(),
             target_ports: vec![8000, 8001],
+            engine_label: None,
         };
         let ok = pod(
             "a",
@@ -345,7 +439,7 @@ mod tests {
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[1].name, "a-rank-1");
         assert_eq!(eps[1].address.to_string(), "10.0.0.1:8001");
-        assert_eq!(eps[0].engine, EngineType::Sglang);
+        assert_eq!(eps[0].engine.as_str(), "sglang");
         assert!(
             pod_endpoints(
                 &pod(

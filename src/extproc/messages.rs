@@ -17,6 +17,8 @@ use super::proto::{
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 /// Dynamic-metadata namespace read by Envoy's load balancer.
 pub const LB_NAMESPACE: &str = "envoy.lb";
+/// `envoy.lb` key where Envoy reports the endpoint that served the request.
+pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
 /// Metadata namespace of the subset hint.
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Metadata key of the subset hint.

@@ -27,10 +27,15 @@ impl ExtProcService {
     }
 
     /// The tonic server. Messages may carry a whole body (BUFFERED mode): the decoding limit
-    /// is the body limit plus room for the message's other fields, not more.
+    /// is the body limit plus room for the message's other fields, not more (unless
+    /// `--grpc-max-recv-msg-size` sets it).
     pub fn into_server(self) -> ExternalProcessorServer<Self> {
-        let limit = self.shared.limits.max_body_bytes.saturating_add(1 << 20);
-        ExternalProcessorServer::new(self).max_message_size(limit)
+        let limits = self.shared.limits;
+        let recv = limits
+            .max_recv_message
+            .unwrap_or(limits.max_body_bytes.saturating_add(1 << 20));
+        let send = limits.max_send_message.unwrap_or(recv);
+        ExternalProcessorServer::new(self).max_message_sizes(recv, send)
     }
 }
 

@@ -182,14 +182,16 @@ mod server {
     #[derive(Debug)]
     pub struct ExternalProcessorServer<T> {
         inner: Arc<T>,
-        max_message_size: Option<usize>,
+        max_decode: Option<usize>,
+        max_encode: Option<usize>,
     }
 
     impl<T> Clone for ExternalProcessorServer<T> {
         fn clone(&self) -> Self {
             Self {
                 inner: self.inner.clone(),
-                max_message_size: self.max_message_size,
+                max_decode: self.max_decode,
+                max_encode: self.max_encode,
             }
         }
     }
@@ -198,14 +200,16 @@ mod server {
         pub fn new(inner: T) -> Self {
             Self {
                 inner: Arc::new(inner),
-                max_message_size: None,
+                max_decode: None,
+                max_encode: None,
             }
         }
 
-        /// Largest message decoded or encoded (tonic's default is 4 MiB).
+        /// Largest messages decoded and encoded (tonic's default is 4 MiB).
         #[must_use]
-        pub fn max_message_size(mut self, limit: usize) -> Self {
-            self.max_message_size = Some(limit);
+        pub fn max_message_sizes(mut self, decode: usize, encode: usize) -> Self {
+            self.max_decode = Some(decode);
+            self.max_encode = Some(encode);
             self
         }
     }
@@ -244,10 +248,10 @@ mod server {
                 });
             }
             let method = Process(self.inner.clone());
-            let limit = self.max_message_size;
+            let (decode, encode) = (self.max_decode, self.max_encode);
             Box::pin(async move {
                 let mut grpc =
-                    Grpc::new(ProstCodec::default()).apply_max_message_size_config(limit, limit);
+                    Grpc::new(ProstCodec::default()).apply_max_message_size_config(decode, encode);
                 Ok(grpc.streaming(method, req).await)
             })
         }

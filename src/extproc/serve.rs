@@ -12,30 +12,52 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::ServerTlsConfig;
 
 use super::ExtProcService;
+use crate::telemetry::health::{HealthService, HealthState};
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once per serving thread.
+const CONCURRENT_HANDSHAKES: usize = 64;
 
 /// HTTP/2 flow-control windows of ext_proc connections (bytes Envoy may send unread).
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const STREAM_WINDOW: u32 = 4 << 20;
 
 /// How the ext_proc server runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Serving threads (each a current-thread runtime); at least 1.
     pub threads: usize,
     /// TLS for the gRPC connections; `None` serves plaintext.
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<TlsAcceptor>,
     /// HTTP/2 keepalive ping interval.
     pub keepalive: Duration,
+    /// Also serve gRPC health (`--health-checking`).
+    pub health: Option<Arc<HealthState>>,
+    /// How long streams may run after shutdown starts (`--drain-timeout`).
+    pub drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("threads", &self.threads)
+            .field("tls", &self.tls.is_some())
+            .field("health", &self.health.is_some())
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Errors of the ext_proc server.
@@ -46,8 +68,6 @@ pub enum ServeError {
         index: usize,
         source: std::io::Error,
     },
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] tonic::transport::Error),
     #[error("serving thread {0} panicked")]
     Panicked(usize),
 }
@@ -98,7 +118,14 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(senders);
-    join_all(handles).await
+    // Streams in flight finish (tonic's graceful shutdown), for at most the drain timeout.
+    match tokio::time::timeout(options.drain_timeout, join_all(handles)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: exiting with streams in flight");
+            Ok(())
+        }
+    }
 }
 
 /// A connection ready to move to another runtime: TCP_NODELAY set (tonic's own setting only
@@ -124,17 +151,19 @@ fn spawn_thread(
     options: &ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, ServeError> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = options.tls.clone() {
-        builder = builder.tls_config(tls)?;
-    }
-    let router = builder
+    let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(options.keepalive))
         // Envoy may have many large bodies in flight on one connection: a 1 MiB connection
         // window (hyper's default) made it wait for window updates.
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .add_service(service.clone().into_server());
+        .initial_stream_window_size(Some(STREAM_WINDOW));
+    let router = match &options.health {
+        Some(state) => builder
+            .add_service(HealthService::server(state.clone()))
+            .add_service(service.clone().into_server()),
+        None => builder.add_service(service.clone().into_server()),
+    };
+    let tls = options.tls.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -144,19 +173,53 @@ fn spawn_thread(
         .spawn(move || {
             runtime.block_on(async move {
                 // Registered with this thread's reactor when the server takes it.
-                let incoming = UnboundedReceiverStream::new(connections).map(|s| {
+                let tcp = UnboundedReceiverStream::new(connections).map(|s| {
                     s.set_nonblocking(true)?;
                     tokio::net::TcpStream::from_std(s)
                 });
                 let stopped = async move {
                     let _ = stop.wait_for(|stop| *stop).await;
                 };
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                let result = match tls {
+                    None => router.serve_with_incoming_shutdown(tcp, stopped).await,
+                    Some(acceptor) => {
+                        let tls = handshakes(tcp, acceptor);
+                        router.serve_with_incoming_shutdown(tls, stopped).await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::error!(thread = index, error = %e, "ext_proc serving thread");
                 }
             });
         })
         .map_err(|source| ServeError::Thread { index, source })
+}
+
+/// TLS handshakes of the accepted connections, several at a time, each bounded by
+/// [`HANDSHAKE_TIMEOUT`]; failures are logged and skipped.
+fn handshakes(
+    tcp: impl Stream<Item = std::io::Result<tokio::net::TcpStream>>,
+    acceptor: TlsAcceptor,
+) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    tcp.map(move |conn| {
+        let acceptor = acceptor.clone();
+        async move {
+            let conn = conn?;
+            let peer = conn.peer_addr().ok();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+                Ok(Ok(tls)) => Ok(tls),
+                Ok(Err(e)) => {
+                    tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    Err(e)
+                }
+                Err(_) => {
+                    tracing::debug!(?peer, "TLS handshake timed out");
+                    Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                }
+            }
+        }
+    })
+    .buffer_unordered(CONCURRENT_HANDSHAKES)
 }
 
 async fn join_all(handles: Vec<JoinHandle<()>>) -> Result<(), ServeError> {

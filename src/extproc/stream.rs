@@ -37,8 +37,11 @@ use super::proto::{
 use super::response::ResponseState;
 use crate::datastore::Reservation;
 use crate::director::{Director, RouteError};
+use crate::objectives::{OBJECTIVE_HEADERS, Policy};
 use crate::request::{self, Api, LlmRequest, ScanLimits};
-use crate::telemetry::metrics::{ErrorLabels, Metrics, ModelLabels, RunningLabels};
+use crate::telemetry::metrics::{
+    AttemptLabels, ErrorLabels, Metrics, ModelLabels, RewriteLabels, RunningLabels,
+};
 
 /// Header overriding the model the request is served as.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
@@ -49,6 +52,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct Limits {
     pub max_body_bytes: usize,
     pub scan: ScanLimits,
+    /// Largest gRPC message decoded (default: the body limit plus 1 MiB).
+    pub max_recv_message: Option<usize>,
+    /// Largest gRPC message encoded (default: as decoded).
+    pub max_send_message: Option<usize>,
 }
 
 impl Default for Limits {
@@ -56,6 +63,8 @@ impl Default for Limits {
         Self {
             max_body_bytes: 32 << 20,
             scan: ScanLimits::default(),
+            max_recv_message: None,
+            max_send_message: None,
         }
     }
 }
@@ -68,6 +77,10 @@ pub struct Shared {
     pub limits: Limits,
     /// Process-wide allowance of request-body bytes held at once.
     pub budget: Arc<BodyBudget>,
+    /// InferenceObjective priorities and InferenceModelRewrite rules.
+    pub policy: Arc<Policy>,
+    /// Ignore Envoy's subset hint (`--disable-endpoint-subset-filter`).
+    pub ignore_subset_hint: bool,
 }
 
 impl Shared {
@@ -77,6 +90,8 @@ impl Shared {
             metrics,
             limits,
             budget: BodyBudget::new(usize::MAX),
+            policy: Policy::new(),
+            ignore_subset_hint: false,
         }
     }
 }
@@ -86,6 +101,8 @@ struct RequestInfo {
     path: String,
     request_id: Option<String>,
     model_rewrite: Option<String>,
+    /// The InferenceObjective the request names.
+    objective: Option<String>,
 }
 
 /// A routed request: what it was, where it went, and its share of that endpoint's load.
@@ -171,6 +188,15 @@ fn header_value(map: &Option<HeaderMap>, key: &str) -> Option<String> {
         Some(h.value.clone())
     } else {
         Some(String::from_utf8_lossy(&h.raw_value).into_owned())
+    }
+}
+
+/// The `x-gateway-destination-endpoint-served` entry of the `envoy.lb` metadata, if any.
+fn served_endpoint(md: &Option<Metadata>) -> Option<String> {
+    let ns = md.as_ref()?.filter_metadata.get(msg::LB_NAMESPACE)?;
+    match &ns.fields.get(msg::SERVED_KEY)?.kind {
+        Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
     }
 }
 
@@ -268,8 +294,11 @@ impl StreamHandler {
                 BodySendMode::try_from(pc.response_body_mode).unwrap_or(BodySendMode::None);
             self.mode_known = true;
         }
-        if self.subset.is_none() {
+        if self.subset.is_none() && !self.shared.ignore_subset_hint {
             self.subset = subset_hint(&req.metadata_context);
+        }
+        if let Some(Request::ResponseHeaders(_)) = &req.request {
+            self.check_served(&req.metadata_context);
         }
         let Some(r) = req.request else {
             return Vec::new();
@@ -302,6 +331,10 @@ impl StreamHandler {
             path: header_value(&h.headers, ":path").unwrap_or_default(),
             request_id: header_value(&h.headers, REQUEST_ID_HEADER),
             model_rewrite: header_value(&h.headers, MODEL_REWRITE_HEADER).filter(|m| !m.is_empty()),
+            objective: OBJECTIVE_HEADERS
+                .iter()
+                .find_map(|k| header_value(&h.headers, k))
+                .filter(|o| !o.is_empty()),
         };
         if h.end_of_stream || routes_at_headers(self.request_mode) {
             if !h.end_of_stream {
@@ -330,6 +363,7 @@ impl StreamHandler {
     fn route_without_body(&mut self) -> Vec<ProcessingResponse> {
         let request = LlmRequest {
             request_id: self.request_id(),
+            priority: self.shared.policy.priority(self.info.objective.as_deref()),
             ..Default::default()
         };
         match self.route(request, 0) {
@@ -393,8 +427,9 @@ impl StreamHandler {
         let span = scanned.model_span;
         let mut request = LlmRequest::from_scanned(scanned);
         request.request_id = self.request_id();
+        request.priority = self.shared.policy.priority(self.info.objective.as_deref());
         let mut rewritten: Option<Bytes> = None;
-        if let Some(target) = self.info.model_rewrite.clone()
+        if let Some(target) = self.rewrite_target(&request.model)
             && target != request.model
         {
             let Some(span) = span else {
@@ -434,6 +469,55 @@ impl StreamHandler {
         vec![msg::request_body(common, metadata)]
     }
 
+    /// The model the request is served as: the rewrite header's, else an
+    /// InferenceModelRewrite rule's (counted), else none.
+    fn rewrite_target(&self, model: &str) -> Option<String> {
+        if let Some(t) = &self.info.model_rewrite {
+            return Some(t.clone());
+        }
+        let rewrite = self
+            .shared
+            .policy
+            .rewrite(model, &mut fastrand::Rng::new())?;
+        if let Some(m) = &self.shared.metrics {
+            m.model_rewrites
+                .get_or_create(&RewriteLabels {
+                    model_rewrite_name: rewrite.object.clone(),
+                    model_name: m.models.bound(model),
+                    target_model: m.models.bound(&rewrite.target),
+                })
+                .inc();
+        }
+        Some(rewrite.target)
+    }
+
+    /// Envoy reports the endpoint that served the request (`envoy.lb` /
+    /// `x-gateway-destination-endpoint-served`); when it is not the one epp picked, the
+    /// request's load moves there.
+    fn check_served(&mut self, md: &Option<Metadata>) {
+        let Some(served) = served_endpoint(md) else {
+            return;
+        };
+        let Some(routed) = self.routed.as_mut() else {
+            return;
+        };
+        if routed.destination.split(',').next() == Some(served.as_str()) {
+            return;
+        }
+        let endpoint = self
+            .shared
+            .director
+            .datastore
+            .endpoints()
+            .into_iter()
+            .find(|e| e.address_str == served);
+        tracing::debug!(picked = %routed.destination, %served, known = endpoint.is_some(), "served by another endpoint");
+        if let (Some(endpoint), Some(old)) = (endpoint, routed.reservation.take()) {
+            routed.reservation = Some(Reservation::new(endpoint, old.amount()));
+        }
+        routed.destination = served;
+    }
+
     fn request_id(&self) -> String {
         if let Some(id) = &self.info.request_id {
             return id.clone();
@@ -458,6 +542,18 @@ impl StreamHandler {
                     score = r.scores[0],
                     "request routed"
                 );
+                if let Some(m) = &self.shared.metrics {
+                    let ep = &r.primary().endpoint;
+                    m.scheduler_attempts
+                        .get_or_create(&AttemptLabels {
+                            status: "success".into(),
+                            target_model_name: m.models.bound(&request.target_model),
+                            pod_name: ep.name.clone(),
+                            namespace: m.namespace.clone(),
+                            port: ep.address.port().to_string(),
+                        })
+                        .inc();
+                }
                 let running = self.shared.metrics.as_ref().map(|m| {
                     let labels = model_labels(m, &request);
                     m.request_total.get_or_create(&labels).inc();
@@ -476,6 +572,17 @@ impl StreamHandler {
             }
             Err(e) => {
                 self.count_error(&request, e.status());
+                if let Some(m) = &self.shared.metrics {
+                    m.scheduler_attempts
+                        .get_or_create(&AttemptLabels {
+                            status: "failure".into(),
+                            target_model_name: m.models.bound(&request.target_model),
+                            pod_name: String::new(),
+                            namespace: m.namespace.clone(),
+                            port: String::new(),
+                        })
+                        .inc();
+                }
                 Err((e.status(), route_message(&e)))
             }
         }
@@ -564,7 +671,24 @@ impl StreamHandler {
         m.response_sizes
             .get_or_create(&labels)
             .observe(self.response.bytes as f64);
-        if let Some(u) = self.response.usage() {
+        let usage = self.response.usage();
+        if let Some(u) = usage {
+            let duration = self.started.elapsed().as_secs_f64();
+            if u.completion_tokens > 0 {
+                m.normalized_tpot
+                    .get_or_create(&labels)
+                    .observe(duration / u.completion_tokens as f64);
+            }
+            if let Some(t) = self.response.first_byte
+                && u.completion_tokens > 1
+            {
+                let decode = duration - t.duration_since(self.started).as_secs_f64();
+                m.request_tpot
+                    .get_or_create(&labels)
+                    .observe(decode.max(0.0) / (u.completion_tokens - 1) as f64);
+            }
+        }
+        if let Some(u) = usage {
             m.input_tokens
                 .get_or_create(&labels)
                 .observe(u.prompt_tokens as f64);

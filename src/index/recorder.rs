@@ -22,8 +22,9 @@ const QUEUE: usize = 4096;
 #[derive(Debug, Default)]
 struct Queue {
     jobs: VecDeque<(PodId, Vec<BlockHash>)>,
-    /// Records the thread is applying right now.
-    busy: usize,
+    /// Jobs the thread has taken, and finished applying.
+    taken: u64,
+    applied: u64,
     closed: bool,
 }
 
@@ -65,22 +66,22 @@ impl Recorder {
         self.shared.ready.notify_one();
     }
 
-    /// Applies every pending record now (called before matching).
-    pub fn flush(&self) {
+    /// Applies every pending record now, then waits for the one the thread may be applying
+    /// (called before matching, so a match always sees every earlier decision; the thread
+    /// pops a job before applying it, and a match that ran meanwhile missed it: regression
+    /// found as a flaky stickiness test under load).
+    pub fn sync(&self) {
         loop {
             let job = self.shared.queue.lock().jobs.pop_front();
             match job {
                 Some((pod, hashes)) => self.index.record(pod, &hashes),
-                None => return,
+                None => break,
             }
         }
-    }
-
-    /// Like [`Recorder::flush`], then waits for the record the thread may be applying.
-    pub fn sync(&self) {
-        self.flush();
+        // Only the jobs taken so far: later decisions may keep the thread busy indefinitely.
         let mut q = self.shared.queue.lock();
-        while q.busy > 0 || !q.jobs.is_empty() {
+        let taken = q.taken;
+        while q.applied < taken {
             self.shared.idle.wait(&mut q);
         }
     }
@@ -97,11 +98,11 @@ fn drain(index: &PrefixIndex, shared: &Shared) {
     let mut q = shared.queue.lock();
     loop {
         if let Some((pod, hashes)) = q.jobs.pop_front() {
-            q.busy += 1;
+            q.taken += 1;
             drop(q);
             index.record(pod, &hashes);
             q = shared.queue.lock();
-            q.busy -= 1;
+            q.applied += 1;
             shared.idle.notify_all();
         } else if q.closed {
             return;

@@ -11,6 +11,7 @@ use crate::datastore::{Candidate, EndpointObserver};
 use crate::request::LlmRequest;
 use crate::scheduling::plugins::has_capacity::HasCapacityFilter;
 use crate::scheduling::plugins::prefix::PrefixCachePlugin;
+use crate::scheduling::plugins::utilization::SaturationDetector;
 
 pub use framework::{
     PluginTimer, Profile, ScheduleError, ScheduleResult, SchedulingContext, ScoredEndpoint,
@@ -21,7 +22,7 @@ pub use framework::{
 pub struct Scheduler {
     profile: Profile,
     prefixes: Vec<Arc<PrefixCachePlugin>>,
-    saturation: HasCapacityFilter,
+    saturation: Arc<dyn SaturationDetector>,
     timer: Option<Arc<dyn PluginTimer>>,
 }
 
@@ -40,13 +41,13 @@ impl Scheduler {
         Self {
             profile,
             prefixes,
-            saturation: HasCapacityFilter::default(),
+            saturation: Arc::new(HasCapacityFilter::default()),
             timer: None,
         }
     }
 
-    /// Thresholds deciding when an endpoint is saturated (for shedding).
-    pub fn with_saturation(mut self, saturation: HasCapacityFilter) -> Self {
+    /// What decides that the pool is saturated (for shedding).
+    pub fn with_saturation(mut self, saturation: Arc<dyn SaturationDetector>) -> Self {
         self.saturation = saturation;
         self
     }
@@ -98,9 +99,10 @@ impl Scheduler {
             .collect()
     }
 
-    /// True when every candidate is saturated: sheddable requests are then refused.
+    /// True when the saturation detector says the pool is saturated: sheddable requests are
+    /// then refused.
     pub fn is_saturated(&self, candidates: &[Candidate]) -> bool {
-        candidates.iter().all(|c| !self.saturation.has_capacity(c))
+        self.saturation.saturation(candidates) >= 1.0
     }
 
     pub fn schedule(

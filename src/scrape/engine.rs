@@ -1,23 +1,19 @@
-//! Model-server metric names per engine, and turning a Prometheus text page into
-//! [`EndpointMetrics`].
+//! Turning a model server's Prometheus text page into [`EndpointMetrics`], by the engine's
+//! [`EngineMapping`] (see [`super::mapping`] for the names per engine).
 //!
-//! | engine | waiting | running | KV use (0–1) | cache config |
-//! |---|---|---|---|---|
-//! | vllm | `vllm:num_requests_waiting` | `vllm:num_requests_running` | `vllm:kv_cache_usage_perc` (older: `vllm:gpu_cache_usage_perc`) | `vllm:cache_config_info{block_size,num_gpu_blocks}` |
-//! | sglang | `sglang:num_queue_reqs` | `sglang:num_running_reqs` | `sglang:token_usage` | `sglang:cache_config_info{page_size,num_pages}` |
-//! | trtllm-serve | `trtllm_num_requests_waiting` | `trtllm_num_requests_running` | `trtllm_kv_cache_utilization` | `trtllm_kv_cache_tokens_per_block`, `trtllm_kv_cache_max_blocks` |
-//!
-//! Gauges with several series (one per model name) are summed (queues) or averaged (KV use).
-//! LoRA state comes from `vllm:lora_requests_info`: the series with the largest value (its
+//! Gauges with several series (one per model name) are summed (queues) or averaged (KV use);
+//! a spec with label matchers keeps only the series that carry those labels. LoRA state comes
+//! from a `vllm:lora_requests_info`-style metric: the series with the largest value (its
 //! timestamp) wins; labels `running_lora_adapters` and `waiting_lora_adapters` are comma lists,
 //! `max_lora` the slot count. Every family is optional: one the page lacks (some engines export
 //! a series only after their first request) leaves that value absent, which is not an error.
 
 use std::time::Instant;
 
-use prom_text_format_parser::{Metric, Scrape};
+use prom_text_format_parser::{Metric, Sample, Scrape};
 
-use crate::datastore::{EndpointMetrics, EngineType};
+use super::mapping::{CacheInfo, EngineMapping, MetricSpec};
+use crate::datastore::EndpointMetrics;
 
 /// Why a metrics page could not be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -26,44 +22,15 @@ pub enum MetricsError {
     Parse(String),
 }
 
-struct Names {
-    waiting: &'static str,
-    running: &'static str,
-    kv: &'static [&'static str],
-}
-
-fn names(engine: EngineType) -> Names {
-    match engine {
-        EngineType::Vllm => Names {
-            waiting: "vllm:num_requests_waiting",
-            running: "vllm:num_requests_running",
-            kv: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
-        },
-        EngineType::Sglang => Names {
-            waiting: "sglang:num_queue_reqs",
-            running: "sglang:num_running_reqs",
-            kv: &["sglang:token_usage"],
-        },
-        EngineType::TrtllmServe => Names {
-            waiting: "trtllm_num_requests_waiting",
-            running: "trtllm_num_requests_running",
-            kv: &["trtllm_kv_cache_utilization"],
-        },
-    }
-}
-
-fn values<'a>(m: &'a Metric) -> impl Iterator<Item = f64> + 'a {
-    m.samples
-        .iter()
-        .filter_map(|s| s.value.value.parse::<f64>().ok())
-        .filter(|v| v.is_finite())
-}
-
-fn label<'a>(s: &'a prom_text_format_parser::Sample, key: &str) -> Option<&'a str> {
+fn label<'a>(s: &'a Sample, key: &str) -> Option<&'a str> {
     s.labels
         .iter()
         .find(|l| l.key == key)
         .map(|l| l.value.as_str())
+}
+
+fn value(s: &Sample) -> Option<f64> {
+    s.value.value.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
 fn list(s: Option<&str>) -> Vec<String> {
@@ -75,36 +42,59 @@ fn list(s: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// The load families (waiting, running, KV use) that a parsed page lacked.
-pub fn absent_families(engine: EngineType, m: &EndpointMetrics) -> Vec<&'static str> {
-    let n = names(engine);
-    let mut out = Vec::new();
-    if m.waiting_queue.is_none() {
-        out.push(n.waiting);
-    }
-    if m.running.is_none() {
-        out.push(n.running);
-    }
-    if m.kv_cache_usage.is_none() {
-        out.push(n.kv[0]);
-    }
-    out
+/// A parsed page, looked up by spec.
+struct Page {
+    scrape: Scrape,
 }
 
-/// Every metric family read for `engine`.
-fn wanted(engine: EngineType) -> Vec<&'static str> {
-    let n = names(engine);
-    let mut v = vec![n.waiting, n.running, "vllm:lora_requests_info"];
-    v.extend_from_slice(n.kv);
-    v.extend_from_slice(match engine {
-        EngineType::Vllm => &["vllm:cache_config_info"],
-        EngineType::Sglang => &["sglang:cache_config_info"],
-        EngineType::TrtllmServe => &[
-            "trtllm_kv_cache_tokens_per_block",
-            "trtllm_kv_cache_max_blocks",
-        ],
-    });
-    v
+impl Page {
+    fn family(&self, name: &str) -> Option<&Metric> {
+        self.scrape.metrics.iter().find(|m| m.name == name)
+    }
+
+    /// The samples of `spec` (its family's series carrying every label it names); `None`
+    /// when the family is not on the page.
+    fn samples<'a>(&'a self, spec: &'a MetricSpec) -> Option<impl Iterator<Item = &'a Sample>> {
+        let family = self.family(&spec.name)?;
+        Some(family.samples.iter().filter(move |s| {
+            spec.labels
+                .iter()
+                .all(|(k, v)| label(s, k) == Some(v.as_str()))
+        }))
+    }
+
+    /// The values of the first spec whose family is present.
+    fn values(&self, specs: &[MetricSpec]) -> Option<Vec<f64>> {
+        specs
+            .iter()
+            .find_map(|spec| self.samples(spec))
+            .map(|samples| samples.filter_map(value).collect())
+    }
+
+    fn sum(&self, specs: &[MetricSpec]) -> Option<u32> {
+        let v = self.values(specs)?;
+        Some(v.iter().sum::<f64>().clamp(0.0, f64::from(u32::MAX)) as u32)
+    }
+
+    fn first(&self, spec: &Option<MetricSpec>) -> Option<f64> {
+        self.samples(spec.as_ref()?)?.find_map(value)
+    }
+}
+
+/// The load families (waiting, running, KV use) that a parsed page lacked.
+pub fn absent_families<'a>(mapping: &'a EngineMapping, m: &EndpointMetrics) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let first = |specs: &'a [MetricSpec]| specs.first().map(|s| s.name.as_str());
+    if m.waiting_queue.is_none() {
+        out.extend(first(&mapping.queued));
+    }
+    if m.running.is_none() {
+        out.extend(first(&mapping.running));
+    }
+    if m.kv_cache_usage.is_none() {
+        out.extend(first(&mapping.kv_usage));
+    }
+    out
 }
 
 /// The metric name a line of the text format is about (`# HELP/TYPE name …` or a sample).
@@ -137,13 +127,13 @@ fn relevant_lines(text: &str, wanted: &[&str]) -> String {
     out
 }
 
-/// Parses one scrape of `engine`'s `/metrics`.
+/// Parses one scrape of a page by `mapping`.
 pub fn parse_metrics(
-    engine: EngineType,
+    mapping: &EngineMapping,
     text: &str,
     now: Instant,
 ) -> Result<EndpointMetrics, MetricsError> {
-    let page = relevant_lines(text, &wanted(engine));
+    let page = relevant_lines(text, &mapping.metric_names());
     if page.is_empty() {
         // None of the families epp reads (yet): every value absent.
         return Ok(EndpointMetrics {
@@ -151,69 +141,74 @@ pub fn parse_metrics(
             ..Default::default()
         });
     }
-    let scrape = Scrape::parse(&page).map_err(|e| MetricsError::Parse(format!("{e:?}")))?;
-    let find = |name: &str| scrape.metrics.iter().find(|m| m.name == name);
-    let n = names(engine);
-
-    let sum = |name: &str| find(name).map(|m| values(m).sum::<f64>().max(0.0));
-    let kv_values: Option<Vec<f64>> =
-        n.kv.iter()
-            .find_map(|name| find(name))
-            .map(|m| values(m).collect());
+    let page = Page {
+        scrape: Scrape::parse(&page).map_err(|e| MetricsError::Parse(format!("{e:?}")))?,
+    };
     let mut out = EndpointMetrics {
-        waiting_queue: sum(n.waiting).map(|v| v.min(f64::from(u32::MAX)) as u32),
-        running: sum(n.running).map(|v| v.min(f64::from(u32::MAX)) as u32),
-        kv_cache_usage: kv_values
+        waiting_queue: page.sum(&mapping.queued),
+        running: page.sum(&mapping.running),
+        kv_cache_usage: page
+            .values(&mapping.kv_usage)
             .filter(|v| !v.is_empty())
             .map(|v| (v.iter().sum::<f64>() / v.len() as f64).clamp(0.0, 1.0)),
         updated: Some(now),
         ..Default::default()
     };
-
-    match engine {
-        EngineType::Vllm => {
-            if let Some(s) = find("vllm:cache_config_info").and_then(|m| m.samples.first()) {
-                out.block_size_tokens = label(s, "block_size").and_then(|v| v.parse().ok());
-                out.num_gpu_blocks = label(s, "num_gpu_blocks").and_then(|v| v.parse().ok());
-            }
-        }
-        EngineType::Sglang => {
-            if let Some(s) = find("sglang:cache_config_info").and_then(|m| m.samples.first()) {
-                out.block_size_tokens = label(s, "page_size").and_then(|v| v.parse().ok());
-                out.num_gpu_blocks = label(s, "num_pages").and_then(|v| v.parse().ok());
-            }
-        }
-        EngineType::TrtllmServe => {
-            out.block_size_tokens = find("trtllm_kv_cache_tokens_per_block")
-                .and_then(|m| values(m).next())
-                .map(|v| v as u32);
-            out.num_gpu_blocks = find("trtllm_kv_cache_max_blocks")
-                .and_then(|m| values(m).next())
-                .map(|v| v as u64);
-        }
-    }
-
-    if let Some(lora) = find("vllm:lora_requests_info") {
-        let latest = lora.samples.iter().max_by(|a, b| {
-            let v = |s: &prom_text_format_parser::Sample| {
-                s.value.value.parse::<f64>().unwrap_or(f64::NEG_INFINITY)
-            };
-            v(a).total_cmp(&v(b))
-        });
-        if let Some(s) = latest {
-            out.active_loras = list(label(s, "running_lora_adapters"));
-            out.waiting_loras = list(label(s, "waiting_lora_adapters"));
-            out.max_lora = label(s, "max_lora")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
+    read_cache_info(&page, &mapping.cache, &mut out);
+    if let Some(spec) = &mapping.lora {
+        read_lora(&page, spec, &mut out);
     }
     Ok(out)
+}
+
+fn read_cache_info(page: &Page, cache: &CacheInfo, out: &mut EndpointMetrics) {
+    match cache {
+        CacheInfo::None => {}
+        CacheInfo::Labels {
+            spec,
+            block_size_label,
+            blocks_label,
+        } => {
+            if let Some(s) = page.samples(spec).and_then(|mut it| it.next()) {
+                out.block_size_tokens = label(s, block_size_label).and_then(|v| v.parse().ok());
+                out.num_gpu_blocks = label(s, blocks_label).and_then(|v| v.parse().ok());
+            }
+        }
+        CacheInfo::Gauges { block_size, blocks } => {
+            out.block_size_tokens = page
+                .first(block_size)
+                .filter(|v| *v >= 1.0)
+                .map(|v| v.min(f64::from(u32::MAX)) as u32);
+            out.num_gpu_blocks = page.first(blocks).filter(|v| *v >= 1.0).map(|v| v as u64);
+        }
+    }
+}
+
+fn read_lora(page: &Page, spec: &MetricSpec, out: &mut EndpointMetrics) {
+    let Some(samples) = page.samples(spec) else {
+        return;
+    };
+    let latest = samples.max_by(|a, b| {
+        let v = |s: &Sample| value(s).unwrap_or(f64::NEG_INFINITY);
+        v(a).total_cmp(&v(b))
+    });
+    if let Some(s) = latest {
+        out.active_loras = list(label(s, "running_lora_adapters"));
+        out.waiting_loras = list(label(s, "waiting_lora_adapters"));
+        out.max_lora = label(s, "max_lora")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scrape::mapping::Mappings;
+
+    fn engine(name: &str) -> std::sync::Arc<EngineMapping> {
+        Mappings::default().get(name)
+    }
 
     const VLLM: &str = r#"# HELP vllm:num_requests_waiting Number of requests waiting.
 # TYPE vllm:num_requests_waiting gauge
@@ -237,7 +232,7 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     #[test]
     fn vllm_page() {
         let now = Instant::now();
-        let m = parse_metrics(EngineType::Vllm, VLLM, now).unwrap();
+        let m = parse_metrics(&engine("vllm"), VLLM, now).unwrap();
         assert_eq!(m.waiting_queue, Some(3));
         assert_eq!(m.running, Some(2));
         assert_eq!(m.kv_cache_usage, Some(0.25));
@@ -252,7 +247,7 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     #[test]
     fn older_vllm_kv_name() {
         let text = "vllm:num_requests_waiting 1\nvllm:gpu_cache_usage_perc 0.5\n";
-        let m = parse_metrics(EngineType::Vllm, text, Instant::now()).unwrap();
+        let m = parse_metrics(&engine("vllm"), text, Instant::now()).unwrap();
         assert_eq!(m.kv_cache_usage, Some(0.5));
         assert_eq!(m.running, None);
     }
@@ -260,11 +255,11 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     #[test]
     fn sglang_and_trtllm_pages() {
         let text = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\nsglang:cache_config_info{page_size=\"1\",num_pages=\"5000\"} 1\n";
-        let m = parse_metrics(EngineType::Sglang, text, Instant::now()).unwrap();
+        let m = parse_metrics(&engine("sglang"), text, Instant::now()).unwrap();
         assert_eq!((m.waiting_queue, m.running), (Some(4), Some(1)));
         assert_eq!(m.num_gpu_blocks, Some(5000));
         let text = "trtllm_num_requests_waiting 2\ntrtllm_kv_cache_utilization 0.1\ntrtllm_kv_cache_tokens_per_block 32\ntrtllm_kv_cache_max_blocks 900\n";
-        let m = parse_metrics(EngineType::TrtllmServe, text, Instant::now()).unwrap();
+        let m = parse_metrics(&engine("trtllm-serve"), text, Instant::now()).unwrap();
         assert_eq!(m.waiting_queue, Some(2));
         assert_eq!(m.block_size_tokens, Some(32));
         assert_eq!(m.num_gpu_blocks, Some(900));
@@ -277,7 +272,7 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
         let text = format!(
             "# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total 5\n{VLLM}"
         );
-        let m = parse_metrics(EngineType::Vllm, &text, Instant::now()).unwrap();
+        let m = parse_metrics(&engine("vllm"), &text, Instant::now()).unwrap();
         assert_eq!(m.waiting_queue, Some(3));
         assert_eq!(line_metric("# HELP a:b text"), Some("a:b"));
         assert_eq!(line_metric("a{x=\"1\"} 2"), Some("a"));
@@ -288,14 +283,14 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     fn absent_families_are_absent_values_not_errors() {
         // Regression (issue 7): a page without the vllm:* families (an engine before its first
         // request) used to fail the scrape, so the endpoint went stale and lost all traffic.
-        let m = parse_metrics(EngineType::Vllm, "", Instant::now()).unwrap();
+        let m = parse_metrics(&engine("vllm"), "", Instant::now()).unwrap();
         assert_eq!(
             (m.waiting_queue, m.running, m.kv_cache_usage),
             (None, None, None)
         );
         assert!(m.updated.is_some());
         let m = parse_metrics(
-            EngineType::Vllm,
+            &engine("vllm"),
             "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\nvllm:kv_cache_usage_perc 0.1\n",
             Instant::now(),
         )
@@ -307,11 +302,27 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
     fn garbage_in_a_wanted_family_is_an_error() {
         assert!(
             parse_metrics(
-                EngineType::Vllm,
+                &engine("vllm"),
                 "vllm:num_requests_waiting{{{ not prometheus",
                 Instant::now()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn label_matchers_select_series_triton_style() {
+        let text = "nv_trt_llm_request_metrics{request_type=\"waiting\"} 7\n\
+                    nv_trt_llm_request_metrics{request_type=\"scheduled\"} 3\n\
+                    nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"} 0.4\n\
+                    nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"tokens_per\"} 64\n\
+                    nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 1200\n";
+        let m = parse_metrics(&engine("triton-tensorrt-llm"), text, Instant::now()).unwrap();
+        assert_eq!((m.waiting_queue, m.running), (Some(7), Some(3)));
+        assert_eq!(m.kv_cache_usage, Some(0.4));
+        assert_eq!(
+            (m.block_size_tokens, m.num_gpu_blocks),
+            (Some(64), Some(1200))
         );
     }
 }

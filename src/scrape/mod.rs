@@ -1,5 +1,8 @@
-//! Scraping model-server metrics: one loop per endpoint, `GET http://<metrics address>/metrics`
-//! every `--refresh-metrics-interval` (default 50 ms), each request bounded by a timeout.
+//! Scraping model-server metrics: one loop per endpoint, `GET <scheme>://<metrics address><path>`
+//! (default `http://<pod ip>:<serving port>/metrics`; `--model-server-metrics-{scheme,path,port}`
+//! or `metrics-data-source` change it) every `--refresh-metrics-interval` (default 50 ms), each
+//! request bounded by a timeout. The page is read by the endpoint's engine mapping
+//! ([`mapping`]).
 //!
 //! A page that lacks a family is a successful scrape with that value absent. A failed scrape
 //! keeps the previous values and marks the endpoint as failing, with the kind of failure
@@ -8,6 +11,7 @@
 //! endpoint's scrape state is logged once, with its reason.
 
 pub mod engine;
+pub mod mapping;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 
 use crate::datastore::{Datastore, Endpoint, EndpointMetrics, ScrapeFailure};
+use mapping::{EngineMapping, Mappings};
 
 pub use engine::{MetricsError, parse_metrics};
 
@@ -48,13 +54,55 @@ pub enum ScrapeError {
     },
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Where an endpoint's metrics page is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsTarget {
+    pub https: bool,
+    pub path: String,
+    /// Port override (default: the endpoint's metrics address).
+    pub port: Option<u16>,
+    /// With https, accept any certificate (the Go EPP's default: pods serve self-signed ones).
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for MetricsTarget {
+    fn default() -> Self {
+        Self {
+            https: false,
+            path: "/metrics".into(),
+            port: None,
+            insecure_skip_verify: true,
+        }
+    }
+}
+
+impl MetricsTarget {
+    pub fn url(&self, endpoint: &Endpoint) -> String {
+        let addr = endpoint.metrics_address;
+        let port = self.port.unwrap_or(addr.port());
+        let scheme = if self.https { "https" } else { "http" };
+        let host = match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let path = if self.path.starts_with('/') {
+            self.path.clone()
+        } else {
+            format!("/{}", self.path)
+        };
+        format!("{scheme}://{host}:{port}{path}")
+    }
+}
 
 /// Scrape settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ScrapeConfig {
     pub interval: Duration,
     pub timeout: Duration,
+    pub target: MetricsTarget,
+    pub mappings: Arc<Mappings>,
 }
 
 impl Default for ScrapeConfig {
@@ -62,8 +110,28 @@ impl Default for ScrapeConfig {
         Self {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
+            target: MetricsTarget::default(),
+            mappings: Arc::new(Mappings::default()),
         }
     }
+}
+
+/// An HTTP(S) client for scrapes: TCP_NODELAY, `timeout` to connect, certificates checked
+/// against the system roots unless `insecure`.
+pub fn client(timeout: Duration, insecure: bool) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(timeout));
+    connector.enforce_http(false);
+    let tls = crate::tls::client_config(insecure);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https)
 }
 
 /// The shortest scrape interval used (a zero interval would make the timer panic).
@@ -85,9 +153,11 @@ impl ScrapeError {
 pub async fn scrape_once(
     client: &HttpClient,
     endpoint: &Endpoint,
+    mapping: &EngineMapping,
+    target: &MetricsTarget,
     timeout: Duration,
 ) -> Result<crate::datastore::EndpointMetrics, ScrapeError> {
-    let url = format!("http://{}/metrics", endpoint.metrics_address);
+    let url = target.url(endpoint);
     let http = |reason: String| ScrapeError::Http {
         url: url.clone(),
         reason,
@@ -123,7 +193,7 @@ pub async fn scrape_once(
             url: url.clone(),
             timeout,
         })??;
-    parse_metrics(endpoint.engine, &text, Instant::now())
+    parse_metrics(mapping, &text, Instant::now())
         .map_err(|source| ScrapeError::Metrics { url, source })
 }
 
@@ -144,18 +214,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 struct ScrapeState {
     failure: Option<ScrapeFailure>,
     /// Families the page lacked (absent values), by name.
-    absent: Vec<&'static str>,
+    absent: Vec<String>,
 }
 
 impl ScrapeState {
     /// Notes a successful scrape; true when that changed the state (and was logged).
-    fn on_success(&mut self, endpoint: &Endpoint, m: &EndpointMetrics) -> bool {
+    fn on_success(
+        &mut self,
+        endpoint: &Endpoint,
+        mapping: &EngineMapping,
+        m: &EndpointMetrics,
+    ) -> bool {
         let mut changed = false;
         if let Some(f) = self.failure.take() {
             tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
             changed = true;
         }
-        let absent = engine::absent_families(endpoint.engine, m);
+        let absent: Vec<String> = engine::absent_families(mapping, m)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         if absent != self.absent {
             if absent.is_empty() {
                 tracing::info!(endpoint = %endpoint.name, "metrics page now has every family epp reads");
@@ -196,14 +274,18 @@ async fn scrape_loop(
     cfg: ScrapeConfig,
 ) {
     let mut state = ScrapeState::default();
+    let mapping = cfg.mappings.get(endpoint.engine.as_str());
+    if !cfg.mappings.knows(endpoint.engine.as_str()) {
+        tracing::warn!(endpoint = %endpoint.name, engine = %endpoint.engine, default = %mapping.name, "unknown engine; scraping the default engine's metric names");
+    }
     let mut ticker = tokio::time::interval(cfg.interval.max(MIN_INTERVAL));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let dispatched = endpoint.load.dispatched();
-        match scrape_once(&client, &endpoint, cfg.timeout).await {
+        match scrape_once(&client, &endpoint, &mapping, &cfg.target, cfg.timeout).await {
             Ok(mut m) => {
-                let _ = state.on_success(&endpoint, &m);
+                let _ = state.on_success(&endpoint, &mapping, &m);
                 m.dispatched_at_scrape = dispatched;
                 datastore.update_metrics(endpoint.id, m);
             }
@@ -217,12 +299,7 @@ async fn scrape_loop(
 
 /// Keeps one scrape loop running per endpoint in the datastore.
 pub fn spawn(datastore: Arc<Datastore>, cfg: ScrapeConfig) -> JoinHandle<()> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.timeout));
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
+    let client = client(cfg.timeout, cfg.target.insecure_skip_verify);
     tokio::spawn(async move {
         let mut loops: HashMap<u32, JoinHandle<()>> = HashMap::new();
         loop {
@@ -236,7 +313,12 @@ pub fn spawn(datastore: Arc<Datastore>, cfg: ScrapeConfig) -> JoinHandle<()> {
             });
             for ep in endpoints {
                 loops.entry(ep.id).or_insert_with(|| {
-                    tokio::spawn(scrape_loop(client.clone(), datastore.clone(), ep, cfg))
+                    tokio::spawn(scrape_loop(
+                        client.clone(),
+                        datastore.clone(),
+                        ep,
+                        cfg.clone(),
+                    ))
                 });
             }
             tokio::time::sleep(RECONCILE_EVERY).await;
@@ -260,9 +342,10 @@ mod tests {
             ..Default::default()
         };
         let empty = EndpointMetrics::default();
-        assert!(s.on_success(&ep, &empty), "families absent: logged");
-        assert!(!s.on_success(&ep, &empty), "still absent: quiet");
-        assert!(s.on_success(&ep, &full), "families appeared: logged");
+        let vllm = Mappings::default().get("vllm");
+        assert!(s.on_success(&ep, &vllm, &empty), "families absent: logged");
+        assert!(!s.on_success(&ep, &vllm, &empty), "still absent: quiet");
+        assert!(s.on_success(&ep, &vllm, &full), "families appeared: logged");
         let refused = ScrapeError::Connect {
             url: "u".into(),
             reason: "refused".into(),
@@ -278,19 +361,21 @@ mod tests {
             "another kind of failure: logged"
         );
         assert_eq!(status.failure(), ScrapeFailure::BadStatus);
-        assert!(s.on_success(&ep, &full), "recovered: logged");
-        assert!(!s.on_success(&ep, &full));
+        assert!(s.on_success(&ep, &vllm, &full), "recovered: logged");
+        assert!(!s.on_success(&ep, &vllm, &full));
     }
 
     #[tokio::test]
     async fn a_refused_connection_is_unreachable_and_a_500_is_a_bad_status() {
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let client = client(Duration::from_secs(1), true);
+        let vllm = Mappings::default().get("vllm");
+        let target = MetricsTarget::default();
         // A port nobody listens on.
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
         let ep = Endpoint::new(0, EndpointSpec::new("a", addr));
-        let e = scrape_once(&client, &ep, Duration::from_secs(1))
+        let e = scrape_once(&client, &ep, &vllm, &target, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(e.failure(), ScrapeFailure::Unreachable, "{e}");
@@ -302,7 +387,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let ep = Endpoint::new(1, EndpointSpec::new("b", addr));
-        let e = scrape_once(&client, &ep, Duration::from_secs(1))
+        let e = scrape_once(&client, &ep, &vllm, &target, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(e.failure(), ScrapeFailure::BadStatus, "{e}");

@@ -36,6 +36,28 @@ pub struct RunningLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RewriteLabels {
+    pub model_rewrite_name: String,
+    pub model_name: String,
+    pub target_model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub status: String,
+    pub target_model_name: String,
+    pub pod_name: String,
+    pub namespace: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    commit: String,
+    build_ref: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub name: String,
 }
@@ -64,6 +86,13 @@ fn token_hist() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 18))
 }
 
+fn tpot_hist() -> Histogram {
+    Histogram::new([
+        0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5,
+        0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 48.0, 60.0,
+    ])
+}
+
 fn scheduler_hist() -> Histogram {
     Histogram::new(exponential_buckets(1e-6, 2.0, 20))
 }
@@ -81,9 +110,16 @@ pub struct Metrics {
     pub input_tokens: HistFamily<ModelLabels>,
     pub output_tokens: HistFamily<ModelLabels>,
     pub cached_tokens: HistFamily<ModelLabels>,
+    /// Seconds per output token after the first: (duration − TTFT) / (output tokens − 1).
+    pub request_tpot: HistFamily<ModelLabels>,
+    /// Request duration / output tokens.
+    pub normalized_tpot: HistFamily<ModelLabels>,
     pub running_requests: Family<RunningLabels, Gauge>,
     pub pool_avg_kv: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     pub pool_avg_queue: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    pub pool_avg_running: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    pub scheduler_attempts: Family<AttemptLabels, Counter>,
+    pub model_rewrites: Family<RewriteLabels, Counter>,
     pub pool_ready_pods: Family<PoolLabels, Gauge>,
     pub scheduler_e2e: Histogram,
     pub plugin_duration: HistFamily<PluginLabels>,
@@ -92,6 +128,8 @@ pub struct Metrics {
     pub prefix_hit_bytes: Histogram,
     /// The cap on distinct `model_name`/`target_model_name` values (they come from requests).
     pub models: BoundedLabel,
+    /// The pool's namespace (a label of `scheduler_attempts_total`; empty in static mode).
+    pub namespace: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +144,7 @@ impl Metrics {
     /// `max_model_labels` distinct model names label the request metrics (the rest: `other`).
     pub fn new(
         pool_name: &str,
+        namespace: &str,
         collectors: Vec<Box<dyn Collector>>,
         max_model_labels: usize,
     ) -> Arc<Self> {
@@ -121,9 +160,14 @@ impl Metrics {
             input_tokens: Family::new_with_constructor(token_hist as fn() -> Histogram),
             output_tokens: Family::new_with_constructor(token_hist as fn() -> Histogram),
             cached_tokens: Family::new_with_constructor(token_hist as fn() -> Histogram),
+            request_tpot: Family::new_with_constructor(tpot_hist as fn() -> Histogram),
+            normalized_tpot: Family::new_with_constructor(tpot_hist as fn() -> Histogram),
             running_requests: Family::default(),
             pool_avg_kv: Family::default(),
             pool_avg_queue: Family::default(),
+            pool_avg_running: Family::default(),
+            scheduler_attempts: Family::default(),
+            model_rewrites: Family::default(),
             pool_ready_pods: Family::default(),
             scheduler_e2e: scheduler_hist(),
             plugin_duration: Family::new_with_constructor(scheduler_hist as fn() -> Histogram),
@@ -132,6 +176,7 @@ impl Metrics {
             prefix_hit_bytes: Histogram::new(exponential_buckets(64.0, 2.0, 16)),
             registry: Registry::default(),
             models: BoundedLabel::new(max_model_labels),
+            namespace: namespace.to_owned(),
         };
         let objective = registry.sub_registry_with_prefix("inference_objective");
         objective.register(
@@ -175,9 +220,19 @@ impl Metrics {
             m.output_tokens.clone(),
         );
         objective.register(
-            "cached_tokens",
-            "Prompt tokens served from the model server's prefix cache",
+            "prompt_cached_tokens",
+            "Inference objective prompt cached token count distribution",
             m.cached_tokens.clone(),
+        );
+        objective.register(
+            "request_tpot_seconds",
+            "Inference objective time per output token after the first, in seconds",
+            m.request_tpot.clone(),
+        );
+        objective.register(
+            "normalized_time_per_output_token_seconds",
+            "Inference objective request latency divided by output tokens, in seconds",
+            m.normalized_tpot.clone(),
         );
         objective.register(
             "running_requests",
@@ -196,6 +251,11 @@ impl Metrics {
             m.pool_avg_queue.clone(),
         );
         pool.register(
+            "average_running_requests",
+            "The average number of requests running in the model servers",
+            m.pool_avg_running.clone(),
+        );
+        pool.register(
             "ready_pods",
             "The number of ready pods in the inference server pool",
             m.pool_ready_pods.clone(),
@@ -205,6 +265,27 @@ impl Metrics {
             "scheduler_e2e_duration_seconds",
             "End-to-end scheduling latency distribution in seconds",
             m.scheduler_e2e.clone(),
+        );
+        ext.register(
+            "scheduler_attempts",
+            "Scheduling attempts by outcome and chosen endpoint",
+            m.scheduler_attempts.clone(),
+        );
+        ext.register(
+            "model_rewrite_decisions",
+            "Requests whose model an InferenceModelRewrite rule changed",
+            m.model_rewrites.clone(),
+        );
+        let info: Family<InfoLabels, Gauge> = Family::default();
+        info.get_or_create(&InfoLabels {
+            commit: option_env!("EPP_COMMIT").unwrap_or("unknown").to_owned(),
+            build_ref: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
+        ext.register(
+            "info",
+            "General information about the running epp build",
+            info,
         );
         ext.register(
             "plugin_duration_seconds",
@@ -239,15 +320,20 @@ impl Metrics {
         let labels = PoolLabels {
             name: self.pool_name.clone(),
         };
-        let (kv, q) = snap.candidates.iter().fold((0.0, 0.0), |(kv, q), c| {
-            (
-                kv + c.metrics.kv_cache_usage.unwrap_or(0.0),
-                q + f64::from(c.metrics.waiting_queue.unwrap_or(0)),
-            )
-        });
+        let (kv, q, r) = snap
+            .candidates
+            .iter()
+            .fold((0.0, 0.0, 0.0), |(kv, q, r), c| {
+                (
+                    kv + c.metrics.kv_cache_usage.unwrap_or(0.0),
+                    q + f64::from(c.metrics.waiting_queue.unwrap_or(0)),
+                    r + f64::from(c.running()),
+                )
+            });
         let avg = |x: f64| if n == 0 { 0.0 } else { x / n as f64 };
         self.pool_avg_kv.get_or_create(&labels).set(avg(kv));
         self.pool_avg_queue.get_or_create(&labels).set(avg(q));
+        self.pool_avg_running.get_or_create(&labels).set(avg(r));
         self.pool_ready_pods.get_or_create(&labels).set(n as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -6,6 +6,7 @@
 
 use crate::datastore::Candidate;
 use crate::scheduling::framework::{Filter, SchedulingContext};
+use crate::scheduling::plugins::utilization::SaturationDetector;
 
 pub const TYPE: &str = "has-capacity-filter";
 pub const DEFAULT_QUEUE_THRESHOLD: u32 = 5;
@@ -30,6 +31,18 @@ impl HasCapacityFilter {
     /// Uses the candidate's effective queue and KV use (see [`Candidate::waiting`]).
     pub fn has_capacity(&self, c: &Candidate) -> bool {
         c.waiting() <= self.queue_threshold && c.kv_usage() <= self.kv_cache_threshold
+    }
+}
+
+/// The legacy rule: saturated when no candidate has capacity (saturation is the fraction
+/// without).
+impl SaturationDetector for HasCapacityFilter {
+    fn saturation(&self, candidates: &[Candidate]) -> f64 {
+        if candidates.is_empty() {
+            return 1.0;
+        }
+        let full = candidates.iter().filter(|c| !self.has_capacity(c)).count();
+        full as f64 / candidates.len() as f64
     }
 }
 

@@ -19,6 +19,7 @@ pub mod queue;
 pub mod random;
 pub mod running_requests;
 pub mod token_load;
+pub mod utilization;
 pub mod weighted_random;
 
 #[cfg(test)]

@@ -137,7 +137,7 @@ impl PreSchedule for PrefixCachePlugin {
         let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
         let hashes = hasher.hash(seed, &req.prompt);
         if let Some(r) = self.recorder.get() {
-            r.flush();
+            r.sync();
         }
         let matched = self.index.match_prefix(&hashes);
         let len = req.prompt_len();
