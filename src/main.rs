@@ -395,14 +395,20 @@ fn start_leader_election(cli: &Cli, client: kube::Client) -> Arc<AtomicBool> {
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("epp-{:08x}", fastrand::u32(..)));
-    let lease_for = cli
-        .pool_name
+    let lease = cli
+        .lease_name
         .clone()
-        .or_else(|| cli.endpoint_selector.clone())
-        .unwrap_or_default();
+        .unwrap_or_else(|| match &cli.pool_name {
+            Some(pool) => leader::lease_name(pool),
+            None => {
+                let selector = cli.endpoint_selector.as_deref().unwrap_or_default();
+                let hash = xxhash_rust::xxh3::xxh3_64(selector.as_bytes());
+                leader::lease_name(&format!("epp-{:08x}", hash as u32))
+            }
+        });
     let elector = leader::Elector::new(
         kube::Api::namespaced(client, &cli.pool_namespace),
-        leader::lease_name(&lease_for),
+        lease,
         identity,
         leader::Timing::default(),
     );

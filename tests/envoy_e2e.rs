@@ -715,3 +715,95 @@ async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
         stack.epp.logs()
     );
 }
+
+/// InferenceObjective priorities and InferenceModelRewrite rules from `--objectives-file`:
+/// a sheddable objective (either header name) gets 429 while the pool is saturated, others
+/// are served; a rewrite rule changes the served model and the client sees its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objectives_shed_sheddable_requests_and_rewrites_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let objectives = dir.path().join("objectives.yaml");
+    std::fs::write(
+        &objectives,
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\nmetadata: {name: batch}\nspec: {priority: -1, poolRef: {name: static}}\n---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\nmetadata: {name: alias-to-real, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec:\n  poolRef: {name: static}\n  rules:\n  - matches: [{model: {type: Exact, value: alias}}]\n    targets: [{modelRewrite: real, weight: 1}]\n",
+    )
+    .unwrap();
+    let path = objectives.to_str().unwrap().to_owned();
+    let stack = Stack::start(2, BodyMode::FullDuplex, &["--objectives-file", &path]).await;
+    let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
+    let r = stack
+        .send("POST", "/v1/completions", &[], body.clone().into_bytes())
+        .await;
+    assert_eq!(r.json()["served_model"], "real");
+    assert_eq!(r.json()["model"], "alias");
+
+    for b in &stack.backends {
+        b.set_queue(50);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for header in [
+        "x-gateway-inference-objective",
+        "x-llm-d-inference-objective",
+    ] {
+        let shed = stack
+            .send(
+                "POST",
+                "/v1/completions",
+                &[(header, "batch")],
+                body.clone().into_bytes(),
+            )
+            .await;
+        assert_eq!(
+            shed.status,
+            429,
+            "{header}: {:?}",
+            String::from_utf8_lossy(&shed.body)
+        );
+    }
+    let served = stack
+        .send(
+            "POST",
+            "/v1/completions",
+            &[("x-gateway-inference-objective", "unknown-objective")],
+            body.clone().into_bytes(),
+        )
+        .await;
+    assert_eq!(served.status, 200);
+    let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+    assert!(
+        page.contains("inference_extension_model_rewrite_decisions_total{model_rewrite_name=\"alias-to-real\",model_name=\"alias\",target_model=\"real\"}"),
+        "{page}"
+    );
+}
+
+/// `--metrics-bearer-token-file`: /metrics needs that token (401 without or with another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_require_the_bearer_token_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "let-me-in\n").unwrap();
+    let path = token.to_str().unwrap().to_owned();
+    let stack = Stack::start(
+        1,
+        BodyMode::FullDuplex,
+        &["--metrics-bearer-token-file", &path],
+    )
+    .await;
+    let get = |auth: Option<&'static str>| {
+        let mut req = hyper::Request::get(format!(
+            "http://127.0.0.1:{}/metrics",
+            stack.epp_metrics_port
+        ));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let client = stack.client.clone();
+        async move { client.request(req).await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(None).await, 401);
+    assert_eq!(get(Some("Bearer wrong")).await, 401);
+    assert_eq!(get(Some("Bearer let-me-in")).await, 200);
+}

@@ -1,168 +1,18 @@
 //! Kubernetes discovery against a mocked API server (real HTTP list/watch, JSON fixtures):
 //! add / update / not-ready / delete / selector change / watch restart / watch error.
 
-use std::convert::Infallible;
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+
+use common::kube_mock::{Collection, Mock};
 
 use epp::datastore::Datastore;
 use epp::discovery::kube::{GROUP_V1, GROUP_V1ALPHA2, PoolRef, run};
-
-/// One API resource collection: its items, and the watch streams open on it.
-struct Collection {
-    kind: &'static str,
-    items: Mutex<Vec<Value>>,
-    rv: AtomicU64,
-    events: broadcast::Sender<Option<String>>,
-    watches: AtomicUsize,
-    fail_next_watch: AtomicBool,
-    /// Lists still to answer with 500 (the API server failing at start-up).
-    fail_lists: AtomicUsize,
-    lists: AtomicUsize,
-}
-
-impl Collection {
-    fn new(kind: &'static str, items: Vec<Value>) -> Arc<Self> {
-        Arc::new(Self {
-            kind,
-            items: Mutex::new(items),
-            rv: AtomicU64::new(10),
-            events: broadcast::channel(64).0,
-            watches: AtomicUsize::new(0),
-            fail_next_watch: AtomicBool::new(false),
-            fail_lists: AtomicUsize::new(0),
-            lists: AtomicUsize::new(0),
-        })
-    }
-
-    /// Applies a change to the stored list and sends it to open watches.
-    fn event(&self, kind: &str, mut obj: Value) {
-        let rv = self.rv.fetch_add(1, Ordering::SeqCst) + 1;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let name = obj["metadata"]["name"].clone();
-        let mut items = self.items.lock();
-        items.retain(|i| i["metadata"]["name"] != name);
-        if kind != "DELETED" {
-            items.push(obj.clone());
-        }
-        let _ = self
-            .events
-            .send(Some(json!({"type": kind, "object": obj}).to_string()));
-    }
-
-    /// Ends every open watch stream (the watcher must re-watch).
-    fn close_watches(&self) {
-        let _ = self.events.send(None);
-    }
-}
-
-#[derive(Clone)]
-struct Mock {
-    pools: Arc<Collection>,
-    pods: Arc<Collection>,
-    calls: Arc<Mutex<Vec<String>>>,
-}
-
-async fn serve(
-    c: Arc<Collection>,
-    calls: Arc<Mutex<Vec<String>>>,
-    uri: Uri,
-    query: Option<String>,
-) -> Response {
-    calls.lock().push(format!("GET {}", uri.path()));
-    let query = query.unwrap_or_default();
-    if !query
-        .split('&')
-        .any(|kv| kv == "watch=true" || kv == "watch=1")
-    {
-        c.lists.fetch_add(1, Ordering::SeqCst);
-        let failing = c
-            .fail_lists
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if failing {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "injected failure", "reason": "InternalError", "code": 500});
-            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(status)).into_response();
-        }
-        let list = json!({
-            "apiVersion": "v1", "kind": format!("{}List", c.kind),
-            "metadata": {"resourceVersion": c.rv.load(Ordering::SeqCst).to_string()},
-            "items": *c.items.lock(),
-        });
-        return axum::Json(list).into_response();
-    }
-    if c.fail_next_watch.swap(false, Ordering::SeqCst) {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": "injected failure", "reason": "InternalError", "code": 500});
-        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(status)).into_response();
-    }
-    c.watches.fetch_add(1, Ordering::SeqCst);
-    let mut rx = c.events.subscribe();
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = rx.recv().await {
-            if tx.send(Ok(Bytes::from(line + "\n"))).await.is_err() {
-                break;
-            }
-        }
-    });
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        ))
-        .unwrap()
-}
-
-impl Mock {
-    async fn start(pool_path: &'static str, pool: Value, pods: Vec<Value>) -> (Mock, kube::Client) {
-        let mock = Mock {
-            pools: Collection::new("InferencePool", vec![pool]),
-            pods: Collection::new("Pod", pods),
-            calls: Arc::new(Mutex::new(Vec::new())),
-        };
-        let m1 = mock.clone();
-        let m2 = mock.clone();
-        let app = Router::new()
-            .route(
-                pool_path,
-                get(move |uri: Uri, RawQuery(q): RawQuery| {
-                    serve(m1.pools.clone(), m1.calls.clone(), uri, q)
-                }),
-            )
-            .route(
-                "/api/v1/namespaces/ns/pods",
-                get(move |uri: Uri, RawQuery(q): RawQuery| {
-                    serve(m2.pods.clone(), m2.calls.clone(), uri, q)
-                }),
-            )
-            .fallback(
-                |uri: Uri, State(calls): State<Arc<Mutex<Vec<String>>>>| async move {
-                    calls.lock().push(format!("UNEXPECTED {uri}"));
-                    StatusCode::NOT_FOUND
-                },
-            )
-            .with_state(mock.calls.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        config.default_namespace = "ns".into();
-        (mock, kube::Client::try_from(config).unwrap())
-    }
-}
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -340,5 +190,56 @@ async fn pool_v1alpha2_uses_selector_map_and_target_port_number() {
     let task = tokio::spawn(run(client, pool, ds.clone()));
     wait_for(&ds, &["a-rank-0"]).await;
     assert_eq!(ds.endpoints()[0].address.to_string(), "10.0.0.1:8000");
+    task.abort();
+}
+
+/// `--endpoint-selector`: pods chosen by a label selector the API server applies (no
+/// InferencePool), one endpoint per target port, engine from the pod label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_selector_watches_pods_without_a_pool() {
+    let mut sglang = pod("s", "vllm", true, "10.0.0.9");
+    let labels = sglang["metadata"]["labels"].as_object_mut().unwrap();
+    labels.remove("llm-d.ai/engine-type");
+    labels.insert(
+        "inference.networking.k8s.io/engine-type".into(),
+        json!("sglang"),
+    );
+    let (mock, client) = Mock::start(
+        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
+        fixture("inferencepool-v1.json"),
+        vec![pod("a", "vllm", true, "10.0.0.1"), sglang],
+    )
+    .await;
+    let ds = Arc::new(Datastore::new());
+    let source = epp::discovery::kube::Source::Selector(epp::discovery::kube::SelectorRef {
+        namespace: "ns".into(),
+        selector: "app=vllm,tier in (a,b)".into(),
+        target_ports: vec![8000, 8002],
+    });
+    let task = tokio::spawn(epp::discovery::kube::run_source(
+        client,
+        source,
+        ds.clone(),
+        None,
+    ));
+    wait_for(&ds, &["a-rank-0", "a-rank-1", "s-rank-0", "s-rank-1"]).await;
+    assert!(ds.is_ready());
+    let s1 = ds
+        .endpoints()
+        .into_iter()
+        .find(|e| e.name == "s-rank-1")
+        .unwrap();
+    assert_eq!(s1.address.to_string(), "10.0.0.9:8002");
+    assert_eq!(s1.engine.as_str(), "sglang");
+    let queries = mock.pods.queries.lock().clone();
+    assert!(
+        queries.iter().all(
+            |q| q.contains("labelSelector=app%3Dvllm%2Ctier+in+%28a%2Cb%29")
+                || q.contains("labelSelector=app%3Dvllm%2Ctier%20in%20%28a%2Cb%29")
+        ),
+        "{queries:?}"
+    );
+    // The pool is never asked for.
+    assert!(mock.pools.queries.lock().is_empty());
     task.abort();
 }

@@ -119,6 +119,10 @@ pub struct Cli {
     /// needs Kubernetes discovery.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub ha_enable_leader_election: bool,
+    /// The Lease leader election uses (default `<pool-name>-epp-leader`; with
+    /// --endpoint-selector, `epp-<hash of the selector>-leader`).
+    #[arg(long, value_parser = go_string)]
+    pub lease_name: Option<String>,
 
     // ---- Model-server metrics ----
     /// Model-server metrics scrape interval.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod kube_mock;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
