@@ -145,6 +145,14 @@ impl ResolvesServerCert for CertResolver {
 /// a task re-reads the files every 5 s and swaps the certificate when they changed (bad files
 /// are logged and the old certificate kept).
 pub fn server_acceptor(options: &ServerTlsOptions) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    server_acceptor_reloading_every(options, std::time::Duration::from_secs(5))
+}
+
+/// [`server_acceptor`] with the reload period given.
+pub fn server_acceptor_reloading_every(
+    options: &ServerTlsOptions,
+    period: std::time::Duration,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let pair = match &options.cert {
         CertSource::SelfSigned => self_signed()?,
         CertSource::Dir { path, .. } => from_dir(path)?,
@@ -153,7 +161,7 @@ pub fn server_acceptor(options: &ServerTlsOptions) -> Result<tokio_rustls::TlsAc
         current: arc_swap::ArcSwap::new(certified_key(&pair)?),
     });
     if let CertSource::Dir { path, reload: true } = &options.cert {
-        tokio::spawn(reload_loop(path.clone(), pair, resolver.clone()));
+        tokio::spawn(reload_loop(path.clone(), pair, resolver.clone(), period));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if options.tls13_only {
@@ -187,8 +195,13 @@ pub fn server_acceptor(options: &ServerTlsOptions) -> Result<tokio_rustls::TlsAc
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn reload_loop(dir: PathBuf, mut last: CertPair, resolver: Arc<CertResolver>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+async fn reload_loop(
+    dir: PathBuf,
+    mut last: CertPair,
+    resolver: Arc<CertResolver>,
+    period: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let pair = match from_dir(&dir) {
@@ -376,6 +389,66 @@ mod tests {
         std::fs::write(dir.path().join("tls.crt"), &p.cert_pem).unwrap();
         std::fs::write(dir.path().join("tls.key"), &p.key_pem).unwrap();
         assert_eq!(from_dir(dir.path()).unwrap().cert_pem, p.cert_pem);
+    }
+
+    /// The certificate a TLS client is served by `acceptor` (trusting `ca`).
+    async fn served_certificate(acceptor: &tokio_rustls::TlsAcceptor, ca: &str) -> Vec<u8> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile_certs(ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("epp").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_changed_certificate_is_served_after_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), &["epp".to_owned()]).unwrap();
+        let options = ServerTlsOptions {
+            cert: CertSource::Dir {
+                path: dir.path().to_owned(),
+                reload: true,
+            },
+            client_ca: None,
+            tls13_only: false,
+        };
+        let acceptor =
+            server_acceptor_reloading_every(&options, std::time::Duration::from_millis(50))
+                .unwrap();
+        let ca = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+        let before = served_certificate(&acceptor, &ca).await;
+        // A new bundle (new CA too): the served certificate changes without a restart.
+        let next = tempfile::tempdir().unwrap();
+        write_bundle(next.path(), &["epp".to_owned()]).unwrap();
+        for f in ["tls.crt", "tls.key"] {
+            std::fs::copy(next.path().join(f), dir.path().join(f)).unwrap();
+        }
+        let new_ca = std::fs::read_to_string(next.path().join("ca.crt")).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let after = served_certificate(&acceptor, &new_ca).await;
+        assert_ne!(before, after);
+        // A broken file keeps the current certificate.
+        std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(served_certificate(&acceptor, &new_ca).await, after);
     }
 
     #[test]

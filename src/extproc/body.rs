@@ -62,6 +62,12 @@ impl BudgetHold {
         Self { budget, held: 0 }
     }
 
+    /// Gives back everything held so far.
+    fn release(&mut self) {
+        self.budget.used.fetch_sub(self.held, Ordering::AcqRel);
+        self.held = 0;
+    }
+
     fn take(&mut self, n: usize) -> bool {
         if self.budget.try_take(n) {
             self.held += n;
@@ -137,16 +143,23 @@ impl RequestBody {
         if self.len + chunk.len() > self.max {
             return Err(BodyError::TooLarge(self.max));
         }
+        self.len += chunk.len();
+        if self.failed.is_some() {
+            // The request is refused whatever follows: nothing more is kept.
+            return Ok(());
+        }
         if !self.hold.take(chunk.len()) {
             return Err(BodyError::Busy(self.hold.budget.limit()));
         }
-        self.len += chunk.len();
-        if self.failed.is_none()
-            && let Some(s) = self.scanner.as_mut()
+        if let Some(s) = self.scanner.as_mut()
             && let Err(e) = s.feed(&chunk)
         {
             self.failed = Some(e);
             self.scanner = None;
+            // Neither the chunks nor their budget are needed any more.
+            self.chunks = Vec::new();
+            self.hold.release();
+            return Ok(());
         }
         if !chunk.is_empty() {
             self.chunks.push(chunk);
@@ -327,11 +340,21 @@ mod tests {
     }
 
     #[test]
-    fn a_json_error_is_reported_at_the_end() {
+    fn a_json_error_is_reported_at_the_end_and_nothing_more_is_held() {
         let budget = BodyBudget::new(1 << 20);
         let mut b = body(&budget, 1 << 20);
         b.push(Bytes::from_static(b"{oops")).unwrap();
-        b.push(Bytes::from_static(b"more")).unwrap();
+        assert_eq!(budget.in_use(), 0, "a refused body holds no budget");
+        b.push(Bytes::from(vec![b' '; 4096])).unwrap();
+        assert_eq!(budget.in_use(), 0);
+        assert!(b.chunks().is_empty());
+        // The size limit still applies (413 over 400, whatever the JSON).
+        let mut c = body(&budget, 10);
+        c.push(Bytes::from_static(b"{bad")).unwrap();
+        assert_eq!(
+            c.push(Bytes::from(vec![b' '; 20])).unwrap_err().status(),
+            413
+        );
         assert_eq!(b.finish().unwrap_err().status(), 400);
     }
 }
