@@ -74,7 +74,8 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$GATEWAY_PORT/v1/models" envoy
 
 "$BIN/epp-bench" run --url "http://127.0.0.1:$GATEWAY_PORT" --workload low --rate "$RATE" \
-  --max-requests $((RATE * SECONDS_TOTAL)) --groups 64 --pods "$PODS" --label soak \
+  --max-requests $((RATE * SECONDS_TOTAL)) --groups 64 \
+  --prompts-per-group $(((RATE * SECONDS_TOTAL + 63) / 64)) --pods "$PODS" --label soak \
   --results "$WORK/bench.jsonl" --quiet >"$WORK/bench.log" 2>&1 &
 BENCH_PID=$!
 PIDS+=($BENCH_PID)
@@ -95,6 +96,11 @@ while kill -0 "$BENCH_PID" 2>/dev/null && [ $(($(date +%s) - START)) -lt "$SECON
   row="$row,$(metric inference_extension_prefix_indexer_size),$(metric inference_objective_request_total),$(metric inference_objective_request_error_total)"
   echo "$row" | tee -a "$OUT/samples.csv"
 done
+if [ $(($(date +%s) - START)) -lt $((SECONDS_TOTAL * 9 / 10)) ]; then
+  echo "soak FAILED: the load ended after $(($(date +%s) - START)) of ${SECONDS_TOTAL}s" >&2
+  tail -5 "$WORK/bench.log" >&2
+  exit 1
+fi
 kill "$BENCH_PID" 2>/dev/null || true
 
 python3 - "$OUT/samples.csv" "$RSS_SLACK_MIB" "$FD_SLACK" "$MAX_ERROR_PCT" <<'EOF'

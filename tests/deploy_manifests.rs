@@ -103,6 +103,13 @@ fn envoy_configs_carry_what_epp_relies_on() {
     ] {
         assert!(text.contains(needle), "envoy.yaml lacks {needle}");
     }
+    // The buffered variant differs in the request body mode only.
+    let mut buffered = yaml_docs(&read("deploy/envoy/envoy-buffered.yaml")).remove(0);
+    let mode = &mut buffered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][1]["typed_config"]["processing_mode"]["request_body_mode"];
+    assert_eq!(*mode, "BUFFERED");
+    *mode = "FULL_DUPLEX_STREAMED".into();
+    assert_eq!(buffered, epp, "envoy-buffered.yaml drifted from envoy.yaml");
     let rr = yaml_docs(&read("deploy/envoy/envoy-round-robin.yaml")).remove(0);
     assert_eq!(
         rr["static_resources"]["clusters"][0]["lb_policy"],

@@ -364,7 +364,7 @@ async fn the_rendered_deployment_runs() {
     std::fs::write(
         &values,
         format!(
-            "inferenceExtension:\n  flags:\n    v: 1\ninferencePool:\n  targetPorts:\n  - number: {}\n  - number: {}\n  modelServerType: vllm\n  modelServers:\n    matchLabels:\n      app: vllm\n",
+            "tls:\n  secretName: epp-tls\n  clientCAKey: ca.crt\ninferenceExtension:\n  flags:\n    v: 1\ninferencePool:\n  targetPorts:\n  - number: {}\n  - number: {}\n  modelServerType: vllm\n  modelServers:\n    matchLabels:\n      app: vllm\n",
             b0.addr.port(),
             b1.addr.port()
         ),
@@ -385,19 +385,40 @@ async fn the_rendered_deployment_runs() {
 
     // The container as rendered.
     let d = r.deployment("vllm-pool");
-    let container = d.spec.unwrap().template.spec.unwrap().containers[0].clone();
+    let pod_spec = d.spec.unwrap().template.spec.unwrap();
+    let container = pod_spec.containers[0].clone();
+    let secret = pod_spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find_map(|v| v.secret)
+        .and_then(|s| s.secret_name);
+    assert_eq!(secret.as_deref(), Some("epp-tls"));
     let cm: ConfigMap = r.typed("ConfigMap/vllm-pool-epp");
     let config_dir = dir.path().join("config");
     std::fs::create_dir_all(&config_dir).unwrap();
     for (name, text) in cm.data.unwrap() {
         std::fs::write(config_dir.join(name), text).unwrap();
     }
+    // The TLS secret the values name, as `epp --write-certs` writes one.
+    let certs = dir.path().join("tls");
+    let status = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .arg("--write-certs")
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == "/etc/epp-tls"));
     let args: Vec<String> = container
         .args
         .unwrap()
         .into_iter()
         .map(|a| a.replace("/config/", &format!("{}/", config_dir.display())))
+        .map(|a| a.replace("/etc/epp-tls", certs.to_str().unwrap()))
         .collect();
+    assert!(args.iter().any(|a| a == "--enable-cert-reload=true"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
     cmd.args(&args)
         .env("NAMESPACE", "ns")
@@ -446,9 +467,10 @@ async fn the_rendered_deployment_runs() {
         }
     }
 
-    // And a request is routed (epp serves its default self-signed TLS, as the chart runs it).
+    // And a request is routed through Envoy as the shipped config runs it: epp's certificate
+    // verified against the secret's CA, Envoy's client certificate verified by epp.
     let options = common::EnvoyOptions {
-        tls: common::EnvoyTls::Unverified,
+        tls: common::EnvoyTls::Mutual(certs.clone()),
         ..common::EnvoyOptions::new(common::BodyMode::FullDuplex)
     };
     let (_envoy, gateway) =

@@ -4,6 +4,7 @@
 pub mod datalayer;
 pub mod endpoints_file;
 pub mod env;
+pub mod feature_gates;
 pub mod params;
 pub mod picker_config;
 pub mod plugin_factory;

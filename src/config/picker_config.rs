@@ -224,9 +224,7 @@ fn parse_document(text: &str) -> Result<RawConfig, PickerConfigError> {
              sheddable ones get 429 while the pool is saturated)",
         ));
     }
-    if !raw.feature_gates.is_empty() {
-        tracing::warn!(gates = ?raw.feature_gates, "featureGates are accepted but have no effect in epp");
-    }
+    super::feature_gates::check(&raw.feature_gates)?;
     Ok(raw)
 }
 

@@ -82,6 +82,7 @@ route:
   requestTimeout: {{ $route.requestTimeout | default "300s" | quote }}
   baseModel: {{ $route.baseModel | default "" | quote }}
 networkPolicy: {{ .Values.networkPolicy | default dict | toJson }}
+tls: {{ .Values.tls | default dict | toJson }}
 {{- end -}}
 
 {{- define "epp.name" -}}
