@@ -21,6 +21,10 @@ const ALWAYS_ON: [&str; 3] = [
 /// The gate epp refuses to turn on.
 const FLOW_CONTROL: &str = "flowControl";
 
+/// Why flow control (the gate, or a `flowControl` section) is refused.
+pub const NO_FLOW_CONTROL: &str = "not supported: epp has no flow-control queue (requests are \
+     scheduled at once; sheddable ones get 429 while the pool is saturated)";
+
 /// Checks every gate; `Ok` when epp runs the configuration as the Go EPP would.
 pub fn check(gates: &[String]) -> Result<(), PickerConfigError> {
     for (i, gate) in gates.iter().enumerate() {
@@ -28,11 +32,7 @@ pub fn check(gates: &[String]) -> Result<(), PickerConfigError> {
         let (name, on) = parse(gate).map_err(|reason| err(&field, reason))?;
         if name == FLOW_CONTROL {
             if on {
-                return Err(err(
-                    field,
-                    "flowControl is not supported: epp has no flow-control queue (requests are \
-                     scheduled at once; sheddable ones get 429 while the pool is saturated)",
-                ));
+                return Err(err(field, NO_FLOW_CONTROL));
             }
         } else if ALWAYS_ON.contains(&name) {
             tracing::info!(

@@ -218,11 +218,7 @@ fn parse_document(text: &str) -> Result<RawConfig, PickerConfigError> {
         ));
     }
     if raw.flow_control.is_some() {
-        return Err(err(
-            "flowControl",
-            "not supported: epp has no flow-control queue (requests are scheduled at once; \
-             sheddable ones get 429 while the pool is saturated)",
-        ));
+        return Err(err("flowControl", super::feature_gates::NO_FLOW_CONTROL));
     }
     super::feature_gates::check(&raw.feature_gates)?;
     Ok(raw)
