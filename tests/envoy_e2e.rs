@@ -457,14 +457,7 @@ async fn health_checking_serves_health_on_the_ext_proc_port() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let stack = Stack::start(1, BodyMode::FullDuplex, &["--health-checking"]).await;
-    let grpc_port = stack
-        .epp
-        .logs()
-        .lines()
-        .find(|l| l.contains("ext_proc server listening"))
-        .and_then(|l| l.split("address=127.0.0.1:").nth(1))
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap();
+    let grpc_port = stack.grpc_port;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
         .unwrap()
         .connect()
@@ -657,14 +650,7 @@ async fn load_accounting_returns_to_zero_after_errors_and_client_resets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
     let mut stack = Stack::start(3, BodyMode::FullDuplex, &["--ext-proc-threads", "2"]).await;
-    let grpc_port = stack
-        .epp
-        .logs()
-        .lines()
-        .find(|l| l.contains("ext_proc server listening"))
-        .and_then(|l| l.split("address=127.0.0.1:").nth(1))
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .expect("ext_proc port in the log");
+    let grpc_port = stack.grpc_port;
     let second_dir = tempfile::tempdir().unwrap();
     let (_second_envoy, second_gateway) = common::start_envoy(
         second_dir.path(),

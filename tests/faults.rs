@@ -196,14 +196,7 @@ async fn failing_metrics_deprioritize_the_endpoint_and_log_once_per_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epp_restart_fails_closed_then_service_resumes() {
     let mut stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
-    let grpc_port = stack
-        .epp
-        .logs()
-        .lines()
-        .find(|l| l.contains("ext_proc server listening"))
-        .and_then(|l| l.split("address=127.0.0.1:").nth(1))
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap();
+    let grpc_port = stack.grpc_port;
     assert_eq!(stack.complete("before").await.status, 200);
     let _ = stack.epp.child.kill();
     let _ = stack.epp.child.wait();

@@ -390,6 +390,8 @@ pub struct Stack {
     pub epp: Proc,
     pub envoy: Proc,
     pub gateway: u16,
+    /// epp's ext_proc port (Envoy's `epp` cluster).
+    pub grpc_port: u16,
     pub epp_metrics_port: u16,
     pub health_port: u16,
     pub dir: tempfile::TempDir,
@@ -420,14 +422,15 @@ impl Stack {
             text.push_str(&format!("  - address: {}\n    name: {}\n", b.addr, b.id));
         }
         std::fs::write(&endpoints, text).unwrap();
-        let (epp, grpc, epp_metrics_port, health_port) = start_epp_full(&endpoints, epp_args);
-        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config_with(grpc, options));
+        let (epp, grpc_port, epp_metrics_port, health_port) = start_epp_full(&endpoints, epp_args);
+        let (envoy, gateway) = start_envoy(dir.path(), &envoy_config_with(grpc_port, options));
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let stack = Stack {
             backends,
             epp,
             envoy,
             gateway,
+            grpc_port,
             epp_metrics_port,
             health_port,
             dir,
