@@ -80,7 +80,7 @@ impl BudgetHold {
 
 impl Drop for BudgetHold {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.held, Ordering::AcqRel);
+        self.release();
     }
 }
 
