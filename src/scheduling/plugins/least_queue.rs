@@ -25,10 +25,15 @@ impl Filter for LeastQueueFilter {
         if n == 0 {
             return candidates;
         }
-        let queues = candidates.iter().map(|c| c.waiting());
-        let (min, max) = queues.fold((u32::MAX, 0), |(lo, hi), q| (lo.min(q), hi.max(q)));
+        // Queues include in-flight counts other threads change: read each once, so the
+        // candidate with the least queue is always kept.
+        let queues: Vec<u32> = candidates.iter().map(|c| c.waiting()).collect();
+        let (min, max) = queues
+            .iter()
+            .fold((u32::MAX, 0), |(lo, hi), &q| (lo.min(q), hi.max(q)));
         let limit = min + (max - min) / n;
-        candidates.retain(|c| c.waiting() <= limit);
+        let mut queue = queues.into_iter();
+        candidates.retain(|_| queue.next().is_some_and(|q| q <= limit));
         candidates
     }
 }
@@ -36,7 +41,20 @@ impl Filter for LeastQueueFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduling::plugins::test_support::{candidates, ctx_for, metrics_q};
+    use crate::scheduling::plugins::test_support::{candidates, ctx_for, metrics_q, under_churn};
+
+    /// Regression: queues were read twice (for the limit, then per candidate), and counts that
+    /// grew in between could filter every candidate out.
+    #[test]
+    fn never_empties_while_inflight_counts_change() {
+        under_churn(4, 200_000, |cs| {
+            assert!(
+                !LeastQueueFilter
+                    .filter(&mut ctx_for(), cs.iter().collect())
+                    .is_empty()
+            );
+        });
+    }
 
     #[test]
     fn keeps_bottom_band() {

@@ -32,17 +32,21 @@ fn pick_one(ctx: &mut SchedulingContext<'_>, scored: &[ScoredEndpoint<'_>]) -> u
         .map(|s| s.score)
         .fold(f64::NEG_INFINITY, f64::max);
     let floor = best - TIE_TOLERANCE * ctx.score_scale;
-    let key = |s: &ScoredEndpoint<'_>| (s.candidate.health, s.candidate.inflight_requests());
+    // In-flight counts change under other threads' decisions: each is read once, so the
+    // comparison is between one consistent set of keys.
     let mut chosen = usize::MAX;
+    let mut chosen_key = None;
     let mut ties = 0u32;
     for (i, s) in scored.iter().enumerate() {
         if s.score < floor {
             continue;
         }
-        if chosen == usize::MAX || key(s) < key(&scored[chosen]) {
+        let key = Some((s.candidate.health, s.candidate.inflight_requests()));
+        if chosen_key.is_none() || key < chosen_key {
             chosen = i;
+            chosen_key = key;
             ties = 1;
-        } else if key(s) == key(&scored[chosen]) {
+        } else if key == chosen_key {
             ties += 1;
             if ctx.rng.u32(..ties) == 0 {
                 chosen = i;

@@ -68,6 +68,40 @@ pub(crate) mod test_support {
         }
     }
 
+    /// Runs `check` `rounds` times while another thread keeps reserving and releasing load
+    /// on every candidate (as concurrent decisions do), so live in-flight counts change under
+    /// the plugin being checked. Candidates without metrics: their queue is that count.
+    pub fn under_churn(n: usize, rounds: usize, mut check: impl FnMut(&[Candidate])) {
+        use crate::datastore::{LoadAmount, Reservation};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let cs = candidates(&vec![EndpointMetrics::default(); n]);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut held = Vec::new();
+                let mut rng = fastrand::Rng::with_seed(7);
+                while !stop.load(Ordering::Relaxed) {
+                    if held.len() > 64 || rng.bool() {
+                        held.clear();
+                    }
+                    let c = &cs[rng.usize(..cs.len())];
+                    held.push(Reservation::new(c.endpoint.clone(), LoadAmount::default()));
+                }
+            });
+            // Stops the churn even when `check` panics (else the scope would wait forever).
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            for _ in 0..rounds {
+                check(&cs);
+            }
+        });
+    }
+
     static EMPTY: std::sync::LazyLock<LlmRequest> = std::sync::LazyLock::new(LlmRequest::default);
 
     pub fn ctx_for() -> SchedulingContext<'static> {

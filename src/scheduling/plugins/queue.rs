@@ -19,13 +19,19 @@ impl Scorer for QueueScorer {
     }
 
     fn score(&self, _: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
-        let queues = candidates.iter().map(|c| c.waiting());
-        let (min, max) = queues.fold((u32::MAX, 0), |(lo, hi), q| (lo.min(q), hi.max(q)));
+        // Queues include in-flight counts other threads change: read each once (into
+        // `scores`), so min, max and every score come from the same values.
         for (c, s) in candidates.iter().zip(scores.iter_mut()) {
+            *s = f64::from(c.waiting());
+        }
+        let (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &q| {
+            (lo.min(q), hi.max(q))
+        });
+        for s in scores.iter_mut() {
             *s = if max == min {
                 1.0
             } else {
-                f64::from(max - c.waiting()) / f64::from(max - min)
+                (max - *s) / (max - min)
             };
         }
     }
@@ -34,7 +40,20 @@ impl Scorer for QueueScorer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduling::plugins::test_support::{candidates, ctx_for, metrics_q};
+    use crate::scheduling::plugins::test_support::{candidates, ctx_for, metrics_q, under_churn};
+
+    /// Regression: queues were read twice (for max, then per score), and a count that grew
+    /// in between underflowed `max - q` (a panic in debug builds, a huge score in release).
+    #[test]
+    fn scores_stay_in_range_while_inflight_counts_change() {
+        under_churn(4, 200_000, |cs| {
+            let refs: Vec<_> = cs.iter().collect();
+            let mut s = vec![0.0; cs.len()];
+            QueueScorer.score(&ctx_for(), &refs, &mut s);
+            assert!(s.iter().all(|v| (0.0..=1.0).contains(v)), "{s:?}");
+            assert!(s.contains(&1.0), "{s:?}");
+        });
+    }
 
     #[test]
     fn normalises_between_min_and_max() {
