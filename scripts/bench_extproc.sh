@@ -7,6 +7,8 @@
 #                 xxh3, pick, re-emit; FULL_DUPLEX_STREAMED; plaintext gRPC)
 #   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (FULL_DUPLEX_STREAMED
 #                 both ways), plaintext gRPC like the naive picker
+#   epp-oneconn   epp with Envoy's streams-per-connection cap removed: Envoy's one worker
+#                 keeps one connection, so one epp serving thread does all the work
 #   epp-buffered  the same with request_body_mode BUFFERED
 #   epp-tls       epp with its default TLS
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
@@ -14,7 +16,7 @@
 # (utime+stime from /proc), and epp's allocated bytes per request (an alloc-stats build, in a
 # separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
 #
-# Settings (environment): SETUPS="envoy naive epp epp-buffered" SIZES="1024 32768 204800 2097152"
+# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered" SIZES="1024 32768 204800 2097152"
 #   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
 #   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
 #   MEMORY_SECONDS=30 (0: skip): epp's idle RSS, then 1M-token (4 MB) prompts at 10 QPS over 10
@@ -23,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SETUPS=${SETUPS:-"envoy naive epp epp-buffered"}
+SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-buffered"}
 SIZES=${SIZES:-"1024 32768 204800 2097152"}
 CONNECTIONS=${CONNECTIONS:-32}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
@@ -137,6 +139,10 @@ start_setup() { # setup [epp binary]
     epp)
       start_epp "$epp_bin" false
       sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-oneconn)
+      start_epp "$epp_bin" false
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/{ max_concurrent_streams: 16 }/{}/' \
+        deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-buffered)
       start_epp "$epp_bin" false
       sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: FULL_DUPLEX_STREAMED/request_body_mode: BUFFERED/' \
@@ -202,6 +208,7 @@ for setup in $SETUPS; do
     measure "$setup" latency "$size" 1 3 0
   done
   measure "$setup" sse 1024 "$CONNECTIONS" "$SECONDS_PER_RUN" "$SSE_CHUNKS"
+  [ "$setup" = envoy ] || echo "  ext_proc connections Envoy opened: $(curl -s "http://127.0.0.1:$ADMIN_PORT/stats?filter=cluster.epp.upstream_cx_total" | awk '{ print $2 }')"
   stop_all
   case "$setup" in
     epp*)

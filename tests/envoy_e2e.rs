@@ -702,6 +702,49 @@ async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
     );
 }
 
+/// More than Envoy's default circuit-breaker thresholds (1,024) of long streamed requests at
+/// once are all routed and answered: the shipped config raises the thresholds of both clusters,
+/// and caps streams per ext_proc connection at 16, so Envoy spreads them over many connections
+/// (hence over epp's serving threads) instead of queueing or refusing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_thousand_concurrent_streams_are_all_served() {
+    const REQUESTS: usize = 1100;
+    let stack = Stack::start(2, BodyMode::FullDuplex, &["--ext-proc-threads", "2"]).await;
+    // 40 events 30 ms apart: each stream stays open for over a second.
+    let sends = (0..REQUESTS).map(|i| {
+        let body = serde_json::json!({"model": "m", "prompt": format!("stream {i}"), "stream": true, "max_tokens": 40});
+        stack.send("POST", "/v1/completions", &[], body.to_string().into_bytes())
+    });
+    let replies = futures::future::join_all(sends).await;
+    let failed: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status != 200 || !r.body.ends_with(b"data: [DONE]\n\n"))
+        .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
+        .take(3)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{failed:?}\nenvoy:\n{}\nepp:\n{}",
+        stack.envoy.logs(),
+        stack.epp.logs()
+    );
+    let admin = std::fs::read_to_string(stack.dir.path().join("admin.txt")).unwrap();
+    let port: u16 = admin.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let stats = stack
+        .get_epp(port, "/stats?filter=cluster.epp.upstream_cx_total")
+        .await;
+    let connections: usize = stats
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no connection count in {stats:?}"));
+    assert!(
+        connections > 1,
+        "one ext_proc connection for {REQUESTS} streams: {stats}"
+    );
+}
+
 /// InferenceObjective priorities and InferenceModelRewrite rules from `--objectives-file`:
 /// a sheddable objective (either header name) gets 429 while the pool is saturated, others
 /// are served; a rewrite rule changes the served model and the client sees its own.

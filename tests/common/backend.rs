@@ -129,8 +129,10 @@ async fn generate(State((id, c)): State<St>, headers: HeaderMap, body: Bytes) ->
     let body_hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body));
     if req["stream"].as_bool() == Some(true) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
+        // One event per 30 ms: 5, or `max_tokens` (up to 100) to hold the stream longer.
+        let events = req["max_tokens"].as_u64().map_or(5, |n| n.clamp(1, 100));
         tokio::spawn(async move {
-            for i in 0..5 {
+            for i in 0..events {
                 let ev = serde_json::json!({"backend": id, "model": model, "choices": [{"index": 0, "text": format!("tok{i} ")}]});
                 let _ = tx.send(Ok(Bytes::from(format!("data: {ev}\n\n")))).await;
                 tokio::time::sleep(Duration::from_millis(30)).await;
