@@ -13,7 +13,7 @@
 #   epp-tls       epp with its default TLS
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
 # head at the upstream) p50/p99 with one connection (unloaded), the picker's CPU µs per request
-# (utime+stime from /proc), and epp's allocated bytes per request (an alloc-stats build, in a
+# (utime+stime from /proc) and Envoy's, and epp's allocated bytes per request (an alloc-stats build, in a
 # separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
 #
 # Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered" SIZES="1024 32768 204800 2097152"
@@ -101,6 +101,7 @@ local_envoy() { # template → rendered config on loopback ports
 
 start_envoy() { # config
   .venv/bin/envoy --disable-hot-restart --concurrency 1 -l warn -c "$1" >"$WORK/envoy.log" 2>&1 &
+  ENVOY_PID=$!
   PIDS+=($!)
   wait_http "http://127.0.0.1:$GATEWAY_PORT/v1/models" envoy || { cat "$WORK"/*.log >&2; exit 1; }
 }
@@ -162,21 +163,23 @@ load() { # body-bytes connections seconds sse → JSON line
 }
 
 RESULTS="$WORK/results.jsonl"
-record() { # setup kind size sse json cpu_ticks alloc_bytes ext_proc_msgs
+record() { # setup kind size sse json cpu_ticks alloc_bytes ext_proc_msgs envoy_cpu_ticks
   python3 - "$@" "$CLK_TCK" >>"$RESULTS" <<'EOF'
 import json, sys
-setup, kind, size, sse, line, ticks, alloc, msgs, tck = sys.argv[1:10]
+setup, kind, size, sse, line, ticks, alloc, msgs, envoy_ticks, tck = sys.argv[1:11]
 r = json.loads(line)
 r.update(setup=setup, kind=kind, size=int(size), sse=int(sse), ext_proc_msgs=int(msgs),
-         cpu_s=int(ticks) / int(tck), alloc_bytes=float(alloc) if alloc else None)
+         cpu_s=int(ticks) / int(tck), envoy_cpu_s=int(envoy_ticks) / int(tck),
+         alloc_bytes=float(alloc) if alloc else None)
 print(json.dumps(r))
 EOF
 }
 
 measure() { # setup kind size connections seconds sse
-  local before after a0="" a1="" line m0 m1
+  local before after e0 e1 a0="" a1="" line m0 m1
   m0=$(ext_proc_msgs)
   before=$(cpu_ticks "$PICKER_PID")
+  e0=$(cpu_ticks "$ENVOY_PID")
   [ "$2" = alloc ] && a0=$(alloc_bytes)
   local perf_pid=""
   if [ -n "${PROFILE:-}" ] && [ -n "$PICKER_PID" ] && [ "$2" != latency ] && [ "$2" != alloc ]; then
@@ -187,11 +190,12 @@ measure() { # setup kind size connections seconds sse
   line=$(load "$3" "$4" "$5" "$6")
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
   after=$(cpu_ticks "$PICKER_PID")
+  e1=$(cpu_ticks "$ENVOY_PID")
   m1=$(ext_proc_msgs)
   [ "$2" = alloc ] && a1=$(alloc_bytes)
   local alloc=""
   [ "$2" = alloc ] && alloc=$(python3 -c "print(float('$a1') - float('$a0'))")
-  record "$1" "$2" "$3" "$6" "$line" $((after - before)) "$alloc" $((m1 - m0))
+  record "$1" "$2" "$3" "$6" "$line" $((after - before)) "$alloc" $((m1 - m0)) $((e1 - e0))
   echo "  $1 $2 size=$3 sse=$6: $line"
 }
 

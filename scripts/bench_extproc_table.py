@@ -13,10 +13,10 @@ def size_label(n):
     return f"{n // 1048576} MB" if n >= 1048576 else f"{n // 1024} KB"
 
 
-def cpu_per(r, per):
-    if not r or r["requests"] == 0 or r["cpu_s"] == 0:
+def cpu_per(r, per, field="cpu_s"):
+    if not r or r["requests"] == 0 or not r.get(field):
         return "–"
-    return f"{r['cpu_s'] * 1e6 / (r['requests'] * per):.0f}"
+    return f"{r[field] * 1e6 / (r['requests'] * per):.0f}"
 
 
 def alloc_per(r, per):
@@ -27,8 +27,8 @@ def alloc_per(r, per):
 
 print(f"Closed loop, {connections} connections (req/s, picker CPU); one connection for the path "
       "time (first request byte sent → request head at the upstream).\n")
-print("| setup | body | req/s | path p50 µs | path p99 µs | picker CPU µs/req | CPU µs/req, 1 conn | epp alloc/req |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| setup | body | req/s | path p50 µs | path p99 µs | picker CPU µs/req | Envoy CPU µs/req | CPU µs/req, 1 conn | epp alloc/req |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for size in sizes:
     for s in setups:
         t = by.get((s, "throughput", size, 0))
@@ -37,7 +37,8 @@ for size in sizes:
         if not t:
             continue
         print(f"| {s} | {size_label(size)} | {t['rps']:.0f} | {lat['path_p50_us'] if lat else '–'} "
-              f"| {lat['path_p99_us'] if lat else '–'} | {cpu_per(t, 1)} | {cpu_per(lat, 1)} "
+              f"| {lat['path_p99_us'] if lat else '–'} | {cpu_per(t, 1)} "
+              f"| {cpu_per(t, 1, 'envoy_cpu_s')} | {cpu_per(lat, 1)} "
               f"| {alloc_per(a, 1)} |")
 print(f"\nStreamed responses ({sse_chunks} SSE events + usage + [DONE] per request, each written "
       "on its own; Envoy coalesces some): per ext_proc message (Envoy's stream_msgs_sent).\n")
