@@ -705,13 +705,28 @@ async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
 /// More than Envoy's default circuit-breaker thresholds (1,024) of long streamed requests at
 /// once are all routed and answered: the shipped config raises the thresholds of both clusters,
 /// and caps streams per ext_proc connection at 16, so Envoy spreads them over many connections
-/// (hence over epp's serving threads) instead of queueing or refusing them.
+/// (hence over epp's serving threads) instead of queueing or refusing them. Run with epp's
+/// built-in profile (queue, KV and prefix scorers, whose in-flight reads once raced) and with
+/// the shipped default config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_a_thousand_concurrent_streams_are_all_served() {
-    const REQUESTS: usize = 1100;
-    let stack = Stack::start(2, BodyMode::FullDuplex, &["--ext-proc-threads", "2"]).await;
-    // 40 events 30 ms apart: each stream stays open for over a second.
-    let sends = (0..REQUESTS).map(|i| {
+    let default_config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default-plugins.yaml");
+    for config in [&[][..], &["--config-file", default_config][..]] {
+        let args = [&["--ext-proc-threads", "2"][..], config].concat();
+        let stack = Stack::start(2, BodyMode::FullDuplex, &args).await;
+        let connections = thousand_streams(&stack).await;
+        assert!(
+            connections > 1,
+            "{args:?}: one ext_proc connection for every stream"
+        );
+    }
+}
+
+/// Sends 1,100 concurrent streamed requests, each open for over a second (40 events 30 ms
+/// apart); asserts every one is answered in full and epp's in-flight count returns to zero;
+/// returns the ext_proc connections Envoy opened.
+async fn thousand_streams(stack: &Stack) -> usize {
+    let sends = (0..1100).map(|i| {
         let body = serde_json::json!({"model": "m", "prompt": format!("stream {i}"), "stream": true, "max_tokens": 40});
         stack.send("POST", "/v1/completions", &[], body.to_string().into_bytes())
     });
@@ -728,21 +743,31 @@ async fn more_than_a_thousand_concurrent_streams_are_all_served() {
         stack.envoy.logs(),
         stack.epp.logs()
     );
+    // Every reservation is released once its stream ends.
+    let mut page = String::new();
+    for _ in 0..150 {
+        page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+        if metric_sum(&page, "llm_d_epp_inflight_requests") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric_sum(&page, "llm_d_epp_inflight_requests"),
+        0.0,
+        "{page}"
+    );
     let admin = std::fs::read_to_string(stack.dir.path().join("admin.txt")).unwrap();
     let port: u16 = admin.trim().rsplit(':').next().unwrap().parse().unwrap();
     let stats = stack
         .get_epp(port, "/stats?filter=cluster.epp.upstream_cx_total")
         .await;
-    let connections: usize = stats
+    stats
         .trim()
         .rsplit(' ')
         .next()
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no connection count in {stats:?}"));
-    assert!(
-        connections > 1,
-        "one ext_proc connection for {REQUESTS} streams: {stats}"
-    );
+        .unwrap_or_else(|| panic!("no connection count in {stats:?}"))
 }
 
 /// InferenceObjective priorities and InferenceModelRewrite rules from `--objectives-file`:
