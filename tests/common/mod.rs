@@ -384,6 +384,23 @@ fn gateway_port(admin: &str) -> Option<u16> {
     (port != 0).then_some(port as u16)
 }
 
+/// Raises this process's soft limit on open files to at least `want` (up to the hard limit),
+/// before a test opens thousands of sockets; processes started afterwards inherit it.
+pub fn raise_open_files_limit(want: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|n| n >= want) {
+        return;
+    }
+    let hard = limit.maximum;
+    assert!(
+        hard.is_none_or(|h| h >= want),
+        "this test needs {want} open files; the hard limit is {hard:?}"
+    );
+    limit.current = Some(want);
+    setrlimit(Resource::Nofile, limit).expect("raising the open-files limit");
+}
+
 /// Fake backends + epp + Envoy, all on loopback.
 pub struct Stack {
     pub backends: Vec<Backend>,
