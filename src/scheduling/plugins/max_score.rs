@@ -34,26 +34,28 @@ fn pick_one(ctx: &mut SchedulingContext<'_>, scored: &[ScoredEndpoint<'_>]) -> u
     let floor = best - TIE_TOLERANCE * ctx.score_scale;
     // In-flight counts change under other threads' decisions: each is read once, so the
     // comparison is between one consistent set of keys.
-    let mut chosen = usize::MAX;
-    let mut chosen_key = None;
+    let mut chosen = None;
     let mut ties = 0u32;
     for (i, s) in scored.iter().enumerate() {
         if s.score < floor {
             continue;
         }
-        let key = Some((s.candidate.health, s.candidate.inflight_requests()));
-        if chosen_key.is_none() || key < chosen_key {
-            chosen = i;
-            chosen_key = key;
-            ties = 1;
-        } else if key == chosen_key {
-            ties += 1;
-            if ctx.rng.u32(..ties) == 0 {
-                chosen = i;
+        let key = (s.candidate.health, s.candidate.inflight_requests());
+        match chosen {
+            Some((_, best)) if key > best => {}
+            Some((_, best)) if key == best => {
+                ties += 1;
+                if ctx.rng.u32(..ties) == 0 {
+                    chosen = Some((i, key));
+                }
+            }
+            _ => {
+                chosen = Some((i, key));
+                ties = 1;
             }
         }
     }
-    chosen
+    chosen.map_or(usize::MAX, |(i, _)| i)
 }
 
 impl Picker for MaxScorePicker {
