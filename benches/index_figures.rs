@@ -2,7 +2,7 @@
 //! - per-decision latency percentiles (p50/p99/p99.9) of a full routing decision for a 32 KB
 //!   prompt (candidates, hash, match, score, pick, reserve, record) over 4/100/1000 pods, and
 //!   over 100 pods filled to 31,250 / 70,000 / 200,000 blocks each, with the prefix index
-//!   recorded inline or by the background recorder;
+//!   recorded inline, by the background recorder thread, or after the reply (epp's default);
 //! - prefix-index memory per (block, pod) entry;
 //! - decisions per second with 1 and 2 threads sharing one scheduler (index contention).
 //!
@@ -21,8 +21,51 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-/// Times `n` decisions; `gap`: idle time between them (lets the background recorder drain,
-/// as it does at realistic request rates).
+/// How a decision's prefix-index record is applied.
+#[derive(Clone, Copy)]
+enum Recording {
+    /// On the deciding thread, inside the decision.
+    Inline,
+    /// By the recorder thread, woken per record.
+    Background,
+    /// Queued, and applied once the answer is out (epp's ext_proc stream does it from a task
+    /// it spawns after sending its reply; here, right after the timed decision).
+    AfterReply,
+}
+
+impl Recording {
+    const ALL: [Recording; 3] = [Self::Inline, Self::Background, Self::AfterReply];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Inline => "inline",
+            Self::Background => "background",
+            Self::AfterReply => "after reply",
+        }
+    }
+
+    fn scheduler(self, capacity: usize) -> epp::scheduling::Scheduler {
+        let s = support::scheduler(capacity);
+        match self {
+            Self::Inline => {}
+            Self::Background => s.record_in_background().unwrap(),
+            Self::AfterReply => s.record_after_reply(),
+        }
+        s
+    }
+
+    /// Idle time between measured decisions: lets the recorder thread drain, as it does at
+    /// realistic request rates.
+    fn gap(self) -> Duration {
+        Duration::from_micros(match self {
+            Self::Background => 100,
+            _ => 0,
+        })
+    }
+}
+
+/// Times `n` decisions; `gap`: idle time between them. Records queued for after the reply are
+/// applied after each timed decision.
 fn measure(d: &Director, requests: &[LlmRequest], n: usize, gap: Duration) -> [f64; 3] {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
@@ -31,6 +74,7 @@ fn measure(d: &Director, requests: &[LlmRequest], n: usize, gap: Duration) -> [f
         let out = d.route(r, None).unwrap();
         samples.push(t.elapsed());
         drop(std::hint::black_box(out));
+        d.scheduler.apply_pending_records();
         let until = Instant::now() + gap;
         while Instant::now() < until {
             std::hint::spin_loop();
@@ -52,32 +96,22 @@ fn latency() {
     println!("|---:|---|---|---:|---:|---:|");
     let requests = support::requests();
     for n in [4usize, 100, 1000] {
-        for background in [false, true] {
-            let s = support::scheduler(31_250);
-            if background {
-                s.record_in_background().unwrap();
-            }
-            let d = support::director(n, s);
+        for mode in Recording::ALL {
+            let d = support::director(n, mode.scheduler(31_250));
             support::warm(&d, &requests);
-            let gap = Duration::from_micros(if background { 100 } else { 0 });
-            let [p50, p99, p999] = measure(&d, &requests, 20_000, gap);
-            let mode = if background { "background" } else { "inline" };
+            let [p50, p99, p999] = measure(&d, &requests, 20_000, mode.gap());
+            let mode = mode.name();
             println!("| {n} | warm (4,096 prompts) | {mode} | {p50:.1} | {p99:.1} | {p999:.1} |");
         }
     }
     for capacity in [31_250usize, 70_000, 200_000] {
-        for background in [false, true] {
-            let s = support::scheduler(capacity);
-            if background {
-                s.record_in_background().unwrap();
-            }
-            let d = support::director(100, s);
+        for mode in Recording::ALL {
+            let d = support::director(100, mode.scheduler(capacity));
             // Each prompt adds ~144 new blocks: fill every pod past its capacity.
             support::warm(&d, &filler(capacity * 100 / 144 + 4096));
             support::warm(&d, &requests);
-            let gap = Duration::from_micros(if background { 100 } else { 0 });
-            let [p50, p99, p999] = measure(&d, &requests, 20_000, gap);
-            let mode = if background { "background" } else { "inline" };
+            let [p50, p99, p999] = measure(&d, &requests, 20_000, mode.gap());
+            let mode = mode.name();
             println!("| 100 | {capacity} (full) | {mode} | {p50:.1} | {p99:.1} | {p999:.1} |");
         }
     }
@@ -161,6 +195,46 @@ fn throughput() {
     );
 }
 
+/// The recording mode `EPP_RECORDING` names (inline, background; by default after reply).
+fn profiled_recording() -> Recording {
+    match std::env::var("EPP_RECORDING").as_deref() {
+        Ok("inline") => Recording::Inline,
+        Ok("background") => Recording::Background,
+        _ => Recording::AfterReply,
+    }
+}
+
+/// Collects every plugin call's duration, per extension point and plugin.
+#[derive(Default)]
+struct StageTimer(std::sync::Mutex<std::collections::BTreeMap<String, Vec<Duration>>>);
+
+impl epp::scheduling::framework::PluginTimer for StageTimer {
+    fn observe(&self, point: &'static str, plugin: &str, seconds: f64) {
+        let mut m = self.0.lock().unwrap();
+        m.entry(format!("{point}/{plugin}"))
+            .or_default()
+            .push(Duration::from_secs_f64(seconds));
+    }
+}
+
+/// p50/p99 of each plugin call within decisions `gap` µs apart (100 pods; recording as
+/// `EPP_RECORDING` says: inline, background or, by default, after reply).
+fn stages(requests: &[LlmRequest], gap: u64) {
+    let timer = Arc::new(StageTimer::default());
+    let mode = profiled_recording();
+    println!("stages, recording {}:", mode.name());
+    let s = mode.scheduler(31_250).with_timer(timer.clone());
+    let d = support::director(100, s);
+    support::warm(&d, requests);
+    timer.0.lock().unwrap().clear();
+    measure(&d, requests, 20_000, Duration::from_micros(gap));
+    for (stage, mut v) in std::mem::take(&mut *timer.0.lock().unwrap()) {
+        v.sort();
+        let us = |p| percentile(&v, p).as_secs_f64() * 1e6;
+        println!("{stage}: p50 {:.2} p99 {:.2} µs", us(0.5), us(0.99));
+    }
+}
+
 fn main() {
     // `cargo test --benches` / nextest run bench targets as tests: keep that instant.
     if std::env::args().any(|a| a == "--test" || a == "--list" || a == "--exact") {
@@ -169,9 +243,7 @@ fn main() {
     // For `perf record`: only decisions, at 100 pods, for a while.
     if std::env::var_os("EPP_PROFILE_DECISIONS").is_some() {
         let requests = support::requests();
-        let s = support::scheduler(31_250);
-        s.record_in_background().unwrap();
-        let d = support::director(100, s);
+        let d = support::director(100, profiled_recording().scheduler(31_250));
         support::warm(&d, &requests);
         let time = |name: &str, f: &mut dyn FnMut(usize)| {
             let mut v: Vec<Duration> = (0..20_000)
@@ -213,6 +285,7 @@ fn main() {
             .unwrap_or(100);
         let [a, b, c] = measure(&d, &requests, 20_000, Duration::from_micros(gap));
         println!("gap {gap} µs: p50 {a:.1} p99 {b:.1} p99.9 {c:.1}");
+        stages(&requests, gap);
         return;
     }
     latency();

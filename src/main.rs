@@ -156,9 +156,7 @@ fn scheduler(cli: &Cli, metrics: &Arc<Metrics>) -> anyhow::Result<(Arc<Scheduler
         ),
     };
     let scheduler = Arc::new(scheduler.with_timer(metrics.clone() as Arc<dyn PluginTimer>));
-    scheduler
-        .record_in_background()
-        .context("starting the prefix index recorder")?;
+    scheduler.record_after_reply();
     Ok((scheduler, data_layer))
 }
 

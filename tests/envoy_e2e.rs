@@ -294,6 +294,33 @@ async fn epp_metrics_count_requests() {
     );
 }
 
+/// epp applies a decision's prefix-index record once its reply is on its way to Envoy, not
+/// only when a later decision needs the index: after a single request, with nothing after it,
+/// the index holds its blocks (regression: the record waited in a queue, and the index-size
+/// gauge read 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_is_recorded_after_its_reply_without_a_later_request() {
+    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
+    stack
+        .complete(&"a prompt long enough for many blocks ".repeat(40))
+        .await;
+    let gauge = "inference_extension_prefix_indexer_size ";
+    let mut entries = 0.0;
+    for _ in 0..50 {
+        let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+        let line = page.lines().find(|l| l.starts_with(gauge));
+        entries = line.map_or(0.0, |l| l[gauge.len()..].trim().parse().unwrap());
+        if entries > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        entries >= 20.0,
+        "index entries after one request: {entries}"
+    );
+}
+
 /// Model names come from clients: past `--max-model-label-values` distinct names, request
 /// metrics count them as `other` instead of growing a series per name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,9 @@ impl futures::Stream for Replies {
                 }
                 return Poll::Ready(Some(Ok(reply)));
             }
+            if let Some(scheduler) = handler.take_queued_records() {
+                apply_records_after_reply(scheduler);
+            }
             if handler.is_done() {
                 this.handler = None;
                 continue;
@@ -115,5 +118,21 @@ impl futures::Stream for Replies {
                 None => this.handler = None,
             }
         }
+    }
+}
+
+/// Applies a decision's queued prefix-index records once its replies are on their way: the
+/// task spawned here yields once, so the connection task (woken when the replies were handed
+/// to it) writes them to Envoy first. A later decision applies whatever is still queued
+/// before it matches, so none is missed.
+fn apply_records_after_reply(scheduler: std::sync::Arc<crate::scheduling::Scheduler>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                tokio::task::yield_now().await;
+                scheduler.apply_pending_records();
+            });
+        }
+        Err(_) => scheduler.apply_pending_records(),
     }
 }

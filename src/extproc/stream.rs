@@ -180,6 +180,8 @@ pub struct StreamHandler {
     routed: Option<Routed>,
     response: ResponseState,
     done: bool,
+    /// A decision queued index records since [`Self::take_queued_records`] last looked.
+    records_queued: bool,
 }
 
 fn header_value(map: &Option<HeaderMap>, key: &str) -> Option<String> {
@@ -245,12 +247,21 @@ impl StreamHandler {
             routed: None,
             response: ResponseState::default(),
             done: false,
+            records_queued: false,
         }
     }
 
     /// True once an immediate response was sent: the stream should end.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// The scheduler whose queued index records are to be applied, if a decision queued
+    /// some since the last call (see [`crate::index::recorder`]).
+    pub fn take_queued_records(&mut self) -> Option<Arc<crate::scheduling::Scheduler>> {
+        let scheduler = &self.shared.director.scheduler;
+        (std::mem::take(&mut self.records_queued) && scheduler.defers_records())
+            .then(|| scheduler.clone())
     }
 
     /// The replies of the last message were sent: the body they carried is no longer held.
@@ -534,6 +545,7 @@ impl StreamHandler {
         }
         match result {
             Ok(mut r) => {
+                self.records_queued = true;
                 let destination = r.destination();
                 tracing::debug!(
                     request_id = %request.request_id,

@@ -78,6 +78,22 @@ impl Scheduler {
             .try_for_each(|p| p.record_in_background())
     }
 
+    /// Queues the prefix plugins' index records until [`Scheduler::apply_pending_records`] or
+    /// the next decision (see [`crate::index::recorder`]): epp's default.
+    pub fn record_after_reply(&self) {
+        self.prefixes.iter().for_each(|p| p.record_after_reply());
+    }
+
+    /// Whether decisions queue index records for [`Scheduler::apply_pending_records`].
+    pub fn defers_records(&self) -> bool {
+        self.prefixes.iter().any(|p| p.defers_records())
+    }
+
+    /// Applies the queued index records (the ext_proc stream's call once its reply is sent).
+    pub fn apply_pending_records(&self) {
+        self.prefixes.iter().for_each(|p| p.apply_pending_records());
+    }
+
     /// Drops from the prefix indexes every endpoint not in `live` (see
     /// [`crate::index::PrefixIndex::reconcile`]).
     pub fn reconcile(&self, live: &[crate::datastore::EndpointId]) {

@@ -62,7 +62,8 @@ pub struct PrefixCachePlugin {
     config: PrefixConfig,
     index: Arc<PrefixIndex>,
     observer: Option<Arc<dyn PrefixObserver>>,
-    /// Set by [`PrefixCachePlugin::record_in_background`]; otherwise decisions record inline.
+    /// Set by [`PrefixCachePlugin::record_in_background`] or
+    /// [`PrefixCachePlugin::record_after_reply`]; otherwise decisions record inline.
     recorder: OnceLock<Recorder>,
 }
 
@@ -99,6 +100,29 @@ impl PrefixCachePlugin {
             let _ = self.recorder.set(Recorder::spawn(self.index.clone())?);
         }
         Ok(())
+    }
+
+    /// Queues each decision's record until [`PrefixCachePlugin::apply_pending_records`] (the
+    /// ext_proc stream calls it once its reply is sent) or the next decision's match.
+    pub fn record_after_reply(&self) {
+        let _ = self.recorder.set(Recorder::after_reply(self.index.clone()));
+    }
+
+    /// Whether decisions queue their records (see [`PrefixCachePlugin::record_after_reply`]).
+    pub fn defers_records(&self) -> bool {
+        self.recorder.get().is_some()
+    }
+
+    /// Applies the records decisions have queued (nothing when recording is inline), and
+    /// reports the index's new size.
+    pub fn apply_pending_records(&self) {
+        let Some(r) = self.recorder.get() else {
+            return;
+        };
+        r.sync();
+        if let Some(o) = &self.observer {
+            o.observe_index_size(self.index.len());
+        }
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn PrefixObserver>) -> Self {
