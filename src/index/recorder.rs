@@ -10,9 +10,8 @@
 //! * [`Recorder::spawn`]: a background thread applies them, woken per record.
 //!
 //! Either way a later decision does not see a stale index: before matching it applies
-//! whatever has not been picked up yet ([`Recorder::sync`]); with the thread, only the one
-//! record the thread is applying at that very moment (tens of microseconds) may not be
-//! visible yet. The queue is bounded: past [`QUEUE`] pending records a decision records
+//! whatever has not been picked up yet, and waits for records another thread is applying at
+//! that moment ([`Recorder::sync`]). The queue is bounded: past [`QUEUE`] pending records a decision records
 //! inline (backpressure, never loss).
 
 use std::collections::VecDeque;
@@ -28,7 +27,8 @@ const QUEUE: usize = 4096;
 #[derive(Debug, Default)]
 struct Queue {
     jobs: VecDeque<(PodId, Vec<BlockHash>)>,
-    /// Jobs the thread has taken, and finished applying.
+    /// Jobs taken from the queue (by the thread or by [`Recorder::sync`]), and finished
+    /// applying.
     taken: u64,
     applied: u64,
     closed: bool,
@@ -90,22 +90,26 @@ impl Recorder {
         }
     }
 
-    /// Applies every pending record now, then waits for the one a thread may be applying
-    /// (called before matching, so a match always sees every earlier decision; the thread
-    /// pops a job before applying it, and a match that ran meanwhile missed it: regression
-    /// found as a flaky stickiness test under load).
+    /// Applies every pending record now, then waits for those another thread took before
+    /// and is still applying (called before matching, so a match always sees every earlier
+    /// decision; a job popped but not yet applied was missed by a match that ran meanwhile:
+    /// regression found as a flaky stickiness test under load).
     pub fn sync(&self) {
         loop {
-            let job = self.shared.queue.lock().jobs.pop_front();
-            match job {
-                Some((pod, hashes)) => self.index.record(pod, &hashes),
-                None => break,
-            }
+            let job = {
+                let mut q = self.shared.queue.lock();
+                let job = q.jobs.pop_front();
+                q.taken += u64::from(job.is_some());
+                job
+            };
+            let Some((pod, hashes)) = job else {
+                break;
+            };
+            self.index.record(pod, &hashes);
+            self.shared.queue.lock().applied += 1;
+            self.shared.idle.notify_all();
         }
-        if !self.worker {
-            return;
-        }
-        // Only the jobs taken so far: later decisions may keep the thread busy indefinitely.
+        // Only the jobs taken so far: later decisions may keep others busy indefinitely.
         let mut q = self.shared.queue.lock();
         let taken = q.taken;
         while q.applied < taken {
@@ -177,6 +181,30 @@ mod tests {
         for c in 2..=last {
             assert_eq!(index.match_prefix(&chain(c)).blocks_for(2), 30, "chain {c}");
         }
+    }
+
+    /// A sync must not return while another thread is still applying a record it took: the
+    /// match after it would miss that record.
+    #[test]
+    fn sync_waits_for_a_record_another_thread_is_applying() {
+        let index = Arc::new(PrefixIndex::new(10_000_000));
+        let r = Arc::new(Recorder::after_reply(index.clone()));
+        let long: Vec<u64> = (0..400_000u64).map(|i| (i + 1) << 8).collect();
+        r.record(5, long.clone());
+        let applier = {
+            let r = r.clone();
+            std::thread::spawn(move || r.sync())
+        };
+        while r.shared.queue.lock().taken == 0 {
+            std::hint::spin_loop();
+        }
+        r.sync();
+        assert_eq!(
+            index.match_prefix(&long[..1000]).blocks_for(5),
+            1000,
+            "sync returned before the other thread's record was applied"
+        );
+        applier.join().unwrap();
     }
 
     #[test]
