@@ -292,6 +292,20 @@ async fn epp_metrics_count_requests() {
         page.contains("inference_extension_prefix_indexer_size"),
         "{page}"
     );
+    // One attempt per routed request, labelled with the chosen pod; the bad body never
+    // reached the scheduler.
+    let attempts: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("inference_extension_scheduler_attempts_total{"))
+        .inspect(|l| {
+            assert!(
+                l.contains("status=\"success\"") && l.contains("pod_name=\"b"),
+                "{l}"
+            )
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(attempts, 3.0, "{page}");
 }
 
 /// epp applies a decision's prefix-index record once its reply is on its way to Envoy, not

@@ -35,10 +35,11 @@ use super::proto::{
     ProcessingResponse, body_mutation, processing_request::Request,
 };
 use super::response::ResponseState;
-use crate::datastore::Reservation;
+use crate::datastore::{Endpoint, Reservation};
 use crate::director::{Director, RouteError};
 use crate::objectives::{OBJECTIVE_HEADERS, Policy};
 use crate::request::{self, Api, LlmRequest, ScanLimits};
+use crate::scheduling::ScheduleResult;
 use crate::telemetry::metrics::{
     AttemptLabels, ErrorLabels, Metrics, ModelLabels, RewriteLabels, RunningLabels,
 };
@@ -544,60 +545,65 @@ impl StreamHandler {
             m.scheduler_e2e.observe(started.elapsed().as_secs_f64());
         }
         match result {
-            Ok(mut r) => {
-                self.records_queued = true;
-                let destination = r.destination();
-                tracing::debug!(
-                    request_id = %request.request_id,
-                    model = %request.target_model,
-                    destination = %destination,
-                    score = r.scores[0],
-                    "request routed"
-                );
-                if let Some(m) = &self.shared.metrics {
-                    let ep = &r.primary().endpoint;
-                    m.scheduler_attempts
-                        .get_or_create(&AttemptLabels {
-                            status: "success".into(),
-                            target_model_name: m.models.bound(&request.target_model),
-                            pod_name: ep.name.clone(),
-                            namespace: m.namespace.clone(),
-                            port: ep.address.port().to_string(),
-                        })
-                        .inc();
-                }
-                let running = self.shared.metrics.as_ref().map(|m| {
-                    let labels = model_labels(m, &request);
-                    m.request_total.get_or_create(&labels).inc();
-                    m.request_sizes
-                        .get_or_create(&labels)
-                        .observe(body_len as f64);
-                    RunningGuard::new(m.clone(), &request.model)
-                });
-                self.routed = Some(Routed {
-                    request,
-                    destination: destination.clone(),
-                    reservation: r.reservation.take(),
-                    _running: running,
-                });
-                Ok(destination)
-            }
+            Ok(r) => Ok(self.routed(request, r, body_len)),
             Err(e) => {
                 self.count_error(&request, e.status());
-                if let Some(m) = &self.shared.metrics {
-                    m.scheduler_attempts
-                        .get_or_create(&AttemptLabels {
-                            status: "failure".into(),
-                            target_model_name: m.models.bound(&request.target_model),
-                            pod_name: String::new(),
-                            namespace: m.namespace.clone(),
-                            port: String::new(),
-                        })
-                        .inc();
-                }
+                self.count_attempt(&request, None);
                 Err((e.status(), route_message(&e)))
             }
         }
+    }
+
+    /// Remembers a routed request (its load reservation, its running-request count) and
+    /// returns its destination.
+    fn routed(&mut self, request: LlmRequest, mut r: ScheduleResult, body_len: usize) -> String {
+        self.records_queued = true;
+        let destination = r.destination();
+        tracing::debug!(
+            request_id = %request.request_id,
+            model = %request.target_model,
+            destination = %destination,
+            score = r.scores[0],
+            "request routed"
+        );
+        self.count_attempt(&request, Some(&r.primary().endpoint));
+        let running = self.shared.metrics.as_ref().map(|m| {
+            let labels = model_labels(m, &request);
+            m.request_total.get_or_create(&labels).inc();
+            m.request_sizes
+                .get_or_create(&labels)
+                .observe(body_len as f64);
+            RunningGuard::new(m.clone(), &request.model)
+        });
+        self.routed = Some(Routed {
+            request,
+            destination: destination.clone(),
+            reservation: r.reservation.take(),
+            _running: running,
+        });
+        destination
+    }
+
+    /// Counts a scheduling attempt: a success on `endpoint`, or a failure (`None`).
+    fn count_attempt(&self, request: &LlmRequest, endpoint: Option<&Endpoint>) {
+        let Some(m) = &self.shared.metrics else {
+            return;
+        };
+        let labels = AttemptLabels {
+            status: if endpoint.is_some() {
+                "success"
+            } else {
+                "failure"
+            }
+            .into(),
+            target_model_name: m.models.bound(&request.target_model),
+            pod_name: endpoint.map(|e| e.name.clone()).unwrap_or_default(),
+            namespace: m.namespace.clone(),
+            port: endpoint
+                .map(|e| e.address.port().to_string())
+                .unwrap_or_default(),
+        };
+        m.scheduler_attempts.get_or_create(&labels).inc();
     }
 
     fn count_error(&self, request: &LlmRequest, status: u16) {
