@@ -11,8 +11,8 @@
 //!
 //! Either way a later decision does not see a stale index: before matching it applies
 //! whatever has not been picked up yet, and waits for records another thread is applying at
-//! that moment ([`Recorder::sync`]). The queue is bounded: past [`QUEUE`] pending records a decision records
-//! inline (backpressure, never loss).
+//! that moment ([`Recorder::sync`]). The queue is bounded: past [`QUEUE`] pending records a
+//! decision records inline (backpressure, never loss).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
