@@ -294,18 +294,14 @@ async fn epp_metrics_count_requests() {
     );
     // One attempt per routed request, labelled with the chosen pod; the bad body never
     // reached the scheduler.
-    let attempts: f64 = page
-        .lines()
-        .filter(|l| l.starts_with("inference_extension_scheduler_attempts_total{"))
-        .inspect(|l| {
-            assert!(
-                l.contains("status=\"success\"") && l.contains("pod_name=\"b"),
-                "{l}"
-            )
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert_eq!(attempts, 3.0, "{page}");
+    let attempts = "inference_extension_scheduler_attempts_total{";
+    for l in page.lines().filter(|l| l.starts_with(attempts)) {
+        assert!(
+            l.contains("status=\"success\"") && l.contains("pod_name=\"b"),
+            "{l}"
+        );
+    }
+    assert_eq!(metric_sum(&page, attempts), 3.0, "{page}");
 }
 
 /// epp applies a decision's prefix-index record once its reply is on its way to Envoy, not
@@ -318,12 +314,10 @@ async fn a_decision_is_recorded_after_its_reply_without_a_later_request() {
     stack
         .complete(&"a prompt long enough for many blocks ".repeat(40))
         .await;
-    let gauge = "inference_extension_prefix_indexer_size ";
     let mut entries = 0.0;
     for _ in 0..50 {
         let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
-        let line = page.lines().find(|l| l.starts_with(gauge));
-        entries = line.map_or(0.0, |l| l[gauge.len()..].trim().parse().unwrap());
+        entries = metric_sum(&page, "inference_extension_prefix_indexer_size ");
         if entries > 0.0 {
             break;
         }
