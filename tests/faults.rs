@@ -15,9 +15,24 @@ use parking_lot::Mutex;
 
 use common::{BodyMode, HttpClient, MetricsMode, Proc, Stack};
 
+/// A port that is free now, below the ephemeral range (32768–60999 here) so that no outgoing
+/// connection can take it before a simulator binds it, and again when a killed one restarts.
+/// (Regression: the port of a bound-and-dropped port-0 listener was ephemeral, and epp-sim
+/// failed to start with "Address already in use".) Each test process starts at its own offset.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 24_000;
+    const SPAN: u16 = 8_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = std::process::id();
+    for _ in 0..SPAN {
+        let step = u32::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = FIRST + ((offset + step) % u32::from(SPAN)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// One finished request of the load: when it started, whether it completed, who served it.
