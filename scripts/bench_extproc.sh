@@ -4,9 +4,13 @@
 # generator (bench_load, one thread, CONNECTIONS keep-alive connections), in these setups:
 #   envoy         Envoy alone, round-robin (the ceiling)
 #   naive         Envoy + a naive minimal ext_proc picker (examples/naive_picker.rs: buffer,
-#                 xxh3, pick, re-emit; FULL_DUPLEX_STREAMED; plaintext gRPC)
-#   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (FULL_DUPLEX_STREAMED
-#                 both ways), plaintext gRPC like the naive picker
+#                 xxh3, pick, re-emit, echo response chunks; FULL_DUPLEX_STREAMED both ways;
+#                 plaintext gRPC)
+#   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (request body
+#                 FULL_DUPLEX_STREAMED, response body STREAMED), plaintext gRPC like the naive
+#                 picker
+#   epp-duplexresp  the same with response bodies FULL_DUPLEX_STREAMED too (epp echoes every
+#                 chunk), as the Go EPP's gateways configure it
 #   epp-oneconn   epp with Envoy's streams-per-connection cap removed: Envoy's one worker
 #                 keeps one connection, so one epp serving thread does all the work
 #   epp-buffered  the same with request_body_mode BUFFERED
@@ -16,7 +20,7 @@
 # (utime+stime from /proc) and Envoy's, and epp's allocated bytes per request (an alloc-stats build, in a
 # separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
 #
-# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered" SIZES="1024 32768 204800 2097152"
+# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
 #   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
 #   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
 #   MEMORY_SECONDS=30 (0: skip): epp's idle RSS, then 1M-token (4 MB) prompts at 10 QPS over 10
@@ -25,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-buffered"}
+SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-buffered epp-duplexresp"}
 SIZES=${SIZES:-"1024 32768 204800 2097152"}
 CONNECTIONS=${CONNECTIONS:-32}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
@@ -123,6 +127,9 @@ start_epp() { # binary, tls(true|false) [endpoints, default 4]
   wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" epp
 }
 
+# The response body mode the Go EPP's gateways use (and the naive picker, which echoes chunks).
+DUPLEX_RESPONSE='s/response_body_mode: STREAMED/response_body_mode: FULL_DUPLEX_STREAMED/'
+
 start_setup() { # setup [epp binary]
   local epp_bin=${2:-$BIN/epp}
   PICKER_PID=""
@@ -136,7 +143,8 @@ start_setup() { # setup [epp binary]
       "$EX/naive_picker" "$PICKER_PORT" "$UPSTREAMS" 2>"$WORK/naive.log" &
       PICKER_PID=$!
       PIDS+=($!)
-      sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_RESPONSE" \
+        deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp)
       start_epp "$epp_bin" false
       sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
@@ -147,6 +155,10 @@ start_setup() { # setup [epp binary]
     epp-buffered)
       start_epp "$epp_bin" false
       sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: FULL_DUPLEX_STREAMED/request_body_mode: BUFFERED/' \
+        deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-duplexresp)
+      start_epp "$epp_bin" false
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_RESPONSE" \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-tls)
       [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null

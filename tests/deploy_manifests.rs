@@ -94,6 +94,9 @@ fn envoy_configs_carry_what_epp_relies_on() {
     for needle in [
         "\"request_body_mode\":\"FULL_DUPLEX_STREAMED\"",
         "\"request_trailer_mode\":\"SEND\"",
+        "\"response_body_mode\":\"STREAMED\"",
+        "\"response_trailer_mode\":\"SEND\"",
+        "\"send_body_without_waiting_for_header_response\":true",
         "\"failure_mode_allow\":false",
         "\"untyped\":[\"envoy.lb\"]",
         "\"http_header_name\":\"x-gateway-destination-endpoint\"",

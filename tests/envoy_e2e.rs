@@ -67,34 +67,64 @@ async fn deep_queue_backend_stops_receiving_new_work() {
     busy.set_queue(0);
 }
 
+/// An SSE stream reaches the client intact in both response body modes epp serves: the
+/// shipped STREAMED (Envoy keeps each chunk, epp only answers it) and FULL_DUPLEX_STREAMED (the
+/// Go EPP's gateways; epp echoes each chunk). Its usage and first byte reach epp's metrics,
+/// and with the model rewritten, every event names the client's model again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_stream_passes_through_intact() {
-    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
-    let body = serde_json::json!({"model": "m", "prompt": "stream me", "stream": true});
-    let r = stack
-        .send(
-            "POST",
-            "/v1/completions",
-            &[],
-            body.to_string().into_bytes(),
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        r.headers.get("content-type").unwrap(),
-        "text/event-stream",
-        "content type preserved"
-    );
-    let text = String::from_utf8(r.body).unwrap();
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-    assert_eq!(events.len(), 7, "5 tokens, usage, [DONE]: {text}");
-    for (i, ev) in events[..5].iter().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
-        assert_eq!(v["choices"][0]["text"], format!("tok{i} "));
+async fn sse_stream_passes_through_intact_in_both_response_modes() {
+    for duplex_response in [false, true] {
+        let options = common::EnvoyOptions {
+            strip_client_headers: false,
+            duplex_response,
+            ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+        };
+        let stack = Stack::start_with(2, options, &[]).await;
+        let body = serde_json::json!({"model": "alias", "prompt": "stream me", "stream": true});
+        let r = stack
+            .send(
+                "POST",
+                "/v1/completions",
+                &[("x-gateway-model-name-rewrite", "real-model")],
+                body.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "duplex response: {duplex_response}");
+        assert_eq!(
+            r.headers.get("content-type").unwrap(),
+            "text/event-stream",
+            "content type preserved"
+        );
+        let text = String::from_utf8(r.body).unwrap();
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 7, "5 tokens, usage, [DONE]: {text}");
+        for (i, ev) in events[..5].iter().enumerate() {
+            let v: serde_json::Value =
+                serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(v["choices"][0]["text"], format!("tok{i} "));
+            assert_eq!(v["model"], "alias", "duplex response: {duplex_response}");
+        }
+        assert_eq!(events[6], "data: [DONE]");
+        let mut page = String::new();
+        for _ in 0..50 {
+            page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+            if metric_sum(&page, "inference_objective_output_tokens_sum{") > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            metric_sum(&page, "inference_objective_output_tokens_sum{"),
+            5.0,
+            "duplex response: {duplex_response}\n{page}"
+        );
+        assert_eq!(
+            metric_sum(&page, "inference_objective_request_ttft_seconds_count{"),
+            1.0,
+            "{page}"
+        );
+        assert_still_serving(&stack).await;
     }
-    assert_eq!(events[6], "data: [DONE]");
-    assert_still_serving(&stack).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,28 +249,37 @@ async fn buffered_mode_routes_and_rejects_like_full_duplex() {
     assert_still_serving(&stack).await;
 }
 
+/// A rewritten model's JSON answer names the client's model again, in both response body
+/// modes (see `sse_stream_passes_through_intact_in_both_response_modes`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rewrite_header_changes_the_served_model() {
-    // The header as a trusted filter in front of epp would set it: the shipped config's
-    // client-header strip is left out here.
-    let options = common::EnvoyOptions {
-        strip_client_headers: false,
-        ..common::EnvoyOptions::new(BodyMode::FullDuplex)
-    };
-    let stack = Stack::start_with(2, options, &[]).await;
-    let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
-    let r = stack
-        .send(
-            "POST",
-            "/v1/completions",
-            &[("x-gateway-model-name-rewrite", "real-model")],
-            body.into_bytes(),
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    // The backend saw the rewritten model; the client sees its own model name back.
-    assert_eq!(r.json()["served_model"], "real-model");
-    assert_eq!(r.json()["model"], "alias");
+    for duplex_response in [false, true] {
+        // The header as a trusted filter in front of epp would set it: the shipped config's
+        // client-header strip is left out here.
+        let options = common::EnvoyOptions {
+            strip_client_headers: false,
+            duplex_response,
+            ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+        };
+        let stack = Stack::start_with(2, options, &[]).await;
+        let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
+        let r = stack
+            .send(
+                "POST",
+                "/v1/completions",
+                &[("x-gateway-model-name-rewrite", "real-model")],
+                body.into_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "duplex response: {duplex_response}");
+        // The backend saw the rewritten model; the client sees its own model name back.
+        assert_eq!(r.json()["served_model"], "real-model");
+        assert_eq!(
+            r.json()["model"],
+            "alias",
+            "duplex response: {duplex_response}"
+        );
+    }
 }
 
 /// The shipped Envoy config strips client-sent routing headers before ext_proc.

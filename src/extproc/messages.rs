@@ -146,6 +146,22 @@ pub fn continue_response_headers() -> ProcessingResponse {
     }
 }
 
+/// A response-body chunk replaced by `body` (modes other than `FULL_DUPLEX_STREAMED`, where
+/// Envoy keeps the chunk it sent and a reply without a mutation passes it on unchanged).
+pub fn replaced_response_body(body: Bytes) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseBody(BodyResponse {
+            response: Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body)),
+                }),
+                ..Default::default()
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
 pub fn continue_response_body() -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ResponseBody(BodyResponse {

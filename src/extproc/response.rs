@@ -8,6 +8,17 @@ use bytes::Bytes;
 
 use crate::request::usage::{Usage, UsageParser};
 
+/// One response chunk as it is to be sent on.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The bytes for the client: the received buffer itself unless the model name was swapped.
+    pub body: Bytes,
+    /// The model name was swapped in this chunk (the bytes differ from what was received).
+    pub rewritten: bool,
+    /// These are the response's first bytes.
+    pub first: bool,
+}
+
 /// What epp learns from a response as it passes.
 #[derive(Debug, Default)]
 pub struct ResponseState {
@@ -35,8 +46,7 @@ impl ResponseState {
     }
 
     /// One body chunk: counts it, feeds the usage parser, and returns the bytes to send on.
-    /// Returns whether these were the response's first bytes too.
-    pub fn chunk(&mut self, body: Bytes) -> (Bytes, bool) {
+    pub fn chunk(&mut self, body: Bytes) -> Chunk {
         let first = self.first_byte.is_none() && !body.is_empty();
         if first {
             self.first_byte = Some(Instant::now());
@@ -45,11 +55,15 @@ impl ResponseState {
         self.usage
             .get_or_insert_with(|| UsageParser::new(None))
             .push(&body);
-        let body = match &self.model_swap {
-            Some((from, to)) => replace_all(&body, from, to).map_or(body, Bytes::from),
-            None => body,
-        };
-        (body, first)
+        let swapped = self
+            .model_swap
+            .as_ref()
+            .and_then(|(from, to)| replace_all(&body, from, to));
+        Chunk {
+            rewritten: swapped.is_some(),
+            body: swapped.map_or(body, Bytes::from),
+            first,
+        }
     }
 
     /// The usage the response reported, if any (call once, at the end).
@@ -97,13 +111,14 @@ mod tests {
         let mut r = ResponseState::default();
         r.headers(Some("text/event-stream"));
         r.swap_model("served", "asked");
-        let (out, first) = r.chunk(Bytes::from_static(b"data: {\"model\":\"served\"}\n\n"));
-        assert!(first);
-        assert_eq!(&out[..], b"data: {\"model\":\"asked\"}\n\n");
-        let (_, first) = r.chunk(Bytes::from_static(
-            b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n",
-        ));
-        assert!(!first);
+        let out = r.chunk(Bytes::from_static(b"data: {\"model\":\"served\"}\n\n"));
+        assert!(out.first && out.rewritten);
+        assert_eq!(&out.body[..], b"data: {\"model\":\"asked\"}\n\n");
+        let received = Bytes::from_static(b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n");
+        let out = r.chunk(received.clone());
+        assert!(!out.first && !out.rewritten);
+        // Unchanged bytes are the received buffer itself, not a copy.
+        assert_eq!(out.body.as_ptr(), received.as_ptr());
         assert_eq!(r.usage().unwrap().prompt_tokens, 3);
     }
 }

@@ -15,8 +15,10 @@
 //!   This is logged once per mode: prefix-aware routing needs one of the modes above.
 //! * headers with end-of-stream (no body): routed at once with the headers reply.
 //!
-//! Response side: headers continue unchanged; body chunks are echoed (streamed_response in
-//! `FULL_DUPLEX_STREAMED`, CONTINUE otherwise) while usage is parsed for metrics; trailers
+//! Response side: headers continue unchanged; body chunks are echoed as streamed_response in
+//! `FULL_DUPLEX_STREAMED` and answered with CONTINUE in the other modes (the shipped Envoy
+//! config's `STREAMED`: Envoy keeps the chunk, so nothing is sent back but a few bytes), or
+//! replaced when the model name was swapped back; usage is parsed for metrics; trailers
 //! continue. The first response bytes release the request's prefill from the endpoint's load;
 //! the end of the response (or of the stream, however it ends) releases the rest.
 
@@ -651,18 +653,23 @@ impl StreamHandler {
     }
 
     fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
-        let (body, first) = self.response.chunk(b.body);
-        if first && let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut()) {
+        let chunk = self.response.chunk(b.body);
+        if chunk.first
+            && let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut())
+        {
             // The model server's first bytes mean the prompt was computed.
             r.prefill_done();
         }
         if b.end_of_stream {
             self.response_ended();
         }
-        if self.response_mode != BodySendMode::FullDuplexStreamed {
-            return vec![msg::continue_response_body()];
+        match self.response_mode {
+            BodySendMode::FullDuplexStreamed => {
+                vec![msg::streamed_response_body(chunk.body, b.end_of_stream)]
+            }
+            _ if chunk.rewritten => vec![msg::replaced_response_body(chunk.body)],
+            _ => vec![msg::continue_response_body()],
         }
-        vec![msg::streamed_response_body(body, b.end_of_stream)]
     }
 
     /// Records the finished request's metrics (once; also on drop). The reservation and the

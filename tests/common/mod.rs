@@ -254,6 +254,9 @@ pub struct EnvoyOptions {
     /// Keep the filter that strips client-sent routing headers before ext_proc (shipped
     /// default); off to test epp's own defence, or to let a test send the rewrite header.
     pub strip_client_headers: bool,
+    /// Response bodies in FULL_DUPLEX_STREAMED (epp echoes every chunk), as the Go EPP's
+    /// gateways configure them, instead of the shipped STREAMED.
+    pub duplex_response: bool,
 }
 
 impl EnvoyOptions {
@@ -262,6 +265,7 @@ impl EnvoyOptions {
             mode,
             tls: EnvoyTls::Off,
             strip_client_headers: true,
+            duplex_response: false,
         }
     }
 }
@@ -312,6 +316,12 @@ pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
     }
     if !options.strip_client_headers {
         cut_section(&mut text, "strip");
+    }
+    if options.duplex_response {
+        text = text.replace(
+            "response_body_mode: STREAMED",
+            "response_body_mode: FULL_DUPLEX_STREAMED",
+        );
     }
     text.replace(
         "request_body_mode: FULL_DUPLEX_STREAMED",
