@@ -156,14 +156,45 @@ mod server {
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
+    use tonic::codec::{BufferSettings, Codec};
     use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
     use tonic::server::{Grpc, NamedService, StreamingService};
     use tonic::{Code, Request, Response, Status, Streaming};
-    use tonic_prost::ProstCodec;
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
     use super::{ProcessingRequest, ProcessingResponse};
 
     const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+
+    /// Each stream's decode and encode buffers start at this size instead of tonic's 8 KiB:
+    /// most ext_proc messages and replies are a few hundred bytes, a body chunk reserves its
+    /// own length when its header arrives, and every in-flight request holds one stream.
+    const STREAM_BUFFER: usize = 1024;
+    /// tonic's default: replies queued together are sent as one piece up to this size.
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// prost encoding with [`STREAM_BUFFER`]-sized buffers.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct ExtProcCodec;
+
+    impl Codec for ExtProcCodec {
+        type Encode = ProcessingResponse;
+        type Decode = ProcessingRequest;
+        type Encoder = ProstEncoder<ProcessingResponse>;
+        type Decoder = ProstDecoder<ProcessingRequest>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_encoder(settings())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_decoder(settings())
+        }
+    }
+
+    fn settings() -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
+    }
 
     /// The ext_proc service: one bidirectional stream per HTTP request.
     #[tonic::async_trait]
@@ -251,7 +282,7 @@ mod server {
             let (decode, encode) = (self.max_decode, self.max_encode);
             Box::pin(async move {
                 let mut grpc =
-                    Grpc::new(ProstCodec::default()).apply_max_message_size_config(decode, encode);
+                    Grpc::new(ExtProcCodec).apply_max_message_size_config(decode, encode);
                 Ok(grpc.streaming(method, req).await)
             })
         }
