@@ -122,14 +122,25 @@ pub fn streamed_request_chunk(body: Bytes, end_of_stream: bool) -> ProcessingRes
     request_body(streamed(body, end_of_stream), None)
 }
 
-/// One response-body chunk echoed as a streamed_response.
-pub fn streamed_response_body(body: Bytes, end_of_stream: bool) -> ProcessingResponse {
+/// The whole body (or, in `STREAMED`, the chunk being answered) replaced by `body`.
+pub fn replace_body(body: Bytes) -> BodyMutation {
+    BodyMutation {
+        mutation: Some(body_mutation::Mutation::Body(body)),
+    }
+}
+
+fn response_body(common: CommonResponse) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ResponseBody(BodyResponse {
-            response: Some(streamed(body, end_of_stream)),
+            response: Some(common),
         })),
         ..Default::default()
     }
+}
+
+/// One response-body chunk echoed as a streamed_response.
+pub fn streamed_response_body(body: Bytes, end_of_stream: bool) -> ProcessingResponse {
+    response_body(streamed(body, end_of_stream))
 }
 
 /// Continue without changes (headers of either direction).
@@ -149,26 +160,14 @@ pub fn continue_response_headers() -> ProcessingResponse {
 /// A response-body chunk replaced by `body` (modes other than `FULL_DUPLEX_STREAMED`, where
 /// Envoy keeps the chunk it sent and a reply without a mutation passes it on unchanged).
 pub fn replaced_response_body(body: Bytes) -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(Response::ResponseBody(BodyResponse {
-            response: Some(CommonResponse {
-                body_mutation: Some(BodyMutation {
-                    mutation: Some(body_mutation::Mutation::Body(body)),
-                }),
-                ..Default::default()
-            }),
-        })),
+    response_body(CommonResponse {
+        body_mutation: Some(replace_body(body)),
         ..Default::default()
-    }
+    })
 }
 
 pub fn continue_response_body() -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(Response::ResponseBody(BodyResponse {
-            response: Some(CommonResponse::default()),
-        })),
-        ..Default::default()
-    }
+    response_body(CommonResponse::default())
 }
 
 pub fn continue_request_body() -> ProcessingResponse {

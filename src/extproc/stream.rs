@@ -33,8 +33,8 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use super::body::{BodyBudget, BudgetHold, RequestBody};
 use super::messages as msg;
 use super::proto::{
-    BodyMutation, BodySendMode, HeaderMap, HttpBody, HttpHeaders, Metadata, ProcessingRequest,
-    ProcessingResponse, body_mutation, processing_request::Request,
+    BodySendMode, HeaderMap, HttpBody, HttpHeaders, Metadata, ProcessingRequest,
+    ProcessingResponse, processing_request::Request,
 };
 use super::response::ResponseState;
 use crate::datastore::{Endpoint, Reservation};
@@ -476,9 +476,7 @@ impl StreamHandler {
         let (_, hold) = body.into_bytes();
         self.hold = Some(hold);
         if let Some(new_body) = rewritten {
-            common.body_mutation = Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::Body(new_body)),
-            });
+            common.body_mutation = Some(msg::replace_body(new_body));
         }
         vec![msg::request_body(common, metadata)]
     }
