@@ -23,6 +23,8 @@
 # Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
 #   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
 #   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
+#   SYSCALLS=dir: count the picker's main system calls and context switches (`perf stat`
+#   tracepoints) during throughput runs; divide by the run's ext_proc messages.
 #   MEMORY_SECONDS=30 (0: skip): epp's idle RSS, then 1M-token (4 MB) prompts at 10 QPS over 10
 #   endpoints through Envoy (FULL_DUPLEX_STREAMED) for that long: peak RSS (VmHWM) and final RSS.
 # Prints a markdown table; writes it and results.jsonl to $OUT. Stops everything it started.
@@ -57,6 +59,8 @@ cargo build --release --locked --quiet --features alloc-stats --bin epp --target
 BIN=target/release
 EX=target/release/examples
 CLK_TCK=$(getconf CLK_TCK)
+SYSCALL_EVENTS=raw_syscalls:sys_enter,context-switches
+for call in epoll_wait recvfrom writev futex; do SYSCALL_EVENTS="$SYSCALL_EVENTS,syscalls:sys_enter_$call"; done
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -199,8 +203,15 @@ measure() { # setup kind size connections seconds sse
     perf record -q -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$PICKER_PID" -o "$PROFILE/$1-$3-$6.data" 2>/dev/null &
     perf_pid=$!
   fi
+  local syscalls_pid=""
+  if [ -n "${SYSCALLS:-}" ] && [ -n "$PICKER_PID" ] && [ "$2" != latency ] && [ "$2" != alloc ]; then
+    mkdir -p "$SYSCALLS"
+    perf stat -e "$SYSCALL_EVENTS" -p "$PICKER_PID" -o "$SYSCALLS/$1-$3-$6.txt" 2>/dev/null &
+    syscalls_pid=$!
+  fi
   line=$(load "$3" "$4" "$5" "$6")
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+  if [ -n "$syscalls_pid" ]; then kill -INT "$syscalls_pid"; wait "$syscalls_pid" || true; fi
   after=$(cpu_ticks "$PICKER_PID")
   e1=$(cpu_ticks "$ENVOY_PID")
   m1=$(ext_proc_msgs)

@@ -1,6 +1,7 @@
 //! Routing behaviour of epp's shipped default configuration, through the public scheduler and
 //! director API: cold bursts spread, same-prefix bursts stay until the holder saturates then
-//! spill, endpoints without metrics still get traffic, and the load accounting balances.
+//! spill, a holder loaded far above the mean for long gets a replica, endpoints without metrics
+//! still get traffic, and the load accounting balances.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,13 +14,17 @@ use epp::request::LlmRequest;
 const DEFAULT: &str = include_str!("../config/default-plugins.yaml");
 
 fn director(pods: u8) -> Director {
+    director_with(pods, DEFAULT)
+}
+
+fn director_with(pods: u8, config: &str) -> Director {
     let ds = Arc::new(Datastore::new());
     ds.set_endpoints(
         (0..pods)
             .map(|i| EndpointSpec::new(format!("p{i}"), ([10, 0, 0, i + 1], 8000).into()))
             .collect(),
     );
-    let scheduler = build_scheduler(DEFAULT, None).unwrap();
+    let scheduler = build_scheduler(config, None).unwrap();
     for o in scheduler.endpoint_observers() {
         ds.add_observer(o);
     }
@@ -116,6 +121,51 @@ fn a_shared_prefix_returns_to_its_holder_once_load_drains() {
         holders.insert(r.primary().endpoint.id);
     }
     assert_eq!(holders.len(), 1, "{holders:?}");
+}
+
+#[test]
+fn a_holder_loaded_far_above_the_mean_for_long_gets_its_prefix_replicated() {
+    // The shipped configuration with a 0.5-second saturation window instead of 10 seconds.
+    let config = DEFAULT.replace(
+        "saturationWindowSeconds: 10",
+        "saturationWindowSeconds: 0.5",
+    );
+    assert_ne!(config, DEFAULT);
+    let d = director_with(4, &config);
+    let system = "agent instructions and tool descriptions ".repeat(300); // ~12 KB
+    let ask = |i: usize| request(format!("{system} short question {i}"));
+    let first = d.route(&ask(0), None).unwrap();
+    let holder = first.primary().endpoint.id;
+    drop(first);
+    // Eight requests in flight on the holder (mean 2, limit 4): a passing peak, it keeps them.
+    let mut held: Vec<_> = (1..=8).map(|i| d.route(&ask(i), None).unwrap()).collect();
+    assert!(
+        held.iter().all(|r| r.primary().endpoint.id == holder),
+        "{:?}",
+        counts(&d, &held)
+    );
+    // The peak lasts 3 windows: the next request seeds a replica on another endpoint …
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut replica = d.route(&ask(9), None).unwrap();
+    let replica_id = replica.primary().endpoint.id;
+    assert_ne!(replica_id, holder);
+    // … which, once it has computed the prefix (first token) …
+    replica.reservation.as_mut().unwrap().prefill_done();
+    held.push(replica);
+    // … holds it too and takes the following requests.
+    let next = d.route(&ask(10), None).unwrap();
+    assert_eq!(next.primary().endpoint.id, replica_id);
+    held.push(next);
+    // Once the holder's load drains, the prefix is served from both, not recomputed elsewhere.
+    held.retain(|r| r.primary().endpoint.id != holder);
+    std::thread::sleep(Duration::from_millis(1500));
+    let back: Vec<_> = (11..15).map(|i| d.route(&ask(i), None).unwrap()).collect();
+    assert!(
+        back.iter()
+            .all(|r| [holder, replica_id].contains(&r.primary().endpoint.id)),
+        "{:?}",
+        counts(&d, &back)
+    );
 }
 
 #[test]

@@ -657,6 +657,14 @@ schedulingProfiles:
                 "plugins[0].parameters.engineConfigs",
             ),
             (
+                "plugins:\n- type: prefill-cost-scorer\n  parameters: {saturationWindowSeconds: 0}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.saturationWindowSeconds",
+            ),
+            (
+                "plugins:\n- type: prefill-cost-scorer\n  parameters: {saturationRatio: -1}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.saturationRatio",
+            ),
+            (
                 "plugins:\n- type: utilization-detector\n  parameters: {kvCacheUtilThreshold: 1.5}\nschedulingProfiles: [{name: a}]\n",
                 "plugins[0].parameters.kvCacheUtilThreshold",
             ),

@@ -3,6 +3,7 @@
 //! Each plugin's algorithm is documented in its file under `src/scheduling/plugins/`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::params::Params;
 use super::picker_config::PickerConfigError;
@@ -90,6 +91,14 @@ pub fn build(
             decode_tokens_per_request: p
                 .number("decodeTokensPerRequest")?
                 .unwrap_or(prefill_cost::DEFAULT_DECODE_TOKENS_PER_REQUEST),
+            saturation_ratio: p
+                .number("saturationRatio")?
+                .unwrap_or(prefill_cost::DEFAULT_SATURATION_RATIO),
+            saturation_margin: p
+                .number("saturationMargin")?
+                .unwrap_or(prefill_cost::DEFAULT_SATURATION_MARGIN),
+            saturation_window: seconds(p, "saturationWindowSeconds")?
+                .unwrap_or(prefill_cost::DEFAULT_SATURATION_WINDOW),
         })),
         "load-aware-scorer" => Built::Scorer(Arc::new(LoadAwareScorer {
             threshold: p
@@ -131,6 +140,23 @@ pub fn build(
         _ => return Ok(None),
     };
     Ok(Some(built))
+}
+
+/// A positive number of seconds.
+fn seconds<'a>(p: &mut Params<'a>, key: &'a str) -> Result<Option<Duration>, PickerConfigError> {
+    match p.number(key)? {
+        None => Ok(None),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .map(Some)
+            .ok_or_else(|| {
+                p.error(
+                    key,
+                    format!("must be a positive number of seconds, got {s}"),
+                )
+            }),
+    }
 }
 
 /// `utilization-detector` parameters.

@@ -18,8 +18,9 @@
 //! is dropped — a stream that ends in any way, a panic unwinding through its handler included,
 //! cannot leak load.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::Endpoint;
 
@@ -31,6 +32,7 @@ pub struct EndpointLoad {
     pending_prefill: AtomicU64,
     output_tokens: AtomicU64,
     dispatched: AtomicU64,
+    smoothed: SmoothedRequests,
 }
 
 /// A consistent-enough reading of [`EndpointLoad`] (each field is read once).
@@ -75,10 +77,79 @@ impl EndpointLoad {
         self.dispatched.load(Ordering::Relaxed)
     }
 
+    /// Requests in flight averaged over about the last window of `clock` (see
+    /// [`SmoothedRequests`]), sampled now.
+    pub fn smoothed_requests(&self, clock: &SampleClock) -> f64 {
+        self.smoothed.sample(self.requests(), clock)
+    }
+
     /// True when nothing is in flight.
     pub fn is_idle(&self) -> bool {
         let s = self.snapshot();
         s.requests == 0 && s.prompt_tokens == 0 && s.pending_prefill == 0 && s.output_tokens == 0
+    }
+}
+
+/// Samples per window at most; reads in between return the last mean.
+const SAMPLES_PER_WINDOW: u64 = 64;
+
+/// The time of one decision and the averaging window, worked out once for all candidates.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleClock {
+    /// Nanoseconds since the first clock ever made, + 1 (0 means "never" in a sample).
+    t: u64,
+    window_ns: u64,
+    min_gap_ns: u64,
+}
+
+impl SampleClock {
+    pub fn new(now: Instant, window: Duration) -> Self {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        let origin = *ORIGIN.get_or_init(|| now);
+        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX).max(1);
+        Self {
+            t: u64::try_from(now.saturating_duration_since(origin).as_nanos())
+                .unwrap_or(u64::MAX - 1)
+                + 1,
+            window_ns,
+            min_gap_ns: window_ns / SAMPLES_PER_WINDOW,
+        }
+    }
+}
+
+/// In-flight requests averaged over time: an exponentially weighted mean with the clock's
+/// window as time constant, sampled by the decisions that read it (at most
+/// [`SAMPLES_PER_WINDOW`] times per window), so an imbalance that lasts stands out from one that
+/// passes. Concurrent readers race benignly: a lost sample only delays the mean.
+#[derive(Debug, Default)]
+pub struct SmoothedRequests {
+    mean_bits: AtomicU64,
+    /// [`SampleClock`] time of the last sample (0: never sampled).
+    at: AtomicU64,
+}
+
+impl SmoothedRequests {
+    /// Folds `current` into the mean if the last sample is old enough; returns the mean.
+    pub fn sample(&self, current: u64, clock: &SampleClock) -> f64 {
+        let at = self.at.load(Ordering::Relaxed);
+        if at == 0 {
+            self.store(current as f64, clock.t);
+            return current as f64;
+        }
+        let mean = f64::from_bits(self.mean_bits.load(Ordering::Relaxed));
+        let elapsed = clock.t.saturating_sub(at);
+        if elapsed < clock.min_gap_ns {
+            return mean;
+        }
+        let keep = (-(elapsed as f64) / clock.window_ns as f64).exp();
+        let next = mean * keep + current as f64 * (1.0 - keep);
+        self.store(next, clock.t);
+        next
+    }
+
+    fn store(&self, mean: f64, t: u64) {
+        self.mean_bits.store(mean.to_bits(), Ordering::Relaxed);
+        self.at.store(t, Ordering::Relaxed);
     }
 }
 
@@ -229,5 +300,22 @@ mod tests {
         });
         assert!(result.is_err());
         assert!(ep.load.is_idle());
+    }
+
+    #[test]
+    fn smoothed_requests_follow_a_lasting_change_and_skip_close_samples() {
+        let s = SmoothedRequests::default();
+        let window = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |d: Duration| SampleClock::new(t0 + d, window);
+        assert_eq!(s.sample(0, &at(Duration::ZERO)), 0.0);
+        // Within 1/64 of the window: the mean is returned as it is.
+        assert_eq!(s.sample(10, &at(Duration::from_millis(100))), 0.0);
+        // One window later: 1 − 1/e of the way to the new value.
+        let m = s.sample(10, &at(window));
+        assert!((m - 10.0 * (1.0 - (-1.0f64).exp())).abs() < 1e-6, "{m}");
+        // Many windows later: there.
+        let m = s.sample(10, &at(20 * window));
+        assert!((m - 10.0).abs() < 1e-3, "{m}");
     }
 }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 pub use endpoint::{
     Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
 };
-pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation};
+pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
 
 /// How far epp trusts an endpoint's scraped metrics at decision time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -135,7 +135,19 @@ impl Scheduler {
         candidates: &[Candidate],
         rng: fastrand::Rng,
     ) -> Result<ScheduleResult, ScheduleError> {
+        self.schedule_at(request, candidates, rng, std::time::Instant::now())
+    }
+
+    /// [`Self::schedule_with_rng`] at a given time (a simulator's clock).
+    pub fn schedule_at(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+        rng: fastrand::Rng,
+        now: std::time::Instant,
+    ) -> Result<ScheduleResult, ScheduleError> {
         let mut ctx = SchedulingContext::new(request, rng);
+        ctx.now = now;
         self.profile
             .run(&mut ctx, candidates, self.timer.as_deref())
     }

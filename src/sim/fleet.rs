@@ -402,6 +402,8 @@ struct Sim<'w> {
     live: Vec<Live>,
     answers: Vec<Vec<String>>,
     finished: usize,
+    /// The instant simulated time 0 maps to (epp's scheduler reads the time).
+    clock: Instant,
 }
 
 /// Runs `workload` through a fleet routed by `policy`. `prepared` must be [`prepare`]d from
@@ -497,6 +499,7 @@ impl<'w> Sim<'w> {
             live: Vec::new(),
             answers: vec![Vec::new(); workload.sessions.len()],
             finished: 0,
+            clock: Instant::now(),
         };
         for (i, a) in workload.arrivals.iter().enumerate() {
             sim.push(a.at, EventKind::Arrival(i));
@@ -624,7 +627,8 @@ impl<'w> Sim<'w> {
         let Router::Epp(s) = &self.router else {
             return 0;
         };
-        match s.schedule_with_rng(&p.llm, &candidates, self.rng.fork()) {
+        let at = self.clock + Duration::from_secs_f64(now);
+        match s.schedule_at(&p.llm, &candidates, self.rng.fork(), at) {
             Ok(mut r) => {
                 self.live[id].reservation = r.reservation.take();
                 r.primary().endpoint.id as usize

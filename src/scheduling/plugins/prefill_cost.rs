@@ -1,5 +1,6 @@
 //! `prefill-cost-scorer`: epp's "sticky until it costs more than it saves" scorer — a request
-//! goes where its first token is expected soonest.
+//! goes where its first token is expected soonest, unless its prefix holder carries far more
+//! than its share of the load.
 //!
 //! Algorithm. For each candidate `e`, in prompt tokens:
 //!
@@ -22,41 +23,100 @@
 //!   read (`~0.16 µs` per context token for a 7–8B model on an H100), against `~25 µs` per
 //!   prefilled token, i.e. 10–25 tokens for 1–3k-token contexts.
 //!
+//! Saturated holders. The cost above is one request's first token; it never weighs what a
+//! request does to the requests after it. Prefixes are dealt to endpoints as they first
+//! appear, so some endpoints end up holding more hot prefixes than others, and a holder that
+//! stays cheaper for each single request keeps that extra load for good. An endpoint is
+//! therefore saturated when its requests in flight exceed `saturationRatio` (default 1.5) × the
+//! candidates' mean and the mean + `saturationMargin` (default 2), both right now and averaged
+//! over `saturationWindowSeconds` (default 10 s; an exponentially weighted mean): the imbalance
+//! has lasted, it is not the noise of a few requests. A saturated endpoint's cached prefix
+//! does not count (`uncached(e) = prompt`), so the request goes to another holder below the
+//! limit if there is one, else to the cheapest endpoint, which becomes a holder: the hot
+//! prefix gets a replica where there is room, and its later requests split between the
+//! holders by cost. 1.5 is sglang-router's `balance_rel_threshold`; the margin keeps a nearly
+//! idle pool (mean 0.5, holder 1) from counting as imbalanced. `saturationRatio: 0` turns
+//! saturation off.
+//!
 //! With no prefix plugin in the profile every endpoint has `uncached = prompt`, and the scorer
 //! balances the queued prefill work and the decode load. Near-equal costs are ties for the
 //! picker, which then prefers the endpoint with the fewest requests in flight.
 
-use crate::datastore::Candidate;
+use std::time::Duration;
+
+use crate::datastore::{Candidate, LoadSnapshot, SampleClock};
 use crate::scheduling::framework::{SchedulingContext, Scorer};
 use crate::scheduling::plugins::inflight_load::tokens_of;
 
 pub const TYPE: &str = "prefill-cost-scorer";
 pub const DEFAULT_DECODE_TOKENS_PER_REQUEST: f64 = 16.0;
+pub const DEFAULT_SATURATION_RATIO: f64 = 1.5;
+pub const DEFAULT_SATURATION_MARGIN: f64 = 2.0;
+pub const DEFAULT_SATURATION_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillCostScorer {
     pub decode_tokens_per_request: f64,
+    /// × the candidates' mean in-flight requests above which a holder is saturated (0: off).
+    pub saturation_ratio: f64,
+    /// In-flight requests a saturated holder has at least above the mean.
+    pub saturation_margin: f64,
+    /// Time constant of the averaged in-flight requests.
+    pub saturation_window: Duration,
 }
 
 impl Default for PrefillCostScorer {
     fn default() -> Self {
         Self {
             decode_tokens_per_request: DEFAULT_DECODE_TOKENS_PER_REQUEST,
+            saturation_ratio: DEFAULT_SATURATION_RATIO,
+            saturation_margin: DEFAULT_SATURATION_MARGIN,
+            saturation_window: DEFAULT_SATURATION_WINDOW,
         }
     }
 }
 
 impl PrefillCostScorer {
-    /// The cost of sending the request of `ctx` to `c`, in prompt tokens (≥ 1).
+    /// The cost of sending the request of `ctx` to `c`, in prompt tokens (≥ 1), with `c`'s
+    /// cached prefix counted (no saturation check).
     pub fn cost(&self, ctx: &SchedulingContext<'_>, c: &Candidate) -> f64 {
-        let load = c.endpoint.load.snapshot();
+        self.cost_with(ctx, c, &c.endpoint.load.snapshot(), false)
+    }
+
+    fn cost_with(
+        &self,
+        ctx: &SchedulingContext<'_>,
+        c: &Candidate,
+        load: &LoadSnapshot,
+        saturated: bool,
+    ) -> f64 {
         let prompt = tokens_of(ctx.request.prompt_len());
-        let cached = tokens_of(ctx.matched_bytes(c.endpoint.id)).min(prompt);
+        let cached = if saturated {
+            0
+        } else {
+            tokens_of(ctx.matched_bytes(c.endpoint.id)).min(prompt)
+        };
         let uncached = prompt - cached;
         1.0 + load.pending_prefill as f64
             + uncached as f64
             + self.decode_tokens_per_request * load.requests as f64
     }
+
+    /// In-flight requests above which one endpoint stands out, given the candidates' `total`.
+    fn saturation_limit(&self, total: f64, candidates: usize) -> f64 {
+        let mean = total / candidates as f64;
+        (mean * self.saturation_ratio).max(mean + self.saturation_margin)
+    }
+
+    fn saturation_on(&self, candidates: usize) -> bool {
+        self.saturation_ratio > 0.0 && candidates >= 2
+    }
+}
+
+/// What the scorer reads of one candidate: its load and its averaged in-flight requests.
+struct Reading {
+    load: LoadSnapshot,
+    averaged: f64,
 }
 
 impl Scorer for PrefillCostScorer {
@@ -65,10 +125,35 @@ impl Scorer for PrefillCostScorer {
     }
 
     fn score(&self, ctx: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
-        let costs: Vec<f64> = candidates.iter().map(|c| self.cost(ctx, c)).collect();
-        let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
-        for (cost, s) in costs.iter().zip(scores.iter_mut()) {
-            *s = min / cost;
+        let saturation = self.saturation_on(candidates.len());
+        let clock = SampleClock::new(ctx.now, self.saturation_window);
+        let (mut now_total, mut averaged_total) = (0.0, 0.0);
+        let readings: Vec<Reading> = candidates
+            .iter()
+            .map(|c| {
+                let load = c.endpoint.load.snapshot();
+                let averaged = if saturation {
+                    c.endpoint.load.smoothed_requests(&clock)
+                } else {
+                    0.0
+                };
+                now_total += load.requests as f64;
+                averaged_total += averaged;
+                Reading { load, averaged }
+            })
+            .collect();
+        let now_limit = self.saturation_limit(now_total, candidates.len());
+        let averaged_limit = self.saturation_limit(averaged_total, candidates.len());
+        let mut min = f64::INFINITY;
+        for ((c, r), s) in candidates.iter().zip(&readings).zip(scores.iter_mut()) {
+            let saturated =
+                saturation && r.load.requests as f64 > now_limit && r.averaged > averaged_limit;
+            *s = self.cost_with(ctx, c, &r.load, saturated);
+            min = min.min(*s);
+        }
+        // Scores are costs until here.
+        for s in scores.iter_mut() {
+            *s = min / *s;
         }
     }
 }
@@ -107,6 +192,7 @@ mod tests {
         };
         let s = PrefillCostScorer {
             decode_tokens_per_request: 0.0,
+            ..Default::default()
         };
         let c = ctx(&req, vec![(0, 3600)]);
         let sc = score(&s, &c, &cs);
@@ -141,5 +227,84 @@ mod tests {
         assert_eq!(s.cost(&c, &cs[0]), 181.0);
         assert_eq!(s.cost(&c, &cs[1]), 101.0);
         drop(held);
+    }
+
+    /// 4 endpoints; endpoint 0 holds 3,600 of the request's 4,000 bytes and has `busy`
+    /// requests in flight, the others 1 each.
+    fn hot_holder(busy: usize) -> (Vec<Candidate>, Vec<Reservation>) {
+        let cs = candidates(&vec![EndpointMetrics::default(); 4]);
+        let held = cs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let n = if i == 0 { busy } else { 1 };
+                (0..n).map(|_| Reservation::new(c.endpoint.clone(), LoadAmount::default()))
+            })
+            .collect();
+        (cs, held)
+    }
+
+    fn long_request() -> LlmRequest {
+        LlmRequest {
+            prompt: vec![b'x'; 4000],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_holder_far_above_the_mean_is_saturated_and_the_request_seeds_a_replica() {
+        let req = long_request();
+        let c = ctx(&req, vec![(0, 3600)]);
+        // 8 in flight against a mean of 2.75 (limit 4.75): the holder's prefix does not count.
+        let (cs, held) = hot_holder(8);
+        let sc = score(&PrefillCostScorer::default(), &c, &cs);
+        assert!(sc[0] < sc[1], "{sc:?}");
+        assert_eq!(sc[1], 1.0);
+        drop(held);
+        // 3 in flight (mean 1.5, limit 3.5): still sticky.
+        let (cs, held) = hot_holder(3);
+        let sc = score(&PrefillCostScorer::default(), &c, &cs);
+        assert_eq!(sc[0], 1.0, "{sc:?}");
+        drop(held);
+        // Turned off, the busy holder keeps the request.
+        let off = PrefillCostScorer {
+            saturation_ratio: 0.0,
+            ..Default::default()
+        };
+        let (cs, held) = hot_holder(8);
+        assert_eq!(score(&off, &c, &cs)[0], 1.0);
+        drop(held);
+    }
+
+    #[test]
+    fn another_holder_below_the_limit_takes_the_request_of_a_saturated_one() {
+        let req = long_request();
+        let c = ctx(&req, vec![(0, 3600), (2, 3600)]);
+        let (cs, held) = hot_holder(8);
+        let sc = score(&PrefillCostScorer::default(), &c, &cs);
+        assert_eq!(sc[2], 1.0, "{sc:?}");
+        assert!(sc[1] < 0.2 && sc[0] < 0.2, "{sc:?}");
+        drop(held);
+    }
+
+    #[test]
+    fn a_passing_spike_does_not_saturate_a_lasting_one_does() {
+        let req = long_request();
+        let mut c = ctx(&req, vec![(0, 3600)]);
+        let s = PrefillCostScorer::default();
+        let t0 = c.now;
+        // Balanced for the first sample …
+        let (cs, held) = hot_holder(1);
+        assert_eq!(score(&s, &c, &cs)[0], 1.0);
+        // … then endpoint 0 jumps to 8: one second later the 10-second mean has barely moved.
+        let more: Vec<_> = (0..7)
+            .map(|_| Reservation::new(cs[0].endpoint.clone(), LoadAmount::default()))
+            .collect();
+        c.now = t0 + Duration::from_secs(1);
+        assert_eq!(score(&s, &c, &cs)[0], 1.0);
+        // Thirty seconds on, the imbalance has lasted: saturated.
+        c.now = t0 + Duration::from_secs(30);
+        assert!(score(&s, &c, &cs)[0] < 1.0);
+        drop((held, more));
     }
 }
