@@ -3,6 +3,8 @@
 #   epp          Envoy + epp with config/default-plugins.yaml
 #   epp-gie      Envoy + epp with GIE's weights (config/gie-plugins.yaml)
 #   epp-llm-d    Envoy + epp with llm-d's sticky chain (config/llm-d-plugins.yaml)
+#   epp-nosat    Envoy + epp with the default config but saturated holders off
+#                (saturationRatio: 0)
 #   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
 #   round-robin  Envoy alone
 # each with fresh model servers (cold caches), driven by epp-bench with the same workload.
@@ -137,6 +139,9 @@ for system in $SYSTEMS; do
     epp) start_epp config/default-plugins.yaml; label="epp" ;;
     epp-gie) start_epp config/gie-plugins.yaml; label="epp, GIE 2/2/3" ;;
     epp-llm-d) start_epp config/llm-d-plugins.yaml; label="epp, llm-d sticky" ;;
+    epp-nosat)
+      sed 's/saturationRatio: 1.5/saturationRatio: 0/' config/default-plugins.yaml >"$WORK/nosat.yaml"
+      start_epp "$WORK/nosat.yaml"; label="epp, saturation off" ;;
     sglang) start_sglang; label="sglang-router cache_aware" ;;
     round-robin) start_round_robin; label="Envoy round-robin" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
