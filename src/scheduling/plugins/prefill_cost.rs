@@ -126,17 +126,16 @@ impl Scorer for PrefillCostScorer {
 
     fn score(&self, ctx: &SchedulingContext<'_>, candidates: &[&Candidate], scores: &mut [f64]) {
         let saturation = self.saturation_on(candidates.len());
-        let clock = SampleClock::new(ctx.now, self.saturation_window);
+        // Only sampled when saturation is on: off, nothing reads the averages.
+        let clock = saturation.then(|| SampleClock::new(ctx.now, self.saturation_window));
         let (mut now_total, mut averaged_total) = (0.0, 0.0);
         let readings: Vec<Reading> = candidates
             .iter()
             .map(|c| {
                 let load = c.endpoint.load.snapshot();
-                let averaged = if saturation {
-                    c.endpoint.load.smoothed_requests(&clock)
-                } else {
-                    0.0
-                };
+                let averaged = clock
+                    .as_ref()
+                    .map_or(0.0, |k| c.endpoint.load.smoothed_requests(k));
                 now_total += load.requests as f64;
                 averaged_total += averaged;
                 Reading { load, averaged }
