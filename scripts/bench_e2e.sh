@@ -5,16 +5,20 @@
 #   epp-llm-d    Envoy + epp with llm-d's sticky chain (config/llm-d-plugins.yaml)
 #   epp-nosat    Envoy + epp with the default config but saturated holders off
 #                (saturationRatio: 0)
+#   epp-noeject  Envoy + epp with the default config but outlier ejection off
+#                (--outlier-consecutive-5xx 0)
 #   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
 #   round-robin  Envoy alone
 # each with fresh model servers (cold caches), driven by epp-bench with the same workload.
 # Prints the table and writes it with the pictures to $OUT. Stops everything it started.
 #
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
-#   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1
+#   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
 #   BASE_PORT=18000 OUT=bench-results/e2e
 # The model servers leave the vllm:* families off /metrics until their first request
-# (LATE_METRICS=1), as the simulator of the last external trial did.
+# (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
+# first N pods answer every request at once with 500 (a dead engine behind a live API
+# server, its /metrics still showing an idle engine); failed requests get their own column.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +31,7 @@ PREFIX_GROUPS=${PREFIX_GROUPS:-16}
 PROMPTS_PER_GROUP=${PROMPTS_PER_GROUP:-30}
 SPEED=${SPEED:-1}
 LATE_METRICS=${LATE_METRICS:-1}
+FAILING_PODS=${FAILING_PODS:-0}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -69,8 +74,10 @@ start_sims() {
   local late=()
   if [ "$LATE_METRICS" = 1 ]; then late=(--metrics-after-first-request); fi
   for i in $(seq 0 $((PODS - 1))); do
+    local fail=0
+    if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi
     "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$SPEED" "${late[@]}" \
-      >"$WORK/sim-$i.log" 2>&1 &
+      --fail-requests "$fail" >"$WORK/sim-$i.log" 2>&1 &
     SIM_PIDS+=($!)
   done
   for i in $(seq 0 $((PODS - 1))); do wait_http "http://127.0.0.1:$((BASE_PORT + i))/health" "epp-sim $i"; done
@@ -82,7 +89,7 @@ start_envoy() { # config
   wait_http "http://127.0.0.1:$GATEWAY_PORT/v1/models" "envoy"
 }
 
-start_epp() { # plugins config file
+start_epp() { # plugins config file, then extra epp flags
   {
     echo "endpoints:"
     for i in $(seq 0 $((PODS - 1))); do
@@ -94,7 +101,7 @@ start_epp() { # plugins config file
   [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
   "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
     --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" --cert-path "$WORK/tls" \
-    --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" >"$WORK/epp.log" 2>&1 &
+    --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" "${@:2}" >"$WORK/epp.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
   sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
@@ -132,6 +139,7 @@ RESULTS="$WORK/results.jsonl"
 BENCH=("$BIN/epp-bench" run --url "http://127.0.0.1:$GATEWAY_PORT" --workload "$WORKLOAD"
        --rate "$RATE" --max-requests "$REQUESTS" --groups "$PREFIX_GROUPS"
        --prompts-per-group "$PROMPTS_PER_GROUP" --pods "$PODS" --results "$RESULTS")
+if [ "$FAILING_PODS" -gt 0 ]; then BENCH+=(--tolerate-failures); fi
 
 for system in $SYSTEMS; do
   start_sims
@@ -142,6 +150,9 @@ for system in $SYSTEMS; do
     epp-nosat)
       sed 's/saturationRatio: 1.5/saturationRatio: 0/' config/default-plugins.yaml >"$WORK/nosat.yaml"
       start_epp "$WORK/nosat.yaml"; label="epp, saturation off" ;;
+    epp-noeject)
+      start_epp config/default-plugins.yaml --outlier-consecutive-5xx 0
+      label="epp, ejection off" ;;
     sglang) start_sglang; label="sglang-router cache_aware" ;;
     round-robin) start_round_robin; label="Envoy round-robin" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;

@@ -6,6 +6,8 @@
 //!    candidates — their load then comes from epp's own accounting and they lose ties — so one
 //!    endpoint with fresh metrics never takes all traffic; only endpoints whose serving port
 //!    refused the last scrape are left out, and only while another endpoint is reachable;
+//!    so are endpoints ejected for answering with server errors ([`OutlierDetector`]), while
+//!    another endpoint remains;
 //! 4. admission: a sheddable request (priority < 0) while every candidate is saturated ⇒ 429;
 //! 5. run the scheduler, which reserves the request's load on its target; everything filtered
 //!    out ⇒ 429.
@@ -16,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
-use crate::datastore::{Candidate, Datastore, Health};
+use crate::datastore::{
+    Candidate, Datastore, Endpoint, Health, OutlierDetector, OutlierPolicy, Verdict,
+};
 use crate::request::LlmRequest;
 use crate::scheduling::{ScheduleError, ScheduleResult, Scheduler};
 
@@ -59,6 +63,7 @@ pub struct Director {
     pub staleness_threshold: Duration,
     reuse_for: Duration,
     reuse: ArcSwapOption<Reuse>,
+    outliers: OutlierDetector,
 }
 
 impl Director {
@@ -73,7 +78,22 @@ impl Director {
             staleness_threshold,
             reuse_for: Duration::ZERO,
             reuse: ArcSwapOption::empty(),
+            outliers: OutlierDetector::default(),
         }
+    }
+
+    /// Ejects endpoints that keep answering with server errors by `policy` (default:
+    /// [`OutlierPolicy::default`]).
+    pub fn with_outlier_policy(mut self, policy: OutlierPolicy) -> Self {
+        self.outliers = OutlierDetector::new(policy);
+        self
+    }
+
+    /// Records the HTTP status of a response `endpoint` gave (see [`OutlierDetector`]).
+    pub fn observe_response(&self, endpoint: &Endpoint, status: u16) -> Verdict {
+        self.outliers.observe(endpoint, status, Instant::now(), || {
+            self.datastore.endpoints()
+        })
     }
 
     /// Reuses a decision's candidate list (endpoints with their metrics and health) for up to
@@ -115,29 +135,28 @@ impl Director {
 
     /// The endpoints `request` may go to, with their health judged now (step 1–3 above).
     pub fn candidates(&self, subset: Option<&[IpAddr]>) -> Result<Arc<[Candidate]>, RouteError> {
-        let all = self.all_candidates(Instant::now())?;
-        let reachable = all.iter().any(|c| c.health != Health::Unreachable);
-        let keep = |c: &Candidate| {
-            subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip()))
-                && (!reachable || c.health != Health::Unreachable)
+        let now = Instant::now();
+        let all = self.all_candidates(now)?;
+        let in_subset =
+            |c: &Candidate| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip()));
+        let avoided = |c: &Candidate| {
+            c.health == Health::Unreachable
+                || (self.outliers.enabled() && c.endpoint.outlier.is_ejected(now))
         };
-        if subset.is_none() && all.iter().all(keep) {
+        if all.iter().all(|c| in_subset(c) && !avoided(c)) {
             return Ok(all);
         }
-        let in_subset = all
-            .iter()
-            .any(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())));
-        if !in_subset {
+        if !all.iter().any(in_subset) {
             return Err(RouteError::SubsetEmpty);
         }
-        let mut chosen: Vec<Candidate> = all.iter().filter(|c| keep(c)).cloned().collect();
+        let mut chosen: Vec<Candidate> = all
+            .iter()
+            .filter(|c| in_subset(c) && !avoided(c))
+            .cloned()
+            .collect();
         if chosen.is_empty() {
-            // Only unreachable endpoints in the subset: route anyway (Envoy reports the error).
-            chosen = all
-                .iter()
-                .filter(|c| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip())))
-                .cloned()
-                .collect();
+            // Only avoided endpoints in the subset: route anyway (Envoy reports the error).
+            chosen = all.iter().filter(|c| in_subset(c)).cloned().collect();
         }
         Ok(chosen.into())
     }
@@ -272,6 +291,38 @@ mod tests {
             d.datastore.scrape_failed(e.id, ScrapeFailure::Unreachable);
         }
         assert!(d.route(&request("z"), None).is_ok());
+    }
+
+    #[test]
+    fn an_endpoint_answering_with_server_errors_is_ejected_but_never_the_last() {
+        let d = director(4);
+        let eps = d.datastore.endpoints();
+        for _ in 0..4 {
+            assert_eq!(d.observe_response(&eps[2], 503), Verdict::Unchanged);
+        }
+        assert!(matches!(
+            d.observe_response(&eps[2], 500),
+            Verdict::Ejected(_)
+        ));
+        for i in 0..60 {
+            let r = d.route(&request(&format!("p{i}")), None).unwrap();
+            assert_ne!(r.primary().endpoint.id, eps[2].id);
+        }
+        // One in four may be ejected at once (10 %, at least one).
+        for _ in 0..5 {
+            d.observe_response(&eps[0], 502);
+        }
+        assert!(!eps[0].outlier.is_ejected(Instant::now()));
+        // A subset holding only the ejected endpoint still routes there.
+        let only = [eps[2].address.ip()];
+        let r = d.route(&request("s"), Some(&only)).unwrap();
+        assert_eq!(r.primary().endpoint.id, eps[2].id);
+        // Detection off: nothing is ejected.
+        let off = director(2).with_outlier_policy(OutlierPolicy::disabled());
+        let e = off.datastore.endpoints();
+        for _ in 0..20 {
+            assert_eq!(off.observe_response(&e[0], 503), Verdict::Unchanged);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use epp::cli::{Cli, compat};
 use epp::config::datalayer::DataLayer;
 use epp::config::env::SchedulerEnv;
 use epp::config::{endpoints_file, picker_config};
-use epp::datastore::Datastore;
+use epp::datastore::{Datastore, OutlierPolicy};
 use epp::director::Director;
 use epp::extproc::body::BodyBudget;
 use epp::extproc::serve::{self, ServeOptions};
@@ -210,7 +210,13 @@ fn ext_proc_service(
     let prompt_cap = scheduler.prompt_cap();
     let director = Arc::new(
         Director::new(datastore, scheduler, cli.metrics_staleness_threshold)
-            .with_candidate_reuse(CANDIDATE_REUSE),
+            .with_candidate_reuse(CANDIDATE_REUSE)
+            .with_outlier_policy(OutlierPolicy {
+                consecutive_5xx: cli.outlier_consecutive_5xx,
+                base_ejection_time: cli.outlier_base_ejection_time,
+                max_ejection_time: cli.outlier_max_ejection_time,
+                max_ejection_percent: cli.outlier_max_ejection_percent,
+            }),
     );
     let limits = Limits {
         max_body_bytes: cli.max_request_body_bytes,

@@ -206,6 +206,135 @@ async fn failing_metrics_deprioritize_the_endpoint_and_log_once_per_state() {
     }
 }
 
+/// epp's metrics page as soon as `done` holds for it (polling every 20 ms, at most 5 s).
+async fn epp_metrics_when(stack: &Stack, done: impl Fn(&str) -> bool) -> String {
+    let mut page = String::new();
+    for _ in 0..250 {
+        page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+        if done(&page) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    page
+}
+
+/// A model server whose engine died answers every request at once with 500 while its
+/// `/metrics` still shows an idle engine: it is ejected after five errors in a row (so it
+/// cannot attract traffic by looking idle), ejected again after one error while it is still
+/// broken, and back in the pool once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_server_answering_500_is_ejected_then_readmitted() {
+    let stack = Stack::start(
+        3,
+        BodyMode::FullDuplex,
+        &["--outlier-base-ejection-time", "2s"],
+    )
+    .await;
+    let sick = &stack.backends[0];
+    sick.set_failing(true);
+    let mut errors = 0;
+    for i in 0..40 {
+        let r = stack
+            .complete(&format!("dead engine, distinct prompt {i}"))
+            .await;
+        match r.status {
+            200 => {}
+            500 => errors += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(
+        errors, 5,
+        "five errors in a row eject; no request after that reaches it"
+    );
+    assert_eq!(sick.requests(), 5);
+    let page = epp_metrics_when(&stack, |p| {
+        p.contains("epp_endpoint_ejected{endpoint_name=\"b0\"} 1")
+    })
+    .await;
+    assert!(
+        page.contains("epp_endpoint_ejected{endpoint_name=\"b0\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("epp_endpoint_ejections_total{endpoint_name=\"b0\"} 1"),
+        "{page}"
+    );
+    assert!(
+        stack.epp.logs().contains("ejected"),
+        "the ejection is logged"
+    );
+
+    // Its ejection over, it is on probation: still broken, it fails one request and is
+    // ejected again, for twice as long.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let mut errors = 0;
+    for i in 0..20 {
+        let r = stack.complete(&format!("still dead, prompt {i}")).await;
+        errors += usize::from(r.status == 500);
+    }
+    assert_eq!(errors, 1, "on probation, one error ejects again");
+    assert_eq!(sick.requests(), 6);
+
+    sick.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    let before = sick.requests();
+    for i in 0..40 {
+        let r = stack
+            .complete(&format!("engine restarted, prompt {i}"))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        sick.requests() > before,
+        "the endpoint is routable again after its ejection"
+    );
+}
+
+/// An endpoint whose serving port refuses connections while its metrics port answers (the
+/// scrape cannot tell): Envoy's own 503 replies count as its server errors, and it is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_replies_for_a_dead_serving_port_eject_the_endpoint() {
+    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
+    let file = stack.dir.path().join("endpoints.yaml");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut text = String::from("endpoints:\n");
+    for b in &stack.backends[..2] {
+        text.push_str(&format!("  - address: {}\n    name: {}\n", b.addr, b.id));
+    }
+    let metrics = stack.backends[2].addr;
+    text.push_str(&format!(
+        "  - address: {dead}\n    metricsAddress: {metrics}\n    name: dead\n"
+    ));
+    std::fs::write(&file, text).unwrap();
+    let page = epp_metrics_when(&stack, |p| p.contains("endpoint_name=\"dead\"")).await;
+    assert!(
+        page.contains("endpoint_name=\"dead\""),
+        "reload not applied:\n{page}"
+    );
+    let mut refused = 0;
+    for i in 0..40 {
+        let r = stack
+            .complete(&format!("dead port, distinct prompt {i}"))
+            .await;
+        match r.status {
+            200 => assert_ne!(r.backend(), "b2"),
+            503 => refused += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(refused, 5, "five failed connections eject the endpoint");
+    let page = epp_metrics_when(&stack, |p| {
+        p.contains("epp_endpoint_ejected{endpoint_name=\"dead\"} 1")
+    })
+    .await;
+    assert!(
+        page.contains("epp_endpoint_ejected{endpoint_name=\"dead\"} 1"),
+        "{page}"
+    );
+}
+
 /// epp goes away while Envoy keeps running: clients get Envoy's failure (never an unrouted
 /// request), and once epp is back on its port requests are routed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

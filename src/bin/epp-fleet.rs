@@ -212,6 +212,7 @@ fn main() -> anyhow::Result<()> {
                 summary: result.summary(),
                 per_pod: per_pod(&result.outcomes, result.pods),
                 ttfts: result.ttfts(),
+                failed: 0,
             });
         }
     }

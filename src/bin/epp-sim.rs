@@ -78,6 +78,10 @@ struct Cli {
     /// `max_tokens` when a request gives none.
     #[arg(long, default_value_t = 16)]
     default_max_tokens: usize,
+    /// Share of completion requests (0–1) answered at once with 500, as an API server whose
+    /// engine died does; /metrics keeps reporting the (idle) engine.
+    #[arg(long, default_value_t = 0.0)]
+    fail_requests: f64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,6 +210,8 @@ struct Server {
     /// `--metrics-after-first-request`, and whether a request has arrived.
     late_metrics: bool,
     served_any: std::sync::atomic::AtomicBool,
+    /// `--fail-requests`.
+    fail_requests: f64,
 }
 
 type St = Arc<Server>;
@@ -427,6 +433,11 @@ async fn generate(State(s): State<St>, uri: Uri, body: Bytes) -> Response {
         let msg = format!("The model `{}` does not exist.", b.model);
         return error(StatusCode::NOT_FOUND, "NotFoundError", &msg);
     }
+    if s.fail_requests > 0.0 && fastrand::f64() < s.fail_requests {
+        s.served_any.store(true, Ordering::Relaxed);
+        let msg = "EngineCore encountered an issue. See stack trace for the root cause.";
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "EngineDeadError", msg);
+    }
     let max_tokens = if b.max_tokens == 0 {
         s.default_max_tokens
     } else {
@@ -633,6 +644,10 @@ async fn main() -> anyhow::Result<()> {
     epp::telemetry::logging::init(&epp::telemetry::logging::LogOptions::default());
     anyhow::ensure!(cli.speed > 0.0, "--speed must be greater than 0");
     anyhow::ensure!(
+        (0.0..=1.0).contains(&cli.fail_requests),
+        "--fail-requests must be between 0 and 1"
+    );
+    anyhow::ensure!(
         cli.kv_blocks > 0 && cli.block_size > 0,
         "--kv-blocks and --block-size must be greater than 0"
     );
@@ -660,6 +675,7 @@ async fn main() -> anyhow::Result<()> {
         reported: Mutex::new((0, 0)),
         late_metrics: cli.metrics_after_first_request,
         served_any: false.into(),
+        fail_requests: cli.fail_requests,
     });
     tokio::spawn(engine_loop(server.clone()));
     let app = Router::new()

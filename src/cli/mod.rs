@@ -163,6 +163,22 @@ pub struct Cli {
     #[arg(long, value_parser = go_string)]
     pub cache_info_metric: Option<String>,
 
+    // ---- Passive health (outlier detection) ----
+    /// Server errors (5xx, Envoy's 502/503/504 for failed connections included) in a row
+    /// that eject an endpoint from routing; 0 turns ejection off.
+    #[arg(long, default_value_t = 5)]
+    pub outlier_consecutive_5xx: u32,
+    /// First ejection's length; each ejection in a row lasts this much longer.
+    #[arg(long, default_value = "30s", value_parser = duration::parse)]
+    pub outlier_base_ejection_time: Duration,
+    /// Longest ejection.
+    #[arg(long, default_value = "300s", value_parser = duration::parse)]
+    pub outlier_max_ejection_time: Duration,
+    /// Largest share of the pool ejected at once, in percent (at least one endpoint of two
+    /// or more, never all).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub outlier_max_ejection_percent: u32,
+
     // ---- Requests ----
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 32 << 20)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::load::EndpointLoad;
+use super::outlier::OutlierState;
 
 /// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
 pub type EndpointId = u32;
@@ -92,6 +93,8 @@ pub struct Endpoint {
     pub engine: EngineType,
     /// What epp has routed here and not yet seen finish (live, shared by all snapshots).
     pub load: EndpointLoad,
+    /// Its recent response statuses, and whether it is ejected for them (live).
+    pub outlier: OutlierState,
 }
 
 impl Endpoint {
@@ -104,6 +107,7 @@ impl Endpoint {
             metrics_address: spec.metrics_address,
             engine: spec.engine,
             load: EndpointLoad::default(),
+            outlier: OutlierState::default(),
         }
     }
 

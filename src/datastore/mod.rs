@@ -6,6 +6,7 @@
 
 mod endpoint;
 pub mod load;
+pub mod outlier;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,6 +19,7 @@ pub use endpoint::{
     Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
 };
 pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
+pub use outlier::{OutlierDetector, OutlierPolicy, Verdict};
 
 /// How far epp trusts an endpoint's scraped metrics at decision time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

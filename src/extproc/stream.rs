@@ -634,12 +634,27 @@ impl StreamHandler {
     }
 
     fn on_response_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        self.observe_status(&h.headers);
         let content_type = header_value(&h.headers, "content-type");
         self.response.headers(content_type.as_deref());
         if h.end_of_stream {
             self.response_ended();
         }
         vec![msg::continue_response_headers()]
+    }
+
+    /// Tells the outlier detector how the endpoint that served the request answered.
+    fn observe_status(&self, headers: &Option<HeaderMap>) {
+        let Some(status) = header_value(headers, ":status").and_then(|s| s.parse::<u16>().ok())
+        else {
+            return;
+        };
+        let Some(reservation) = self.routed.as_ref().and_then(|r| r.reservation.as_ref()) else {
+            return;
+        };
+        self.shared
+            .director
+            .observe_response(reservation.endpoint(), status);
     }
 
     /// The response is complete: the request no longer loads its endpoint.

@@ -27,18 +27,25 @@ pub struct Row {
     /// Sorted TTFTs (seconds), for the CDF.
     #[serde(default)]
     pub ttfts: Vec<f64>,
+    /// Requests that got no answer (an error status or a broken stream); the summary covers
+    /// the others.
+    #[serde(default)]
+    pub failed: usize,
 }
 
-/// The Markdown table of `rows`.
+/// The Markdown table of `rows`; with a "failed" column when any request failed.
 pub fn markdown(rows: &[Row]) -> String {
+    let failures = rows.iter().any(|r| r.failed > 0);
     let mut s = String::from(
-        "| workload | rate (req/s) | policy | TTFT mean (s) | p50 | p90 | p99 | E2E mean (s) | output tok/s | prefix hit rate | busiest pod / mean |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | rate (req/s) | policy | TTFT mean (s) | p50 | p90 | p99 | E2E mean (s) | output tok/s | prefix hit rate | busiest pod / mean |",
     );
+    s.push_str(if failures { " failed |\n" } else { "\n" });
+    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    s.push_str(if failures { "---:|\n" } else { "\n" });
     for r in rows {
         let m = &r.summary;
         s.push_str(&format!(
-            "| {} | {:.1} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.1}% | {:.2} |\n",
+            "| {} | {:.1} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.0} | {:.1}% | {:.2} |",
             r.workload,
             if r.rate > 0.0 { r.rate } else { m.rate },
             r.policy,
@@ -51,6 +58,10 @@ pub fn markdown(rows: &[Row]) -> String {
             100.0 * m.hit_rate,
             m.load_max_over_mean
         ));
+        if failures {
+            s.push_str(&format!(" {} |", r.failed));
+        }
+        s.push('\n');
     }
     s
 }
@@ -440,6 +451,7 @@ mod tests {
             },
             per_pod: vec![1, 2, 1],
             ttfts,
+            failed: 0,
         }
     }
 
@@ -454,5 +466,18 @@ mod tests {
             assert!(svg.contains("<svg"), "{}", f.display());
         }
         assert!(markdown(&rows).contains("| high | 4.0 | a |"));
+        assert!(!markdown(&rows).contains("failed"));
+    }
+
+    #[test]
+    fn failed_requests_get_a_column_when_there_are_any() {
+        let mut rows = vec![row("a", 4.0), row("b", 4.0)];
+        rows[1].failed = 7;
+        let table = markdown(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("| failed |"), "{table}");
+        assert!(lines[1].ends_with("---:|---:|"), "{table}");
+        assert!(lines[2].ends_with("| 0 |"), "{table}");
+        assert!(lines[3].ends_with("| 7 |"), "{table}");
     }
 }

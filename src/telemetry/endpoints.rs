@@ -7,6 +7,8 @@
 //! | `llm_d_epp_inflight_tokens` | `endpoint_name` | uncached prompt tokens still prefilling + estimated output tokens (llm-d's name) |
 //! | `epp_inflight_prompt_tokens` | `endpoint_name` | prompt tokens of the in-flight requests |
 //! | `epp_endpoint_health` | `endpoint_name`, `state` | 1 for the endpoint's current state (fresh, degraded, unreachable) |
+//! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
+//! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
 //!
 //! Endpoints that left the pool with requests still in flight are reported until they drain.
 
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::datastore::{Candidate, Datastore, Endpoint, Health};
@@ -64,6 +67,26 @@ fn gauge_family(
     Ok(())
 }
 
+fn ejections_family(
+    encoder: &mut DescriptorEncoder,
+    endpoints: &[Arc<Endpoint>],
+) -> Result<(), std::fmt::Error> {
+    let counter_type = ConstCounter::new(0u64).metric_type();
+    let mut family = encoder.encode_descriptor(
+        "epp_endpoint_ejections",
+        "Times the endpoint was ejected for answering with server errors",
+        None,
+        counter_type,
+    )?;
+    for e in endpoints {
+        let labels = EndpointLabel {
+            endpoint_name: e.name.clone(),
+        };
+        ConstCounter::new(e.outlier.total_ejections()).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.datastore.snapshot();
@@ -99,6 +122,17 @@ impl Collector for EndpointCollector {
             "Prompt tokens of the requests in flight, per endpoint",
             &column(|l| l.prompt_tokens),
         )?;
+        let ejected: Vec<_> = endpoints
+            .iter()
+            .map(|e| (e.name.clone(), u64::from(e.outlier.is_ejected(now))))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "epp_endpoint_ejected",
+            "1 while the endpoint is ejected for answering with server errors",
+            &ejected,
+        )?;
+        ejections_family(&mut encoder, &endpoints)?;
         let gauge_type = ConstGauge::new(0i64).metric_type();
         let mut family = encoder.encode_descriptor(
             "epp_endpoint_health",

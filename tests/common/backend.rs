@@ -30,6 +30,8 @@ pub struct Counters {
     pub metrics_mode: std::sync::atomic::AtomicU8,
     pub scrapes: AtomicUsize,
     pub requests: AtomicUsize,
+    /// Answer every completion with 500 (a dead engine behind a live API server).
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 pub struct Backend {
@@ -78,6 +80,10 @@ impl Backend {
             .store(mode as u8, Ordering::SeqCst);
     }
 
+    pub fn set_failing(&self, failing: bool) {
+        self.counters.failing.store(failing, Ordering::SeqCst);
+    }
+
     pub fn scrapes(&self) -> usize {
         self.counters.scrapes.load(Ordering::SeqCst)
     }
@@ -117,6 +123,10 @@ async fn models(State((id, _)): State<St>) -> impl IntoResponse {
 
 async fn generate(State((id, c)): State<St>, headers: HeaderMap, body: Bytes) -> Response {
     c.requests.fetch_add(1, Ordering::SeqCst);
+    if c.failing.load(Ordering::SeqCst) {
+        let error = serde_json::json!({"backend": id, "error": {"message": "engine dead"}});
+        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(error)).into_response();
+    }
     let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "backend got invalid JSON").into_response();
     };
