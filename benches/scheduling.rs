@@ -1,6 +1,7 @@
 //! Criterion benches for BENCHMARKS.md: hashing a 32 KB prompt, and one full routing decision
 //! (candidates + hash + match + score + pick + reserve + record) for a 32 KB prompt over 4,
-//! 100, 1000 pods with epp's default configuration.
+//! 100, 1000 pods with epp's default configuration; and the usage scan of a streamed
+//! response (500 SSE events of a chat completion, 4 per chunk as Envoy hands them over).
 //!
 //! `cargo bench --bench scheduling`
 
@@ -47,5 +48,36 @@ fn decision(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, decision);
+fn sse_usage(c: &mut Criterion) {
+    let event = |i: usize| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let mut chunks: Vec<Vec<u8>> = (0..125)
+        .map(|c| {
+            (0..4)
+                .map(|k| event(c * 4 + k))
+                .collect::<String>()
+                .into_bytes()
+        })
+        .collect();
+    chunks.push(
+        b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3000,\"completion_tokens\":500,\"total_tokens\":3500}}\n\ndata: [DONE]\n\n".to_vec(),
+    );
+    let mut g = c.benchmark_group("sse_usage");
+    g.throughput(Throughput::Elements(chunks.len() as u64));
+    g.bench_function("500_events_126_chunks", |b| {
+        b.iter(|| {
+            let mut p = epp::request::usage::UsageParser::new(Some("text/event-stream"));
+            for chunk in &chunks {
+                p.push(std::hint::black_box(chunk));
+            }
+            assert_eq!(p.finish().map(|u| u.completion_tokens), Some(500));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hashing, decision, sse_usage);
 criterion_main!(benches);

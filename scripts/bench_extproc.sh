@@ -15,6 +15,7 @@
 #                 keeps one connection, so one epp serving thread does all the work
 #   epp-buffered  the same with request_body_mode BUFFERED
 #   epp-tls       epp with its default TLS
+#   epp-base      as epp, but the epp binary at $BASE_EPP (an A/B against another build)
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
 # head at the upstream) p50/p99 with one connection (unloaded), the picker's CPU µs per request
 # (utime+stime from /proc) and Envoy's, and epp's allocated bytes per request (an alloc-stats build, in a
@@ -152,6 +153,9 @@ start_setup() { # setup [epp binary]
     epp)
       start_epp "$epp_bin" false
       sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-base)
+      start_epp "${BASE_EPP:?epp-base needs BASE_EPP=path to an epp binary}" false
+      sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-oneconn)
       start_epp "$epp_bin" false
       sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/{ max_concurrent_streams: 16 }/{}/' \
@@ -238,6 +242,7 @@ for setup in $SETUPS; do
   [ "$setup" = envoy ] || echo "  ext_proc connections Envoy opened: $(curl -s "http://127.0.0.1:$ADMIN_PORT/stats?filter=cluster.epp.upstream_cx_total" | awk '{ print $2 }')"
   stop_all
   case "$setup" in
+    epp-base) ;;
     epp*)
       start_setup "$setup" target/alloc-stats/release/epp
       load 1024 4 1 0 >/dev/null

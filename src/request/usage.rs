@@ -2,14 +2,21 @@
 //!
 //! JSON bodies: only the last 64 KiB are kept (servers put `usage` at the end), and the value
 //! of the last `"usage"` key found there is parsed when the body ends. SSE bodies
-//! (`text/event-stream`): each chunk is scanned for line ends with `memchr`; only `data:`
-//! lines containing `"usage"` are parsed (the last one wins), `[DONE]` skipped, a line split
-//! across chunks reassembled (the only copy, bounded). Counts saturate instead of overflowing.
+//! (`text/event-stream`): a chunk without `"usage"` is scanned once and only its unfinished
+//! last line kept; in the others, the `data:` lines containing `"usage"` are parsed (the last
+//! one wins), `[DONE]` skipped, a line split across chunks reassembled (the only copy,
+//! bounded). Counts saturate instead of overflowing.
+
+use std::sync::LazyLock;
 
 use serde::Deserialize;
 
 /// Largest tail of a JSON body, or single SSE line, kept for usage parsing.
 const MAX_BUFFERED: usize = 64 << 10;
+
+/// The key searched for, with its searcher built once.
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
 
 /// Token counts reported by the model server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,21 +103,41 @@ impl UsageParser {
             }
             return;
         }
+        self.push_sse(chunk);
+    }
+
+    /// SSE: completes the line left over from the last chunk, then parses the lines of this
+    /// one only when `"usage"` occurs in it (one scan; most chunks are token events), and
+    /// keeps the unfinished last line.
+    fn push_sse(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
-        while let Some(nl) = memchr::memchr(b'\n', rest) {
-            if self.buf.is_empty() {
-                self.sse_line(&rest[..nl]);
-            } else {
-                let mut line = std::mem::take(&mut self.buf);
-                line.extend_from_slice(&rest[..nl]);
-                self.sse_line(&line);
-                line.clear();
-                self.buf = line;
-            }
+        if !self.buf.is_empty() {
+            let Some(nl) = memchr::memchr(b'\n', rest) else {
+                self.keep_partial(rest);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.buf);
+            line.extend_from_slice(&rest[..nl]);
+            self.sse_line(&line);
+            line.clear();
+            self.buf = line;
             rest = &rest[nl + 1..];
         }
-        if self.buf.len() + rest.len() <= MAX_BUFFERED {
-            self.buf.extend_from_slice(rest);
+        if USAGE_KEY.find(rest).is_some() {
+            while let Some(nl) = memchr::memchr(b'\n', rest) {
+                self.sse_line(&rest[..nl]);
+                rest = &rest[nl + 1..];
+            }
+        } else if let Some(nl) = memchr::memrchr(b'\n', rest) {
+            rest = &rest[nl + 1..];
+        }
+        self.keep_partial(rest);
+    }
+
+    /// Appends an unfinished line, or drops it (and what was kept) past [`MAX_BUFFERED`].
+    fn keep_partial(&mut self, partial: &[u8]) {
+        if self.buf.len() + partial.len() <= MAX_BUFFERED {
+            self.buf.extend_from_slice(partial);
         } else {
             self.buf.clear();
         }
@@ -132,7 +159,7 @@ impl UsageParser {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if memchr::memmem::find(data, b"\"usage\"").is_none() {
+        if USAGE_KEY.find(data).is_none() {
             return;
         }
         if let Some(u) = find_usage(data) {
@@ -179,6 +206,29 @@ mod tests {
         p.push(b"tokens\":7,\"completion_tokens\":2}}\r\n\ndata: [DONE]\n\n");
         let u = p.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 2));
+    }
+
+    #[test]
+    fn sse_usage_is_found_wherever_the_chunks_split() {
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n\
+            data: [DONE]\n\n";
+        let want = Some((7, 2));
+        let usage = |pieces: &[&[u8]]| {
+            let mut p = UsageParser::new(Some("text/event-stream"));
+            for piece in pieces {
+                p.push(piece);
+            }
+            p.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
+        for i in 0..=stream.len() {
+            let (a, rest) = stream.split_at(i);
+            assert_eq!(usage(&[a, rest]), want, "split at {i}");
+            for j in i..=stream.len() {
+                let (b, c) = stream[i..].split_at(j - i);
+                assert_eq!(usage(&[a, b, c]), want, "split at {i}, {j}");
+            }
+        }
     }
 
     #[test]
