@@ -14,11 +14,12 @@
 #
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
-#   BASE_PORT=18000 OUT=bench-results/e2e
+#   SLOW_PODS=0 SLOW_SPEED=0.25 BASE_PORT=18000 OUT=bench-results/e2e
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
 # server, its /metrics still showing an idle engine); failed requests get their own column.
+# SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,8 @@ PROMPTS_PER_GROUP=${PROMPTS_PER_GROUP:-30}
 SPEED=${SPEED:-1}
 LATE_METRICS=${LATE_METRICS:-1}
 FAILING_PODS=${FAILING_PODS:-0}
+SLOW_PODS=${SLOW_PODS:-0}
+SLOW_SPEED=${SLOW_SPEED:-0.25}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -74,9 +77,10 @@ start_sims() {
   local late=()
   if [ "$LATE_METRICS" = 1 ]; then late=(--metrics-after-first-request); fi
   for i in $(seq 0 $((PODS - 1))); do
-    local fail=0
+    local fail=0 speed=$SPEED
     if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi
-    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$SPEED" "${late[@]}" \
+    if [ "$i" -ge $((PODS - SLOW_PODS)) ]; then speed=$(python3 -c "print($SPEED * $SLOW_SPEED)"); fi
+    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$speed" "${late[@]}" \
       --fail-requests "$fail" >"$WORK/sim-$i.log" 2>&1 &
     SIM_PIDS+=($!)
   done
