@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use crate::datastore::{
-    Candidate, Datastore, Endpoint, Health, OutlierDetector, OutlierPolicy, Verdict,
+    Candidate, Datastore, Endpoint, Health, Moment, OutlierDetector, OutlierPolicy, Verdict,
 };
 use crate::request::LlmRequest;
 use crate::scheduling::{ScheduleError, ScheduleResult, Scheduler};
@@ -139,9 +139,10 @@ impl Director {
         let all = self.all_candidates(now)?;
         let in_subset =
             |c: &Candidate| subset.is_none_or(|ips| ips.contains(&c.endpoint.address.ip()));
+        let moment = self.outliers.enabled().then(|| Moment::of(now));
         let avoided = |c: &Candidate| {
             c.health == Health::Unreachable
-                || (self.outliers.enabled() && c.endpoint.outlier.is_ejected(now))
+                || moment.is_some_and(|m| c.endpoint.outlier.is_ejected_at(m))
         };
         if all.iter().all(|c| in_subset(c) && !avoided(c)) {
             return Ok(all);

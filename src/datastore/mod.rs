@@ -19,7 +19,7 @@ pub use endpoint::{
     Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
 };
 pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
-pub use outlier::{OutlierDetector, OutlierPolicy, Verdict};
+pub use outlier::{Moment, OutlierDetector, OutlierPolicy, Verdict};
 
 /// How far epp trusts an endpoint's scraped metrics at decision time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -36,8 +36,15 @@ use super::Endpoint;
 /// When the detector was first used: ejection deadlines are stored as nanoseconds after it.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-fn nanos(t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX)
+/// A point in time as ejection deadlines are kept; take it once per decision, not per
+/// endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Moment(u64);
+
+impl Moment {
+    pub fn of(t: Instant) -> Self {
+        Self(u64::try_from(t.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
 /// The detection rules (see the module docs).
@@ -102,7 +109,11 @@ pub struct OutlierState {
 
 impl OutlierState {
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) > nanos(now)
+        self.is_ejected_at(Moment::of(now))
+    }
+
+    pub fn is_ejected_at(&self, now: Moment) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now.0
     }
 
     pub fn total_ejections(&self) -> u64 {
@@ -133,7 +144,7 @@ impl OutlierState {
         self.probation.store(true, Ordering::Relaxed);
         let time = policy.ejection_time(n);
         self.ejected_until
-            .store(nanos(now + time), Ordering::Relaxed);
+            .store(Moment::of(now + time).0, Ordering::Relaxed);
         time
     }
 }
