@@ -105,10 +105,11 @@ async fn sse_stream_passes_through_intact_in_both_response_modes() {
             assert_eq!(v["model"], "alias", "duplex response: {duplex_response}");
         }
         assert_eq!(events[6], "data: [DONE]");
-        let page = metrics_when(&stack, 50, |p| {
-            metric_sum(p, "inference_objective_output_tokens_sum{") > 0.0
-        })
-        .await;
+        let page = stack
+            .metrics_when(50, |p| {
+                metric_sum(p, "inference_objective_output_tokens_sum{") > 0.0
+            })
+            .await;
         assert_eq!(
             metric_sum(&page, "inference_objective_output_tokens_sum{"),
             5.0,
@@ -350,7 +351,7 @@ async fn a_decision_is_recorded_after_its_reply_without_a_later_request() {
         .complete(&"a prompt long enough for many blocks ".repeat(40))
         .await;
     let size = |page: &str| metric_sum(page, "inference_extension_prefix_indexer_size ");
-    let entries = size(&metrics_when(&stack, 50, |p| size(p) > 0.0).await);
+    let entries = size(&stack.metrics_when(50, |p| size(p) > 0.0).await);
     assert!(
         entries >= 20.0,
         "index entries after one request: {entries}"
@@ -650,20 +651,6 @@ fn metric_sum(page: &str, family: &str) -> f64 {
         .sum()
 }
 
-/// epp's metrics page as soon as `done` holds for it, polling every 20 ms; after `tries`
-/// reads, the last page read (the caller's assertions then say what is missing).
-async fn metrics_when(stack: &Stack, tries: usize, done: impl Fn(&str) -> bool) -> String {
-    let mut page = String::new();
-    for _ in 0..tries {
-        page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
-        if done(&page) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    page
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_accounting_returns_to_zero_after_errors_and_client_resets() {
     use http_body_util::BodyExt;
@@ -701,11 +688,12 @@ async fn load_accounting_returns_to_zero_after_errors_and_client_resets() {
     for t in tasks {
         t.await.unwrap();
     }
-    let page = metrics_when(&stack, 150, |p| {
-        metric_sum(p, "llm_d_epp_inflight_requests") == 0.0
-            && metric_sum(p, "epp_inflight_prompt_tokens") == 0.0
-    })
-    .await;
+    let page = stack
+        .metrics_when(150, |p| {
+            metric_sum(p, "llm_d_epp_inflight_requests") == 0.0
+                && metric_sum(p, "epp_inflight_prompt_tokens") == 0.0
+        })
+        .await;
     for family in [
         "llm_d_epp_inflight_requests",
         "llm_d_epp_inflight_tokens",
@@ -818,10 +806,9 @@ async fn thousand_streams(stack: &Stack) -> usize {
         stack.epp.logs()
     );
     // Every reservation is released once its stream ends.
-    let page = metrics_when(stack, 150, |p| {
-        metric_sum(p, "llm_d_epp_inflight_requests") == 0.0
-    })
-    .await;
+    let page = stack
+        .metrics_when(150, |p| metric_sum(p, "llm_d_epp_inflight_requests") == 0.0)
+        .await;
     assert_eq!(
         metric_sum(&page, "llm_d_epp_inflight_requests"),
         0.0,

@@ -206,19 +206,6 @@ async fn failing_metrics_deprioritize_the_endpoint_and_log_once_per_state() {
     }
 }
 
-/// epp's metrics page as soon as `done` holds for it (polling every 20 ms, at most 5 s).
-async fn epp_metrics_when(stack: &Stack, done: impl Fn(&str) -> bool) -> String {
-    let mut page = String::new();
-    for _ in 0..250 {
-        page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
-        if done(&page) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    page
-}
-
 /// A model server whose engine died answers every request at once with 500 while its
 /// `/metrics` still shows an idle engine: it is ejected after five errors in a row (so it
 /// cannot attract traffic by looking idle), ejected again after one error while it is still
@@ -249,10 +236,11 @@ async fn a_model_server_answering_500_is_ejected_then_readmitted() {
         "five errors in a row eject; no request after that reaches it"
     );
     assert_eq!(sick.requests(), 5);
-    let page = epp_metrics_when(&stack, |p| {
-        p.contains("epp_endpoint_ejected{endpoint_name=\"b0\"} 1")
-    })
-    .await;
+    let page = stack
+        .metrics_when(250, |p| {
+            p.contains("epp_endpoint_ejected{endpoint_name=\"b0\"} 1")
+        })
+        .await;
     assert!(
         page.contains("epp_endpoint_ejected{endpoint_name=\"b0\"} 1"),
         "{page}"
@@ -308,7 +296,9 @@ async fn envoy_replies_for_a_dead_serving_port_eject_the_endpoint() {
         "  - address: {dead}\n    metricsAddress: {metrics}\n    name: dead\n"
     ));
     std::fs::write(&file, text).unwrap();
-    let page = epp_metrics_when(&stack, |p| p.contains("endpoint_name=\"dead\"")).await;
+    let page = stack
+        .metrics_when(250, |p| p.contains("endpoint_name=\"dead\""))
+        .await;
     assert!(
         page.contains("endpoint_name=\"dead\""),
         "reload not applied:\n{page}"
@@ -325,10 +315,11 @@ async fn envoy_replies_for_a_dead_serving_port_eject_the_endpoint() {
         }
     }
     assert_eq!(refused, 5, "five failed connections eject the endpoint");
-    let page = epp_metrics_when(&stack, |p| {
-        p.contains("epp_endpoint_ejected{endpoint_name=\"dead\"} 1")
-    })
-    .await;
+    let page = stack
+        .metrics_when(250, |p| {
+            p.contains("epp_endpoint_ejected{endpoint_name=\"dead\"} 1")
+        })
+        .await;
     assert!(
         page.contains("epp_endpoint_ejected{endpoint_name=\"dead\"} 1"),
         "{page}"

@@ -518,6 +518,20 @@ impl Stack {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
+    /// epp's metrics page as soon as `done` holds for it, polling every 20 ms; after `tries`
+    /// reads, the last page read (the caller's assertions then say what is missing).
+    pub async fn metrics_when(&self, tries: usize, done: impl Fn(&str) -> bool) -> String {
+        let mut page = String::new();
+        for _ in 0..tries {
+            page = self.get_epp(self.epp_metrics_port, "/metrics").await;
+            if done(&page) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        page
+    }
+
     /// POSTs an OpenAI completions request.
     pub async fn complete(&self, prompt: &str) -> Reply {
         let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4});
