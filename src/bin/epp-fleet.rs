@@ -71,6 +71,11 @@ struct Cli {
     /// Pods export their engine metrics from the start (default: only after a first request).
     #[arg(long)]
     early_metrics: bool,
+    /// The last N pods compute at --slow-speed times the others' speed (a mixed fleet).
+    #[arg(long, default_value_t = 0)]
+    slow_pods: usize,
+    #[arg(long, default_value_t = 0.25)]
+    slow_speed: f64,
     /// Directory for results.md, results.jsonl and the pictures.
     #[arg(long, default_value = "bench-results/fleet")]
     out: PathBuf,
@@ -103,6 +108,9 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
     if cli.pods == 0 {
         bail!("--pods must be at least 1");
     }
+    if !(cli.slow_speed > 0.0 && cli.slow_speed.is_finite()) {
+        bail!("--slow-speed must be a number greater than 0");
+    }
     if !(cli.scrape_interval > 0.0 && cli.scrape_latency >= 0.0) {
         bail!("--scrape-interval must be > 0 and --scrape-latency ≥ 0");
     }
@@ -121,6 +129,8 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
             late_families: !cli.early_metrics,
             ..Default::default()
         },
+        slow_pods: cli.slow_pods.min(cli.pods),
+        slow_speed: cli.slow_speed,
         ..Default::default()
     })
 }

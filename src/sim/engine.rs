@@ -53,6 +53,17 @@ pub struct StepCost {
 }
 
 impl StepCost {
+    /// The same costs on hardware `speed` times as fast (0.25: four times slower).
+    pub fn at_speed(self, speed: f64) -> Self {
+        let f = 1.0 / speed.max(1e-6);
+        Self {
+            base: self.base * f,
+            per_prefill_token: self.per_prefill_token * f,
+            per_decode_seq: self.per_decode_seq * f,
+            per_kv_token: self.per_kv_token * f,
+        }
+    }
+
     /// An H100 SXM 80 GB serving Llama-2-7B in bf16 (the seed's setup), from first principles:
     /// * `base` 5 ms: every step streams the 13.5 GB of weights from HBM at 3.35 TB/s (≈ 4.0 ms)
     ///   plus ~1 ms of scheduling, sampling and kernel-launch overhead.

@@ -162,6 +162,10 @@ pub struct FleetConfig {
     /// Seconds after which epp treats metrics as stale (its default 2 s).
     pub staleness: f64,
     pub seed: u64,
+    /// The last `slow_pods` pods compute at `slow_speed` times the others' speed (a mixed
+    /// fleet; their metrics do not say so).
+    pub slow_pods: usize,
+    pub slow_speed: f64,
 }
 
 impl Default for FleetConfig {
@@ -172,8 +176,19 @@ impl Default for FleetConfig {
             scrape: ScrapeModel::default(),
             staleness: 2.0,
             seed: 1,
+            slow_pods: 0,
+            slow_speed: 1.0,
         }
     }
+}
+
+/// Pod `i`'s engine: the fleet's, slowed down for the last `slow_pods`.
+fn pod_engine(cfg: &FleetConfig, i: usize) -> EngineConfig {
+    let mut engine = cfg.engine;
+    if i + cfg.slow_pods >= cfg.pods {
+        engine.step = engine.step.at_speed(cfg.slow_speed);
+    }
+    engine
 }
 
 /// What happened to one request.
@@ -474,8 +489,8 @@ impl<'w> Sim<'w> {
             })
             .collect();
         let pods = (0..cfg.pods)
-            .map(|_| Pod {
-                engine: Engine::new(cfg.engine, &model),
+            .map(|i| Pod {
+                engine: Engine::new(pod_engine(cfg, i), &model),
                 busy: false,
                 pending: Vec::new(),
                 outstanding: 0,
@@ -843,6 +858,25 @@ mod tests {
             rr.hit_rate
         );
         assert!(epp.ttft_mean < rr.ttft_mean);
+    }
+
+    #[test]
+    fn a_slow_pod_computes_slower_and_epp_gives_it_less() {
+        let (w, cfg) = small();
+        let cfg = FleetConfig {
+            slow_pods: 1,
+            slow_speed: 0.25,
+            ..cfg
+        };
+        assert_eq!(pod_engine(&cfg, 2).step, cfg.engine.step);
+        assert_eq!(pod_engine(&cfg, 3).step.base, cfg.engine.step.base * 4.0);
+        let prepared = prepare(&w);
+        let rr = simulate(&Policy::RoundRobin, &w, &prepared, &cfg, |_| {});
+        let epp = simulate(&Policy::parse("epp").unwrap(), &w, &prepared, &cfg, |_| {});
+        let on_slow = |r: &RunResult| r.outcomes.iter().filter(|o| o.pod == 3).count();
+        assert_eq!(on_slow(&rr), w.len() / 4);
+        assert!(on_slow(&epp) < w.len() / 4, "{}", on_slow(&epp));
+        assert!(epp.summary().ttft_mean < rr.summary().ttft_mean);
     }
 
     #[test]
