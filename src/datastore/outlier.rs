@@ -176,10 +176,6 @@ impl OutlierDetector {
         }
     }
 
-    pub fn policy(&self) -> &OutlierPolicy {
-        &self.policy
-    }
-
     pub fn enabled(&self) -> bool {
         self.policy.consecutive_5xx > 0
     }
