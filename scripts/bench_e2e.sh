@@ -14,12 +14,14 @@
 #
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
-#   SLOW_PODS=0 SLOW_SPEED=0.25 BASE_PORT=18000 OUT=bench-results/e2e
+#   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
 # server, its /metrics still showing an idle engine); failed requests get their own column.
-# SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet).
+# SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a
+# tiny SLOW_SPEED such as 0.00001 makes a hung engine). CLIENT_TIMEOUT: how long the load
+# client waits for a request before giving up (and counting it failed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +37,7 @@ LATE_METRICS=${LATE_METRICS:-1}
 FAILING_PODS=${FAILING_PODS:-0}
 SLOW_PODS=${SLOW_PODS:-0}
 SLOW_SPEED=${SLOW_SPEED:-0.25}
+CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -142,8 +145,8 @@ VENV_ENVOY=.venv/bin/envoy
 RESULTS="$WORK/results.jsonl"
 BENCH=("$BIN/epp-bench" run --url "http://127.0.0.1:$GATEWAY_PORT" --workload "$WORKLOAD"
        --rate "$RATE" --max-requests "$REQUESTS" --groups "$PREFIX_GROUPS"
-       --prompts-per-group "$PROMPTS_PER_GROUP" --pods "$PODS" --results "$RESULTS")
-if [ "$FAILING_PODS" -gt 0 ]; then BENCH+=(--tolerate-failures); fi
+       --prompts-per-group "$PROMPTS_PER_GROUP" --pods "$PODS" --results "$RESULTS"
+       --timeout "$CLIENT_TIMEOUT" --tolerate-failures)
 
 for system in $SYSTEMS; do
   start_sims
