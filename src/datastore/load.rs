@@ -18,8 +18,8 @@
 //! is dropped — a stream that ends in any way, a panic unwinding through its handler included,
 //! cannot leak load.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::Endpoint;
@@ -96,7 +96,7 @@ const SAMPLES_PER_WINDOW: u64 = 64;
 /// The time of one decision and the averaging window, worked out once for all candidates.
 #[derive(Debug, Clone, Copy)]
 pub struct SampleClock {
-    /// Nanoseconds since the first clock ever made, + 1 (0 means "never" in a sample).
+    /// [`super::nanos_since_origin`] + 1 (0 means "never" in a sample).
     t: u64,
     window_ns: u64,
     min_gap_ns: u64,
@@ -104,13 +104,9 @@ pub struct SampleClock {
 
 impl SampleClock {
     pub fn new(now: Instant, window: Duration) -> Self {
-        static ORIGIN: OnceLock<Instant> = OnceLock::new();
-        let origin = *ORIGIN.get_or_init(|| now);
         let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX).max(1);
         Self {
-            t: u64::try_from(now.saturating_duration_since(origin).as_nanos())
-                .unwrap_or(u64::MAX - 1)
-                + 1,
+            t: super::nanos_since_origin(now).min(u64::MAX - 1) + 1,
             window_ns,
             min_gap_ns: window_ns / SAMPLES_PER_WINDOW,
         }

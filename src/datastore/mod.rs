@@ -8,8 +8,8 @@ mod endpoint;
 pub mod load;
 pub mod outlier;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,16 @@ pub use endpoint::{
 };
 pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
 pub use outlier::{Moment, OutlierDetector, OutlierPolicy, Verdict};
+
+/// Nanoseconds from the first instant ever passed here to `t` (0 for earlier instants): the
+/// one time base of the averaged loads ([`SampleClock`]) and of ejection deadlines
+/// ([`Moment`]), kept in atomics as `u64`. The origin is the first caller's instant, so a
+/// simulator's clock works as well as the real one.
+fn nanos_since_origin(t: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| t);
+    u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// How far epp trusts an endpoint's scraped metrics at decision time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

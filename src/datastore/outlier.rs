@@ -25,16 +25,12 @@
 //! itself cannot apply here: with the destination picked per request by epp, its cluster has
 //! no fixed hosts to eject. `consecutive_5xx: 0` turns detection off.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::Endpoint;
-
-/// When the detector was first used: ejection deadlines are stored as nanoseconds after it.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// A point in time as ejection deadlines are kept; take it once per decision, not per
 /// endpoint.
@@ -43,7 +39,7 @@ pub struct Moment(u64);
 
 impl Moment {
     pub fn of(t: Instant) -> Self {
-        Self(u64::try_from(t.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX))
+        Self(super::nanos_since_origin(t))
     }
 }
 
@@ -101,7 +97,7 @@ pub struct OutlierState {
     ejections: AtomicU32,
     /// Total ejections since the endpoint joined (for the metrics).
     total_ejections: AtomicU64,
-    /// End of the current or last ejection, in [`EPOCH`] nanoseconds (0: never ejected).
+    /// End of the current or last ejection, as a [`Moment`] (0: never ejected).
     ejected_until: AtomicU64,
     /// Ejected since its last success: one more server error ejects it again.
     probation: AtomicBool,
@@ -206,11 +202,15 @@ impl OutlierDetector {
             return Verdict::Unchanged;
         }
         let _one_at_a_time = self.ejecting.lock();
-        if state.is_ejected(now) {
+        let moment = Moment::of(now);
+        if state.is_ejected_at(moment) {
             return Verdict::Unchanged;
         }
         let pool = pool();
-        let ejected = pool.iter().filter(|e| e.outlier.is_ejected(now)).count();
+        let ejected = pool
+            .iter()
+            .filter(|e| e.outlier.is_ejected_at(moment))
+            .count();
         if ejected >= self.policy.max_ejected(pool.len()) {
             return Verdict::CapReached;
         }
