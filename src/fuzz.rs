@@ -8,6 +8,9 @@
 //!   are finite and not negative.
 //! * [`usage`]: the response usage parser (JSON and SSE). No panic; the usage found does not
 //!   depend on chunking (for bodies whose lines fit its buffer).
+//! * [`grpc_stream`]: the gRPC deframer of the ext_proc stream, fed the bytes as HTTP/2 frames
+//!   split two ways. No panic; the same messages (or the same error) whichever the split;
+//!   every message decodes or fails as protobuf without panicking.
 //! * [`ext_proc_stream`]: the per-request ext_proc state machine, fed a sequence of messages
 //!   built from the bytes (any order, any body mode, any content), then dropped. No panic, and
 //!   afterwards every endpoint's in-flight load is back to zero.
@@ -20,6 +23,7 @@ use bytes::Bytes;
 use crate::config::env::SchedulerEnv;
 use crate::datastore::{Datastore, EndpointSpec};
 use crate::director::Director;
+use crate::extproc::grpc::Deframer;
 use crate::extproc::proto::{
     BodySendMode, HeaderMap, HeaderValue, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest,
     ProtocolConfiguration, processing_request::Request,
@@ -119,6 +123,39 @@ pub fn usage(data: &[u8]) {
     let split = run(&chunks(body, &[selector >> 1, 5]));
     if body.len() < 16 << 10 {
         assert_eq!(whole, split, "chunking changed the usage of {body:?}");
+    }
+}
+
+/// The gRPC deframer, on the whole input as one frame and split into frames.
+pub fn grpc_stream(data: &[u8]) {
+    use prost::Message;
+    let Some((&selector, wire)) = data.split_first() else {
+        return;
+    };
+    let max = usize::from(selector) * 64;
+    let run = |pieces: &[&[u8]]| {
+        let mut d = Deframer::new(max);
+        let mut out = Vec::new();
+        for piece in pieces {
+            d.push(Bytes::copy_from_slice(piece));
+            loop {
+                match d.next_message() {
+                    Ok(Some(m)) => out.push(Ok(m)),
+                    Ok(None) => break,
+                    Err(status) => {
+                        out.push(Err(status.code()));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let whole = run(&[wire]);
+    let split = run(&chunks(wire, &[selector, 3]));
+    assert_eq!(whole, split, "framing changed the messages of {wire:?}");
+    for message in whole.into_iter().flatten() {
+        let _ = ProcessingRequest::decode(message);
     }
 }
 

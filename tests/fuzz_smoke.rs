@@ -79,6 +79,11 @@ fn usage() {
 }
 
 #[test]
+fn grpc_stream() {
+    run("grpc_stream", epp::fuzz::grpc_stream, 20_000);
+}
+
+#[test]
 fn ext_proc_stream() {
     run("ext_proc_stream", epp::fuzz::ext_proc_stream, 5_000);
 }
