@@ -178,8 +178,7 @@ impl Encoder {
                 self.max_message
             )));
         }
-        if let Some(body) = take_large_chunk(&mut reply) {
-            let prefix = encode_around_chunk(&reply, body.len());
+        if let Some((prefix, body)) = split_chunk(&mut reply) {
             self.flush_batch();
             self.ready.push_back(prefix);
             self.ready.push_back(body);
@@ -212,59 +211,68 @@ impl Encoder {
     }
 }
 
-/// Takes a streamed body chunk of at least [`ZERO_COPY_MIN`] bytes out of `reply`, leaving the
-/// field empty.
-fn take_large_chunk(reply: &mut ProcessingResponse) -> Option<Bytes> {
+/// Takes a streamed body chunk of at least [`ZERO_COPY_MIN`] bytes out of `reply` and encodes
+/// the rest: the gRPC prefix and protobuf bytes that precede the chunk, placed last. `None`
+/// (and `reply` unchanged) for any other reply.
+fn split_chunk(reply: &mut ProcessingResponse) -> Option<(Bytes, Bytes)> {
     use processing_response::Response;
-    let body = match reply.response.as_mut()? {
-        Response::RequestBody(b) | Response::ResponseBody(b) => b,
+    let (tag, body) = match reply.response.as_mut()? {
+        Response::RequestBody(b) => (3, b),
+        Response::ResponseBody(b) => (4, b),
         _ => return None,
     };
-    let mutation = body.response.as_mut()?.body_mutation.as_mut()?;
-    match mutation.mutation.as_mut()? {
-        body_mutation::Mutation::StreamedResponse(s) if s.body.len() >= ZERO_COPY_MIN => {
-            Some(std::mem::take(&mut s.body))
-        }
-        _ => None,
+    let common = body.response.as_mut()?;
+    let Some(body_mutation::Mutation::StreamedResponse(streamed)) = common
+        .body_mutation
+        .as_mut()
+        .and_then(|m| m.mutation.as_mut())
+    else {
+        return None;
+    };
+    if streamed.body.len() < ZERO_COPY_MIN {
+        return None;
     }
-}
-
-/// The gRPC prefix and protobuf bytes of `reply` (whose streamed chunk was taken out) that
-/// precede a chunk of `chunk_len` bytes placed last. Protobuf readers accept fields in any
-/// order, so each message on the path to the chunk is written with that field last: the
-/// chunk is then the message's final bytes and needs no copy.
-fn encode_around_chunk(reply: &ProcessingResponse, chunk_len: usize) -> Bytes {
-    use processing_response::Response;
-    let (tag, body) = match &reply.response {
-        Some(Response::RequestBody(b)) => (3, b),
-        Some(Response::ResponseBody(b)) => (4, b),
-        _ => unreachable!("take_large_chunk found a body reply"),
-    };
-    let mut common = body.response.clone().unwrap_or_default();
-    let mutation = common.body_mutation.take().unwrap_or_default();
-    let Some(body_mutation::Mutation::StreamedResponse(streamed)) = mutation.mutation else {
-        unreachable!("take_large_chunk found a streamed chunk")
-    };
-    // Innermost first: each level's length includes the chunk.
-    let streamed_len = streamed.encoded_len() + field_len(1, chunk_len);
-    let mutation_len = field_len(3, streamed_len);
-    let common_len = common.encoded_len() + field_len(3, mutation_len);
-    let body_len = field_len(1, common_len);
+    let chunk = std::mem::take(&mut streamed.body);
+    let streamed = streamed.encode_to_vec();
+    common.body_mutation = None;
+    let common = common.encode_to_vec();
     let outer = ProcessingResponse {
         response: None,
-        dynamic_metadata: reply.dynamic_metadata.clone(),
-    };
-    let total = outer.encoded_len() + field_len(tag, body_len);
+        dynamic_metadata: reply.dynamic_metadata.take(),
+    }
+    .encode_to_vec();
+    let prefix = encode_around_chunk(tag, &outer, &common, &streamed, chunk.len());
+    Some((prefix, chunk))
+}
+
+/// The bytes before a chunk of `chunk_len` bytes: the gRPC prefix, then each message on the
+/// path to the chunk (`outer` ProcessingResponse → BodyResponse → `common` CommonResponse →
+/// BodyMutation → `streamed` StreamedBodyResponse), each given as its other fields' encoding
+/// and written with the field leading to the chunk last. Protobuf readers accept fields in any
+/// order, so the chunk is the message's final bytes and needs no copy.
+fn encode_around_chunk(
+    tag: u32,
+    outer: &[u8],
+    common: &[u8],
+    streamed: &[u8],
+    chunk_len: usize,
+) -> Bytes {
+    // Innermost first: each level's length includes the chunk.
+    let streamed_len = streamed.len() + field_len(1, chunk_len);
+    let mutation_len = field_len(3, streamed_len);
+    let common_len = common.len() + field_len(3, mutation_len);
+    let body_len = field_len(1, common_len);
+    let total = outer.len() + field_len(tag, body_len);
     let mut out = BytesMut::with_capacity(PREFIX + total - chunk_len);
     out.put_u8(0);
     out.put_u32(total as u32);
-    let _ = outer.encode(&mut out);
+    out.extend_from_slice(outer);
     put_header(&mut out, tag, body_len);
     put_header(&mut out, 1, common_len);
-    let _ = common.encode(&mut out);
+    out.extend_from_slice(common);
     put_header(&mut out, 3, mutation_len);
     put_header(&mut out, 3, streamed_len);
-    let _ = streamed.encode(&mut out);
+    out.extend_from_slice(streamed);
     put_header(&mut out, 1, chunk_len);
     out.freeze()
 }
