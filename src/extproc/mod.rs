@@ -17,7 +17,6 @@ use tonic::codegen::http::{self, HeaderValue, header};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-pub use process::ProcessBody;
 pub use stream::{Limits, Shared, StreamHandler};
 
 /// gRPC service name (also a health-check service name).
@@ -54,7 +53,7 @@ impl ExtProcService {
 }
 
 /// The tower service tonic's router calls for [`SERVICE_NAME`]: each `Process` call's reply
-/// body is a [`ProcessBody`] (epp's own gRPC framing, see [`grpc`]).
+/// body is a [`process::ProcessBody`] (epp's own gRPC framing, see [`grpc`]).
 #[derive(Debug, Clone)]
 pub struct ExtProcServer {
     shared: Shared,
@@ -78,7 +77,8 @@ impl Service<http::Request<tonic::body::Body>> for ExtProcServer {
             ));
         }
         let handler = StreamHandler::new(self.shared.clone());
-        let body = ProcessBody::new(req.into_body(), handler, self.max_decode, self.max_encode);
+        let body =
+            process::ProcessBody::new(req.into_body(), handler, self.max_decode, self.max_encode);
         let mut response = http::Response::new(tonic::body::Body::new(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use prost::Message;
 use tonic::Status;
 use tonic::codegen::http::HeaderMap;
@@ -184,9 +184,5 @@ impl Body for ProcessBody {
 
     fn is_end_stream(&self) -> bool {
         self.handler.is_none() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
