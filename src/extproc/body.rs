@@ -184,18 +184,10 @@ impl RequestBody {
         &self.chunks
     }
 
-    /// The body as one buffer (no copy when it arrived in one chunk).
-    pub fn into_bytes(mut self) -> (Bytes, BudgetHold) {
-        let bytes = if self.chunks.len() == 1 {
-            self.chunks.pop().unwrap_or_default()
-        } else {
-            let mut all = BytesMut::with_capacity(self.len);
-            for c in &self.chunks {
-                all.extend_from_slice(c);
-            }
-            all.freeze()
-        };
-        (bytes, self.hold)
+    /// The budget the body holds, the body itself no longer needed (joining its chunks
+    /// only to drop them was a copy for nothing).
+    pub fn into_hold(self) -> BudgetHold {
+        self.hold
     }
 
     /// The body as streamed_response messages of at most [`msg::MAX_CHUNK`] bytes, the last

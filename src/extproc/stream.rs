@@ -473,8 +473,7 @@ impl StreamHandler {
             out.extend(chunks);
             return out;
         }
-        let (_, hold) = body.into_bytes();
-        self.hold = Some(hold);
+        self.hold = Some(body.into_hold());
         if let Some(new_body) = rewritten {
             common.body_mutation = Some(msg::replace_body(new_body));
         }
