@@ -1,7 +1,8 @@
 //! Criterion benches for BENCHMARKS.md: hashing a 32 KB prompt, and one full routing decision
 //! (candidates + hash + match + score + pick + reserve + record) for a 32 KB prompt over 4,
 //! 100, 1000 pods with epp's default configuration; and the usage scan of a streamed
-//! response (500 SSE events of a chat completion, 4 per chunk as Envoy hands them over).
+//! response (500 SSE events of a chat completion, 4 per chunk as Envoy hands them over); and
+//! the scan of a 200 KB chat request.
 //!
 //! `cargo bench --bench scheduling`
 
@@ -48,6 +49,30 @@ fn decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// Parsing a 200 KB chat request (system prompt and one question, each message written role
+/// first as OpenAI clients do) in 16 KiB chunks, as the request path scans it.
+fn parse_chat(c: &mut Criterion) {
+    let system = "You are a careful assistant. ".repeat(6_000);
+    // Written by hand: serde_json would sort the keys, putting "content" before "role".
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"What does the document say about caching?"}}]}}"#
+    )
+    .into_bytes();
+    let mut g = c.benchmark_group("parse_chat");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("200k_in_16k_chunks", |b| {
+        b.iter(|| {
+            let limits = epp::request::ScanLimits::default();
+            let mut s = epp::request::BodyScanner::new(epp::request::Api::ChatCompletions, limits);
+            for chunk in body.chunks(16 << 10) {
+                s.feed(std::hint::black_box(chunk)).unwrap();
+            }
+            s.finish().unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn sse_usage(c: &mut Criterion) {
     let event = |i: usize| {
         format!(
@@ -79,5 +104,5 @@ fn sse_usage(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, decision, sse_usage);
+criterion_group!(benches, hashing, decision, parse_chat, sse_usage);
 criterion_main!(benches);

@@ -219,6 +219,37 @@ mod tests {
     }
 
     #[test]
+    fn a_message_renders_the_same_whatever_its_key_order() {
+        // Role first renders content in place; role or tool calls first make it wait.
+        let calls = r#""tool_calls":[{"id":"c"}]"#;
+        let bodies = [
+            format!(r#"{{"role":"assistant","content":"ab",{calls}}}"#),
+            format!(r#"{{"content":"ab","role":"assistant",{calls}}}"#),
+            format!(r#"{{{calls},"role":"assistant","content":"ab"}}"#),
+            format!(r#"{{"role":"assistant",{calls},"content":"ab"}}"#),
+            format!(r#"{{"content":"ab",{calls},"role":"assistant"}}"#),
+        ];
+        for m in &bodies {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"q"}},{m}]}}"#);
+            let r = p(Api::ChatCompletions, &body).unwrap();
+            let rendered = "<|user|>\nq\n<|assistant|>\nab[{\"id\":\"c\"}]\n";
+            assert_eq!(String::from_utf8(r.prompt).unwrap(), rendered, "{m}");
+            let capped = ScanLimits {
+                max_depth: 8,
+                prompt_cap: 20,
+            };
+            let r = parse_with(Api::ChatCompletions, body.as_bytes(), capped).unwrap();
+            assert_eq!(
+                (&r.prompt[..], r.prompt_len()),
+                (&rendered.as_bytes()[..20], rendered.len())
+            );
+        }
+        let unknown = r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#;
+        assert!(p(Api::ChatCompletions, unknown).is_err());
+    }
+
+    #[test]
     fn chat_tools_come_first() {
         let r = p(
             Api::ChatCompletions,

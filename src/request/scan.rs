@@ -118,10 +118,42 @@ enum RawSink {
 #[derive(Debug)]
 struct Message {
     role: Option<String>,
+    /// Content that arrived before the message could be rendered in place.
     content: Section,
     tool_calls: Section,
     responses: bool,
     index: usize,
+    /// The header is rendered and the content goes straight into the prompt.
+    direct: bool,
+}
+
+impl Message {
+    /// Appends content text. When the role came first and no tool calls came before it (how
+    /// clients write messages), the header is rendered at once and the content goes straight
+    /// into the prompt: one copy of a long prompt instead of two. Otherwise it waits in
+    /// `content` until the message ends, since the role decides the header.
+    fn push_content(&mut self, main: &mut Section, bytes: &[u8]) {
+        if !self.direct
+            && self.content.is_empty()
+            && self.tool_calls.is_empty()
+            && let Some(role) = &self.role
+        {
+            render_header(main, role);
+            self.direct = true;
+        }
+        if self.direct {
+            main.push(bytes);
+        } else {
+            self.content.push(bytes);
+        }
+    }
+}
+
+/// `<|role|>\n`, which opens a rendered message.
+fn render_header(main: &mut Section, role: &str) {
+    main.push(b"<|");
+    main.push(role.as_bytes());
+    main.push(b"|>\n");
 }
 
 #[derive(Debug)]
@@ -475,7 +507,7 @@ impl BodyScanner {
             RawSink::Tools => self.rendered.tools.push(bytes),
             RawSink::Content => {
                 if let Some(m) = self.message.as_mut() {
-                    m.content.push(bytes)
+                    m.push_content(&mut self.rendered.main, bytes)
                 }
             }
             RawSink::ToolCalls => {
@@ -540,6 +572,7 @@ impl BodyScanner {
                     tool_calls: Section::with_cap(cap),
                     responses,
                     index,
+                    direct: false,
                 });
                 Role::Message
             }
@@ -692,10 +725,10 @@ impl BodyScanner {
             ));
         }
         let main = &mut self.rendered.main;
-        main.push(b"<|");
-        main.push(role.as_bytes());
-        main.push(b"|>\n");
-        main.append(&m.content);
+        if !m.direct {
+            render_header(main, &role);
+            main.append(&m.content);
+        }
         main.append(&m.tool_calls);
         main.push(b"\n");
         Ok(())
@@ -735,7 +768,7 @@ impl BodyScanner {
             Role::Content | Role::ContentPart | Role::PartText => Sink::Content,
             Role::PartImage | Role::ImageUrl => {
                 if let Some(m) = self.message.as_mut() {
-                    m.content.push(b"<image:");
+                    m.push_content(&mut self.rendered.main, b"<image:");
                 }
                 Sink::Content
             }
@@ -788,7 +821,7 @@ impl BodyScanner {
             Sink::Section(p) => self.rendered.section(p).push(text),
             Sink::Content => {
                 if let Some(m) = self.message.as_mut() {
-                    m.content.push(text);
+                    m.push_content(&mut self.rendered.main, text);
                 }
             }
         }
@@ -971,7 +1004,7 @@ impl BodyScanner {
             }
             Role::PartImage | Role::ImageUrl if self.raw.is_none() => {
                 if let Some(m) = self.message.as_mut() {
-                    m.content.push(b">");
+                    m.push_content(&mut self.rendered.main, b">");
                 }
             }
             _ => {}
