@@ -772,8 +772,7 @@ async fn serving_threads_take_every_connection_and_stop_on_sigterm() {
 async fn more_than_a_thousand_concurrent_streams_are_all_served() {
     // 1,100 client and 1,100 backend sockets here, as many in Envoy (which inherits it).
     common::raise_open_files_limit(4096);
-    let default_config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default-plugins.yaml");
-    for config in [&[][..], &["--config-file", default_config][..]] {
+    for config in [&[][..], &["--config-file", common::DEFAULT_CONFIG][..]] {
         let args = [&["--ext-proc-threads", "2"][..], config].concat();
         let stack = Stack::start(2, BodyMode::FullDuplex, &args).await;
         let connections = thousand_streams(&stack).await;

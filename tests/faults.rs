@@ -87,8 +87,7 @@ async fn a_killed_model_server_fails_only_its_own_requests_and_rejoins() {
     let dir = tempfile::tempdir().unwrap();
     let addrs: Vec<String> = sims.iter().map(|s| s.1.clone()).collect();
     let endpoints = common::endpoints_file(dir.path(), "sim", &addrs);
-    let config = format!("{}/config/default-plugins.yaml", env!("CARGO_MANIFEST_DIR"));
-    let (_epp, grpc, _) = common::start_epp(&endpoints, &["--config-file", &config]);
+    let (_epp, grpc, _) = common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
     let (_envoy, gateway) = common::start_envoy(
         dir.path(),
         &common::envoy_config(grpc, BodyMode::FullDuplex),

@@ -159,8 +159,7 @@ async fn epp_routes_repeated_prefixes_to_the_warm_simulated_pod() {
     // epp's shipped default (sticky to the prefix holder until it is saturated). The GIE
     // environment profile the other tests use weighs queue and KV use against the prefix one
     // to one, and a scrape taken while the first request ran could tip a sequence over.
-    let default_config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default-plugins.yaml");
-    let (_epp, grpc, _) = common::start_epp(&endpoints, &["--config-file", default_config]);
+    let (_epp, grpc, _) = common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
     let (_envoy, gateway) = common::start_envoy(
         dir.path(),
         &common::envoy_config(grpc, BodyMode::FullDuplex),
@@ -218,8 +217,8 @@ async fn pods_that_export_metrics_late_still_get_traffic_and_load_drains() {
         text.push_str(&format!("  - address: {addr}\n    name: sim-{i}\n"));
     }
     std::fs::write(&endpoints, text).unwrap();
-    let config = format!("{}/config/default-plugins.yaml", env!("CARGO_MANIFEST_DIR"));
-    let (_epp, grpc, metrics_port) = common::start_epp(&endpoints, &["--config-file", &config]);
+    let (_epp, grpc, metrics_port) =
+        common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
     let (_envoy, gateway) = common::start_envoy(
         dir.path(),
         &common::envoy_config(grpc, BodyMode::FullDuplex),

@@ -1,8 +1,9 @@
 //! The ext_proc messages that carry body bytes, declared here instead of taken from
 //! envoy-types: the same wire format (field numbers of
 //! `envoy/service/ext_proc/v3/external_processor.proto`), but bodies are [`Bytes`]. A body chunk
-//! decoded from the gRPC stream is then a view of the received HTTP/2 frame (see
-//! [`super::grpc`]), kept as received and sent back without another copy (envoy-types decodes every chunk into a fresh `Vec`).
+//! decoded from the gRPC stream is then a view of the received HTTP/2 frame when its message
+//! lies inside one (see [`super::grpc`]), kept as received and sent back without another copy
+//! (envoy-types decodes every chunk into a fresh `Vec`).
 //! Fields epp never reads are left out (protobuf decoding skips unknown fields); messages
 //! without body bytes are envoy-types' own.
 

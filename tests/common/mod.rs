@@ -18,6 +18,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// epp's shipped plugin configuration, for `--config-file`.
+pub const DEFAULT_CONFIG: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/config/default-plugins.yaml");
+
 #[allow(unused_imports)]
 pub use backend::{Backend, MetricsMode};
 
