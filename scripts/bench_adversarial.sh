@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory under adversarial bodies: CLIENTS concurrent requests of BODY_MIB MiB each of
 # `{"model":"m","prompt":[[],[],…]}` (what a JSON-tree parser expands 10–16×) through Envoy
-# (FULL_DUPLEX_STREAMED) into epp with its default limits (32 MiB per body, 256 MiB held at
+# (the shipped config) into epp with its default limits (32 MiB per body, 256 MiB held at
 # once), ROUNDS times. Reports the status counts, epp's peak RSS (VmHWM), and whether a normal
 # request is served afterwards. Target: peak RSS under 512 MiB, and epp serves on.
 #

@@ -6,14 +6,15 @@
 #   naive         Envoy + a naive minimal ext_proc picker (examples/naive_picker.rs: buffer,
 #                 xxh3, pick, re-emit, echo response chunks; FULL_DUPLEX_STREAMED both ways;
 #                 plaintext gRPC)
-#   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (request body
-#                 FULL_DUPLEX_STREAMED, response body STREAMED), plaintext gRPC like the naive
-#                 picker
-#   epp-duplexresp  the same with response bodies FULL_DUPLEX_STREAMED too (epp echoes every
-#                 chunk), as the Go EPP's gateways configure it
+#   epp           Envoy + epp, default plugins, deploy/envoy/envoy.yaml (request and response
+#                 bodies STREAMED, sent without waiting for the headers' answer), plaintext gRPC
+#                 like the naive picker
+#   epp-duplex    the same with request bodies FULL_DUPLEX_STREAMED (epp echoes the body)
+#   epp-duplexresp  request and response bodies FULL_DUPLEX_STREAMED (epp echoes every
+#                 chunk both ways), as the Go EPP's gateways configure it
 #   epp-oneconn   epp with Envoy's streams-per-connection cap removed: Envoy's one worker
 #                 keeps one connection, so one epp serving thread does all the work
-#   epp-buffered  the same with request_body_mode BUFFERED
+#   epp-buffered  epp with request_body_mode BUFFERED
 #   epp-tls       epp with its default TLS
 #   epp-base      as epp, but the epp binary at $BASE_EPP (an A/B against another build)
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
@@ -21,18 +22,18 @@
 # (utime+stime from /proc) and Envoy's, and epp's allocated bytes per request (an alloc-stats build, in a
 # separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
 #
-# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
+# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-duplex epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
 #   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
 #   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
 #   SYSCALLS=dir: count the picker's main system calls and context switches (`perf stat`
 #   tracepoints) during throughput runs; divide by the run's ext_proc messages.
 #   MEMORY_SECONDS=30 (0: skip): epp's idle RSS, then 1M-token (4 MB) prompts at 10 QPS over 10
-#   endpoints through Envoy (FULL_DUPLEX_STREAMED) for that long: peak RSS (VmHWM) and final RSS.
+#   endpoints through Envoy (the shipped config) for that long: peak RSS (VmHWM) and final RSS.
 # Prints a markdown table; writes it and results.jsonl to $OUT. Stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-buffered epp-duplexresp"}
+SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-duplex epp-buffered epp-duplexresp"}
 SIZES=${SIZES:-"1024 32768 204800 2097152"}
 CONNECTIONS=${CONNECTIONS:-32}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
@@ -132,7 +133,8 @@ start_epp() { # binary, tls(true|false) [endpoints, default 4]
   wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" epp
 }
 
-# The response body mode the Go EPP's gateways use (and the naive picker, which echoes chunks).
+# The body modes the Go EPP's gateways use (and the naive picker, which echoes chunks).
+DUPLEX_REQUEST='s/request_body_mode: STREAMED/request_body_mode: FULL_DUPLEX_STREAMED/'
 DUPLEX_RESPONSE='s/response_body_mode: STREAMED/response_body_mode: FULL_DUPLEX_STREAMED/'
 
 start_setup() { # setup [epp binary]
@@ -148,7 +150,7 @@ start_setup() { # setup [epp binary]
       "$EX/naive_picker" "$PICKER_PORT" "$UPSTREAMS" 2>"$WORK/naive.log" &
       PICKER_PID=$!
       PIDS+=($!)
-      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_RESPONSE" \
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_REQUEST" -e "$DUPLEX_RESPONSE" \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp)
       start_epp "$epp_bin" false
@@ -162,11 +164,15 @@ start_setup() { # setup [epp binary]
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-buffered)
       start_epp "$epp_bin" false
-      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: FULL_DUPLEX_STREAMED/request_body_mode: BUFFERED/' \
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/request_body_mode: STREAMED/request_body_mode: BUFFERED/' \
+        deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-duplex)
+      start_epp "$epp_bin" false
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_REQUEST" \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-duplexresp)
       start_epp "$epp_bin" false
-      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_RESPONSE" \
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_REQUEST" -e "$DUPLEX_RESPONSE" \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-tls)
       [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null

@@ -297,7 +297,7 @@ pub fn ext_proc_stream(data: &[u8]) {
         first.protocol_config = Some(ProtocolConfiguration {
             request_body_mode: MODES[usize::from(mode) % MODES.len()] as i32,
             response_body_mode: MODES[usize::from(mode >> 4) % MODES.len()] as i32,
-            ..Default::default()
+            send_body_without_waiting_for_header_response: mode & 0x08 != 0,
         });
     }
     // Also the protobuf decoder on the raw bytes.

@@ -212,36 +212,46 @@ fn raw_request(port: u16, path: &str, body_parts: &[&[u8]], pause: Duration) -> 
     out
 }
 
+/// Every piece is its own ext_proc message: in STREAMED each is answered once the body has
+/// ended, in FULL_DUPLEX_STREAMED each is echoed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_in_many_small_chunks_arrives_whole() {
-    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
-    let body = serde_json::json!({"model": "m", "prompt": "z".repeat(4000)}).to_string();
-    let gateway = stack.gateway;
-    let sent = body.clone();
-    let raw = tokio::task::spawn_blocking(move || {
-        let parts: Vec<&[u8]> = sent.as_bytes().chunks(20).collect();
-        raw_request(gateway, "/v1/completions", &parts, Duration::from_millis(1))
-    })
-    .await
-    .unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
-    assert!(raw.contains(&expected), "body changed on the way: {raw}");
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &[]).await;
+        let body = serde_json::json!({"model": "m", "prompt": "z".repeat(4000)}).to_string();
+        let gateway = stack.gateway;
+        let sent = body.clone();
+        let raw = tokio::task::spawn_blocking(move || {
+            let parts: Vec<&[u8]> = sent.as_bytes().chunks(20).collect();
+            raw_request(gateway, "/v1/completions", &parts, Duration::from_millis(1))
+        })
+        .await
+        .unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200"), "{mode:?}: {raw}");
+        let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+        assert!(
+            raw.contains(&expected),
+            "{mode:?}: body changed on the way: {raw}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_over_one_mebibyte_passes_full_duplex_intact() {
-    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
-    let body = serde_json::json!({"model": "m", "prompt": "q".repeat(1_500_000)}).to_string();
-    let reply = stack
-        .send("POST", "/v1/completions", &[], body.clone().into_bytes())
-        .await;
-    let json = reply.json();
-    assert_eq!(json["body_len"], body.len());
-    assert_eq!(
-        json["body_hash"],
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()))
-    );
+async fn a_body_over_one_mebibyte_passes_intact() {
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &[]).await;
+        let body = serde_json::json!({"model": "m", "prompt": "q".repeat(1_500_000)}).to_string();
+        let reply = stack
+            .send("POST", "/v1/completions", &[], body.clone().into_bytes())
+            .await;
+        let json = reply.json();
+        assert_eq!(json["body_len"], body.len(), "{mode:?}");
+        assert_eq!(
+            json["body_hash"],
+            format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes())),
+            "{mode:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,7 +92,7 @@ fn envoy_configs_carry_what_epp_relies_on() {
     let epp = yaml_docs(&read("deploy/envoy/envoy.yaml")).remove(0);
     let text = serde_json::to_string(&epp).unwrap();
     for needle in [
-        "\"request_body_mode\":\"FULL_DUPLEX_STREAMED\"",
+        "\"request_body_mode\":\"STREAMED\"",
         "\"request_trailer_mode\":\"SEND\"",
         "\"response_body_mode\":\"STREAMED\"",
         "\"response_trailer_mode\":\"SEND\"",
@@ -112,7 +112,7 @@ fn envoy_configs_carry_what_epp_relies_on() {
     let mode = &mut buffered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         ["typed_config"]["http_filters"][1]["typed_config"]["processing_mode"]["request_body_mode"];
     assert_eq!(*mode, "BUFFERED");
-    *mode = "FULL_DUPLEX_STREAMED".into();
+    *mode = "STREAMED".into();
     assert_eq!(buffered, epp, "envoy-buffered.yaml drifted from envoy.yaml");
     let rr = yaml_docs(&read("deploy/envoy/envoy-round-robin.yaml")).remove(0);
     assert_eq!(

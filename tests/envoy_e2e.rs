@@ -19,14 +19,20 @@ async fn assert_still_serving(stack: &Stack) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_prefix_sticks_to_one_backend() {
-    let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
-    let sys = system_prompt("acme support bot");
-    let mut seen = HashSet::new();
-    for i in 0..12 {
-        let r = stack.complete(&format!("{sys} question {i}: why?")).await;
-        seen.insert(r.backend());
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(3, mode, &[]).await;
+        let sys = system_prompt("acme support bot");
+        let mut seen = HashSet::new();
+        for i in 0..12 {
+            let r = stack.complete(&format!("{sys} question {i}: why?")).await;
+            seen.insert(r.backend());
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "{mode:?}: shared prefix spread over {seen:?}"
+        );
     }
-    assert_eq!(seen.len(), 1, "shared prefix spread over {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,35 +155,50 @@ async fn malformed_bodies_get_400_with_epp_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_body_gets_413() {
-    let stack = Stack::start(
-        2,
-        BodyMode::FullDuplex,
-        &["--max-request-body-bytes", "100000"],
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &["--max-request-body-bytes", "100000"]).await;
+        let r = stack.complete(&"x".repeat(150_000)).await;
+        assert_eq!(r.status, 413, "{mode:?}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("100000")
+        );
+        assert_still_serving(&stack).await;
+    }
+}
+
+/// A body larger than Envoy's per-connection buffer (32 MiB in the shipped config) and epp's
+/// limit: refused with 413 in STREAMED too, where Envoy holds every chunk until epp answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_envoys_buffer_gets_413_not_a_stall() {
+    let stack = Stack::start(2, BodyMode::Streamed, &[]).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        stack.complete(&"x".repeat(40 << 20)),
     )
-    .await;
-    let r = stack.complete(&"x".repeat(150_000)).await;
+    .await
+    .expect("the oversized request stalled");
     assert_eq!(r.status, 413);
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("100000")
-    );
     assert_still_serving(&stack).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_body_arrives_intact_in_chunks() {
-    let stack = Stack::start(2, BodyMode::FullDuplex, &[]).await;
-    // Larger than one 62,000-byte streamed_response chunk, so epp re-sends it in pieces.
-    let body = serde_json::json!({"model": "m", "prompt": "y".repeat(300_000)}).to_string();
-    let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
-    let r = stack
-        .send("POST", "/v1/completions", &[], body.clone().into_bytes())
-        .await;
-    let v = r.json();
-    assert_eq!(v["body_len"], body.len());
-    assert_eq!(v["body_hash"], expected);
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &[]).await;
+        // Larger than one 62,000-byte streamed_response chunk, so in FULL_DUPLEX_STREAMED epp
+        // re-sends it in pieces; in STREAMED Envoy sends it in several messages.
+        let body = serde_json::json!({"model": "m", "prompt": "y".repeat(300_000)}).to_string();
+        let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+        let r = stack
+            .send("POST", "/v1/completions", &[], body.clone().into_bytes())
+            .await;
+        let v = r.json();
+        assert_eq!(v["body_len"], body.len(), "{mode:?}");
+        assert_eq!(v["body_hash"], expected, "{mode:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,35 +268,47 @@ async fn buffered_mode_routes_and_rejects_like_full_duplex() {
 }
 
 /// A rewritten model's JSON answer names the client's model again, in both response body
-/// modes (see `sse_stream_passes_through_intact_in_both_response_modes`).
+/// modes (see `sse_stream_passes_through_intact_in_both_response_modes`). The request body
+/// spans several ext_proc messages: in STREAMED the rewritten body replaces the first and the
+/// others are cleared; in FULL_DUPLEX_STREAMED epp sends the new body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rewrite_header_changes_the_served_model() {
-    for duplex_response in [false, true] {
+    let prompt = "w".repeat(200_000);
+    for (mode, duplex_response) in [
+        (BodyMode::Streamed, false),
+        (BodyMode::FullDuplex, false),
+        (BodyMode::FullDuplex, true),
+    ] {
         // The header as a trusted filter in front of epp would set it: the shipped config's
         // client-header strip is left out here.
         let options = common::EnvoyOptions {
             strip_client_headers: false,
             duplex_response,
-            ..common::EnvoyOptions::new(BodyMode::FullDuplex)
+            ..common::EnvoyOptions::new(mode)
         };
         let stack = Stack::start_with(2, options, &[]).await;
-        let body = serde_json::json!({"model": "alias", "prompt": "hello"}).to_string();
+        let body = serde_json::json!({"model": "alias", "prompt": prompt}).to_string();
         let r = stack
             .send(
                 "POST",
                 "/v1/completions",
                 &[("x-gateway-model-name-rewrite", "real-model")],
-                body.into_bytes(),
+                body.clone().into_bytes(),
             )
             .await;
-        assert_eq!(r.status, 200, "duplex response: {duplex_response}");
-        // The backend saw the rewritten model; the client sees its own model name back.
-        assert_eq!(r.json()["served_model"], "real-model");
+        let case = format!("{mode:?}, duplex response: {duplex_response}");
+        assert_eq!(r.status, 200, "{case}");
+        // The backend saw the rewritten model and the whole prompt; the client sees its own
+        // model name back.
+        let sent = body.replace("\"alias\"", "\"real-model\"");
+        assert_eq!(r.json()["served_model"], "real-model", "{case}");
+        assert_eq!(r.json()["body_len"], sent.len(), "{case}");
         assert_eq!(
-            r.json()["model"],
-            "alias",
-            "duplex response: {duplex_response}"
+            r.json()["body_hash"],
+            format!("{:016x}", xxhash_rust::xxh3::xxh3_64(sent.as_bytes())),
+            "{case}"
         );
+        assert_eq!(r.json()["model"], "alias", "{case}");
     }
 }
 

@@ -174,6 +174,26 @@ pub fn continue_request_body() -> ProcessingResponse {
     request_body(CommonResponse::default(), None)
 }
 
+/// A `STREAMED` request-body chunk replaced by `body`.
+pub fn replaced_request_body(body: Bytes) -> ProcessingResponse {
+    let common = CommonResponse {
+        body_mutation: Some(replace_body(body)),
+        ..Default::default()
+    };
+    request_body(common, None)
+}
+
+/// A `STREAMED` request-body chunk dropped (its bytes went out in an earlier replacement).
+pub fn cleared_request_body() -> ProcessingResponse {
+    let common = CommonResponse {
+        body_mutation: Some(BodyMutation {
+            mutation: Some(body_mutation::Mutation::ClearBody(true)),
+        }),
+        ..Default::default()
+    };
+    request_body(common, None)
+}
+
 pub fn request_trailers() -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::RequestTrailers(TrailersResponse::default())),

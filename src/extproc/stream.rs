@@ -2,17 +2,24 @@
 //! be driven message by message in tests and by the fuzzer.
 //!
 //! Request side, by the body mode Envoy announces in `protocol_config`:
-//! * `FULL_DUPLEX_STREAMED`: no reply to the headers; body chunks are kept and scanned as they
-//!   arrive until end-of-stream (body or trailers); then one RequestHeaders response
-//!   (destination header, Content-Length, `clear_route_cache`, `envoy.lb` metadata) followed
-//!   by the body as streamed_response chunks (the received buffers, moved).
+//! * `STREAMED` with `send_body_without_waiting_for_header_response` (the shipped Envoy
+//!   config): Envoy sends each chunk as it arrives and keeps it. No answer until end-of-stream
+//!   (body or trailers); then one RequestHeaders response (the routing decision as below)
+//!   followed by one answer per chunk: a few bytes each, or, when the model was rewritten, the
+//!   new body in the first and the others cleared.
+//! * `FULL_DUPLEX_STREAMED` (the Go EPP's gateways): no reply to the headers; body chunks are
+//!   kept and scanned as they arrive until end-of-stream (body or trailers); then one
+//!   RequestHeaders response (destination header, Content-Length, `clear_route_cache`,
+//!   `envoy.lb` metadata) followed by the body as streamed_response chunks (the received
+//!   buffers, moved).
 //! * `BUFFERED`: headers answered at once with CONTINUE; the body message holds the whole body
 //!   (also when trailers follow it) and is answered with the header mutation, the new body if
 //!   it was rewritten, and the metadata.
-//! * `NONE`, `STREAMED`, `BUFFERED_PARTIAL`: the headers must be answered before the whole body
-//!   can be seen, so the request is routed on load alone right there (the destination header
-//!   is always set — a client-sent one never survives), and body chunks continue unchanged.
-//!   This is logged once per mode: prefix-aware routing needs one of the modes above.
+//! * `NONE`, `BUFFERED_PARTIAL`, and `STREAMED` without the early body: the headers must be
+//!   answered before the whole body can be seen, so the request is routed on load alone right
+//!   there (the destination header is always set — a client-sent one never survives), and
+//!   body chunks continue unchanged. This is logged once per mode: prefix-aware routing needs
+//!   one of the modes above.
 //! * headers with end-of-stream (no body): routed at once with the headers reply.
 //!
 //! Response side: headers continue unchanged; body chunks are echoed as streamed_response in
@@ -33,8 +40,8 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use super::body::{BodyBudget, BudgetHold, RequestBody};
 use super::messages as msg;
 use super::proto::{
-    BodySendMode, HeaderMap, HttpBody, HttpHeaders, Metadata, ProcessingRequest,
-    ProcessingResponse, processing_request::Request,
+    BodySendMode, CommonResponse, HeaderMap, HttpBody, HttpHeaders, Metadata, ProcessingRequest,
+    ProcessingResponse, Struct, processing_request::Request,
 };
 use super::response::ResponseState;
 use crate::datastore::{Endpoint, Reservation};
@@ -146,11 +153,13 @@ impl Drop for RunningGuard {
 }
 
 /// Body modes in which epp cannot see the body before it must answer the headers.
-fn routes_at_headers(mode: BodySendMode) -> bool {
-    !matches!(
-        mode,
-        BodySendMode::FullDuplexStreamed | BodySendMode::Buffered
-    )
+/// `STREAMED` hides it unless Envoy sends the body without waiting for that answer.
+fn routes_at_headers(mode: BodySendMode, body_without_waiting: bool) -> bool {
+    match mode {
+        BodySendMode::FullDuplexStreamed | BodySendMode::Buffered => false,
+        BodySendMode::Streamed => !body_without_waiting,
+        _ => true,
+    }
 }
 
 /// Logs once per process that `mode` limits routing to load alone.
@@ -161,9 +170,32 @@ fn warn_once_about(mode: BodySendMode) {
         tracing::warn!(
             mode = mode.as_str_name(),
             "Envoy's request body mode hides the body until after routing: requests are routed on \
-             load alone; use FULL_DUPLEX_STREAMED (or BUFFERED) for prefix-aware routing"
+             load alone; use STREAMED with send_body_without_waiting_for_header_response, \
+             FULL_DUPLEX_STREAMED or BUFFERED for prefix-aware routing"
         );
     }
+}
+
+/// The answers to a `STREAMED` request held until its end: the routing headers, then one
+/// answer per body chunk (Envoy keeps the chunks; a rewritten body replaces the first chunk
+/// and clears the others).
+fn streamed_answers(
+    common: CommonResponse,
+    metadata: Option<Struct>,
+    rewritten: Option<Bytes>,
+    chunks: usize,
+) -> Vec<ProcessingResponse> {
+    let mut out = Vec::with_capacity(chunks + 1);
+    out.push(msg::request_headers(common, metadata));
+    let replaced = rewritten.is_some();
+    out.extend(rewritten.map(msg::replaced_request_body));
+    let answer = if replaced {
+        msg::cleared_request_body
+    } else {
+        msg::continue_request_body
+    };
+    out.extend((out.len() - 1..chunks).map(|_| answer()));
+    out
 }
 
 /// State of one ext_proc stream.
@@ -173,7 +205,12 @@ pub struct StreamHandler {
     started: Instant,
     request_mode: BodySendMode,
     response_mode: BodySendMode,
+    /// Envoy sends body chunks before the headers are answered
+    /// (`send_body_without_waiting_for_header_response`).
+    body_without_waiting: bool,
     mode_known: bool,
+    /// Request-body messages received in `STREAMED`, each owed one answer.
+    streamed_chunks: usize,
     info: RequestInfo,
     subset: Option<Vec<IpAddr>>,
     body: Option<RequestBody>,
@@ -241,7 +278,9 @@ impl StreamHandler {
             started: Instant::now(),
             request_mode: BodySendMode::FullDuplexStreamed,
             response_mode: BodySendMode::FullDuplexStreamed,
+            body_without_waiting: false,
             mode_known: false,
+            streamed_chunks: 0,
             info: RequestInfo::default(),
             subset: None,
             body: None,
@@ -306,6 +345,7 @@ impl StreamHandler {
                 BodySendMode::try_from(pc.request_body_mode).unwrap_or(BodySendMode::None);
             self.response_mode =
                 BodySendMode::try_from(pc.response_body_mode).unwrap_or(BodySendMode::None);
+            self.body_without_waiting = pc.send_body_without_waiting_for_header_response;
             self.mode_known = true;
         }
         if self.subset.is_none() && !self.shared.ignore_subset_hint {
@@ -337,6 +377,12 @@ impl StreamHandler {
         self.request_mode == BodySendMode::FullDuplexStreamed
     }
 
+    /// `STREAMED` with the body sent before the headers are answered: the chunks are
+    /// scanned as they arrive and every answer waits for the end of the body.
+    fn streamed(&self) -> bool {
+        self.request_mode == BodySendMode::Streamed
+    }
+
     fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
         if self.routed.is_some() || self.body.is_some() || self.body_done {
             return Vec::new(); // a second headers message: ignored
@@ -350,7 +396,7 @@ impl StreamHandler {
                 .find_map(|k| header_value(&h.headers, k))
                 .filter(|o| !o.is_empty()),
         };
-        if h.end_of_stream || routes_at_headers(self.request_mode) {
+        if h.end_of_stream || routes_at_headers(self.request_mode, self.body_without_waiting) {
             if !h.end_of_stream {
                 warn_once_about(self.request_mode);
             }
@@ -367,7 +413,7 @@ impl StreamHandler {
             limits.max_body_bytes,
             self.shared.budget.clone(),
         ));
-        if self.duplex() {
+        if self.duplex() || self.streamed() {
             Vec::new()
         } else {
             vec![msg::continue_request_headers()]
@@ -406,6 +452,12 @@ impl StreamHandler {
         };
         if let Err(e) = body.push(b.body) {
             return self.fail(e.status(), &e.to_string());
+        }
+        if self.streamed() {
+            self.streamed_chunks += 1;
+            if !b.end_of_stream {
+                return Vec::new();
+            }
         }
         // BUFFERED sends the whole body in one message (end_of_stream is false only when
         // trailers follow).
@@ -474,6 +526,9 @@ impl StreamHandler {
             return out;
         }
         self.hold = Some(body.into_hold());
+        if self.streamed() {
+            return streamed_answers(common, metadata, rewritten, self.streamed_chunks);
+        }
         if let Some(new_body) = rewritten {
             common.body_mutation = Some(msg::replace_body(new_body));
         }
@@ -883,6 +938,104 @@ mod tests {
             .unwrap()
             .set_headers;
         assert_eq!(set[0].header.as_ref().unwrap().raw_value, b"127.0.0.1:8000");
+    }
+
+    fn streamed_headers(path: &str, body_without_waiting: bool) -> ProcessingRequest {
+        let mut req = headers(path, false, BodySendMode::Streamed);
+        let pc = req.protocol_config.as_mut().unwrap();
+        pc.send_body_without_waiting_for_header_response = body_without_waiting;
+        req
+    }
+
+    fn body_mutation(r: &ProcessingResponse) -> Option<&body_mutation_of::Mutation> {
+        let Some(Response::RequestBody(b)) = &r.response else {
+            panic!("expected a request body answer, got {r:?}")
+        };
+        b.response
+            .as_ref()?
+            .body_mutation
+            .as_ref()?
+            .mutation
+            .as_ref()
+    }
+
+    use crate::extproc::proto::body_mutation as body_mutation_of;
+
+    #[test]
+    fn streamed_with_early_body_routes_on_the_body_and_answers_every_chunk() {
+        let mut h = handler(2);
+        assert!(
+            h.handle(streamed_headers("/v1/completions", true))
+                .is_empty()
+        );
+        assert!(h.handle(body(&BODY[..5], false)).is_empty());
+        assert!(h.handle(body(&BODY[5..20], false)).is_empty());
+        let out = h.handle(body(&BODY[20..], true));
+        assert_eq!(out.len(), 4, "headers answer + one per chunk: {out:?}");
+        assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+        assert!(out[0].dynamic_metadata.is_some());
+        for chunk in &out[1..] {
+            assert_eq!(body_mutation(chunk), None, "Envoy keeps the chunk as it is");
+        }
+    }
+
+    #[test]
+    fn streamed_rewrite_replaces_the_first_chunk_and_clears_the_others() {
+        let mut h = handler(1);
+        let mut req = streamed_headers("/v1/completions", true);
+        let Some(Request::RequestHeaders(hh)) = &mut req.request else {
+            unreachable!()
+        };
+        hh.headers.as_mut().unwrap().headers.push(HeaderValue {
+            key: MODEL_REWRITE_HEADER.into(),
+            raw_value: b"real".to_vec(),
+            ..Default::default()
+        });
+        h.handle(req);
+        h.handle(body(&BODY[..9], false));
+        let out = h.handle(body(&BODY[9..], false));
+        assert!(out.is_empty());
+        let out = h.handle(ProcessingRequest {
+            request: Some(Request::RequestTrailers(HttpTrailers::default())),
+            ..Default::default()
+        });
+        assert_eq!(out.len(), 4, "headers, two chunks, trailers: {out:?}");
+        let Some(body_mutation_of::Mutation::Body(new)) = body_mutation(&out[1]) else {
+            panic!("first chunk not replaced: {:?}", out[1])
+        };
+        assert_eq!(&new[..], br#"{"model":"real","prompt":"hello"}"#);
+        assert_eq!(
+            body_mutation(&out[2]),
+            Some(&body_mutation_of::Mutation::ClearBody(true))
+        );
+        assert!(matches!(
+            out[3].response,
+            Some(Response::RequestTrailers(_))
+        ));
+    }
+
+    #[test]
+    fn streamed_without_early_body_routes_at_the_headers() {
+        let mut h = handler(1);
+        let out = h.handle(streamed_headers("/v1/completions", false));
+        assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+        assert!(out[0].dynamic_metadata.is_some(), "routed at the headers");
+        let out = h.handle(body(BODY, true));
+        assert_eq!(body_mutation(&out[0]), None);
+    }
+
+    #[test]
+    fn streamed_bad_json_gets_400_and_no_chunk_answers() {
+        let mut h = handler(1);
+        h.handle(streamed_headers("/v1/completions", true));
+        assert!(h.handle(body(b"{not json", false)).is_empty());
+        let out = h.handle(body(b"}", true));
+        assert_eq!(out.len(), 1, "{out:?}");
+        let Some(Response::ImmediateResponse(r)) = &out[0].response else {
+            panic!("expected an immediate response, got {out:?}")
+        };
+        assert_eq!(r.status.unwrap().code, 400);
+        assert!(h.is_done());
     }
 
     #[test]

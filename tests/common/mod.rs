@@ -328,7 +328,7 @@ pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
         );
     }
     text.replace(
-        "request_body_mode: FULL_DUPLEX_STREAMED",
+        "request_body_mode: STREAMED",
         &format!("request_body_mode: {}", options.mode.envoy_name()),
     )
 }
