@@ -91,6 +91,12 @@ impl Policy {
             .unwrap_or(0)
     }
 
+    /// True when some rule may rewrite a request's model.
+    pub fn has_rewrites(&self) -> bool {
+        let snap = self.current.load();
+        !snap.exact.is_empty() || !snap.generic.is_empty()
+    }
+
     /// Where a request for `model` goes instead, if a rule says so.
     pub fn rewrite(&self, model: &str, rng: &mut fastrand::Rng) -> Option<Rewrite> {
         let snap = self.current.load();

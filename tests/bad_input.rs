@@ -146,14 +146,18 @@ fn table() -> Vec<Case> {
     ]
 }
 
+/// In the shipped request body mode (STREAMED) and the Go EPP's (FULL_DUPLEX_STREAMED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_its_status_and_epp_serves_on() {
-    let stack = Stack::start(
-        2,
-        BodyMode::FullDuplex,
-        &["--max-request-body-bytes", "262144"],
-    )
-    .await;
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &["--max-request-body-bytes", "262144"]).await;
+        check_every_case(&stack, &format!("{mode:?}")).await;
+        let logs = stack.epp.logs();
+        assert!(!logs.contains("panicked"), "{logs}");
+    }
+}
+
+async fn check_every_case(stack: &Stack, mode: &str) {
     let cases = table();
     assert!(cases.len() >= 25);
     for c in &cases {
@@ -161,14 +165,14 @@ async fn every_bad_input_gets_its_status_and_epp_serves_on() {
         assert_eq!(
             reply.status,
             c.status,
-            "{}: {}",
+            "{mode}, {}: {}",
             c.name,
             String::from_utf8_lossy(&reply.body)
         );
         if let Some(needle) = c.message {
             let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_else(|e| {
                 panic!(
-                    "{}: not an epp error ({e}): {}",
+                    "{mode}, {}: not an epp error ({e}): {}",
                     c.name,
                     String::from_utf8_lossy(&reply.body)
                 )
@@ -176,16 +180,18 @@ async fn every_bad_input_gets_its_status_and_epp_serves_on() {
             let message = json["error"]["message"].as_str().unwrap_or_default();
             assert!(
                 message.contains(needle),
-                "{}: message {message:?} lacks {needle:?}",
+                "{mode}, {}: message {message:?} lacks {needle:?}",
                 c.name
             );
-            assert_eq!(json["error"]["code"], c.status, "{}", c.name);
+            assert_eq!(json["error"]["code"], c.status, "{mode}, {}", c.name);
         }
         let ok = stack.complete("still serving?").await;
-        assert_eq!(ok.status, 200, "after {}: epp stopped serving", c.name);
+        assert_eq!(
+            ok.status, 200,
+            "{mode}, after {}: epp stopped serving",
+            c.name
+        );
     }
-    let logs = stack.epp.logs();
-    assert!(!logs.contains("panicked"), "{logs}");
 }
 
 /// A raw HTTP/1.1 request over TCP: `body_parts` written one by one with `pause` between them

@@ -108,6 +108,9 @@ impl BodyError {
 /// A request body being received.
 #[derive(Debug)]
 pub struct RequestBody {
+    /// Keep the chunks (and hold budget for them): false when epp neither sends the body on
+    /// nor may rewrite it, so each chunk is dropped once scanned.
+    keep: bool,
     chunks: Vec<Bytes>,
     len: usize,
     max: usize,
@@ -119,6 +122,7 @@ pub struct RequestBody {
 impl RequestBody {
     pub fn new(api: Api, limits: ScanLimits, max: usize, budget: Arc<BodyBudget>) -> Self {
         Self {
+            keep: true,
             chunks: Vec::new(),
             len: 0,
             max,
@@ -126,6 +130,17 @@ impl RequestBody {
             hold: BudgetHold::new(budget),
             failed: None,
         }
+    }
+
+    /// The body is only scanned: chunks are dropped once scanned and hold no budget.
+    pub fn scan_only(mut self) -> Self {
+        self.keep = false;
+        self
+    }
+
+    /// True when the chunks are kept (see [`RequestBody::scan_only`]).
+    pub fn keeps_chunks(&self) -> bool {
+        self.keep
     }
 
     pub fn len(&self) -> usize {
@@ -148,7 +163,7 @@ impl RequestBody {
             // The request is refused whatever follows: nothing more is kept.
             return Ok(());
         }
-        if !self.hold.take(chunk.len()) {
+        if self.keep && !self.hold.take(chunk.len()) {
             return Err(BodyError::Busy(self.hold.budget.limit()));
         }
         if let Some(s) = self.scanner.as_mut()
@@ -161,7 +176,7 @@ impl RequestBody {
             self.hold.release();
             return Ok(());
         }
-        if !chunk.is_empty() {
+        if self.keep && !chunk.is_empty() {
             self.chunks.push(chunk);
         }
         Ok(())
@@ -265,6 +280,24 @@ mod tests {
             .into_iter()
             .map(|(b, e)| (b.len(), e))
             .collect()
+    }
+
+    #[test]
+    fn a_scan_only_body_keeps_no_chunks_and_no_budget_but_keeps_its_limits() {
+        let budget = BodyBudget::new(64);
+        let mut b = body(&budget, 1 << 20).scan_only();
+        b.push(Bytes::from_static(br#"{"model":"m","prompt":""#))
+            .unwrap();
+        b.push(Bytes::from(vec![b'x'; 100_000])).unwrap();
+        b.push(Bytes::from_static(br#""}"#)).unwrap();
+        assert_eq!(budget.in_use(), 0, "nothing held, so nothing counted");
+        assert!(b.chunks().is_empty());
+        assert_eq!(b.finish().unwrap().prompt_len, 100_000);
+        let mut b = body(&budget, 1000).scan_only();
+        assert_eq!(
+            b.push(Bytes::from(vec![b' '; 1001])).unwrap_err().status(),
+            413
+        );
     }
 
     #[test]

@@ -407,12 +407,20 @@ impl StreamHandler {
         }
         let api = Api::from_path(&self.info.path);
         let limits = self.shared.limits;
-        self.body = Some(RequestBody::new(
+        let body = RequestBody::new(
             api,
             limits.scan,
             limits.max_body_bytes,
             self.shared.budget.clone(),
-        ));
+        );
+        // Only FULL_DUPLEX_STREAMED sends the body on from epp; the other modes need the
+        // chunks only to rewrite the model.
+        let may_rewrite = self.info.model_rewrite.is_some() || self.shared.policy.has_rewrites();
+        self.body = Some(if self.duplex() || may_rewrite {
+            body
+        } else {
+            body.scan_only()
+        });
         if self.duplex() || self.streamed() {
             Vec::new()
         } else {
@@ -495,7 +503,9 @@ impl StreamHandler {
         request.request_id = self.request_id();
         request.priority = self.shared.policy.priority(self.info.objective.as_deref());
         let mut rewritten: Option<Bytes> = None;
-        if let Some(target) = self.rewrite_target(&request.model)
+        // A rule installed while the body streamed finds no chunks kept: not applied.
+        if body.keeps_chunks()
+            && let Some(target) = self.rewrite_target(&request.model)
             && target != request.model
         {
             let Some(span) = span else {
@@ -1012,6 +1022,36 @@ mod tests {
             out[3].response,
             Some(Response::RequestTrailers(_))
         ));
+    }
+
+    #[test]
+    fn only_a_body_epp_may_send_on_holds_budget() {
+        for (mode, rewrite, held) in [
+            (BodySendMode::FullDuplexStreamed, false, true),
+            (BodySendMode::Streamed, true, true),
+            (BodySendMode::Streamed, false, false),
+        ] {
+            let mut h = handler(1);
+            let mut req = headers("/v1/completions", false, mode);
+            req.protocol_config
+                .as_mut()
+                .unwrap()
+                .send_body_without_waiting_for_header_response = true;
+            if rewrite {
+                let Some(Request::RequestHeaders(hh)) = &mut req.request else {
+                    unreachable!()
+                };
+                hh.headers.as_mut().unwrap().headers.push(HeaderValue {
+                    key: MODEL_REWRITE_HEADER.into(),
+                    raw_value: b"real".to_vec(),
+                    ..Default::default()
+                });
+            }
+            h.handle(req);
+            h.handle(body(&BODY[..9], false));
+            let in_use = h.shared.budget.in_use();
+            assert_eq!(in_use > 0, held, "{mode:?}, rewrite {rewrite}: {in_use}");
+        }
     }
 
     #[test]
