@@ -108,8 +108,9 @@ impl BodyError {
 /// A request body being received.
 #[derive(Debug)]
 pub struct RequestBody {
-    /// Keep the chunks (and hold budget for them): false when epp neither sends the body on
-    /// nor may rewrite it, so each chunk is dropped once scanned.
+    /// Keep the chunks: false when epp neither sends the body on nor may rewrite it, so each
+    /// chunk is dropped once scanned. The budget counts the body either way: it bounds the
+    /// bodies in flight, which Envoy holds for epp when epp does not.
     keep: bool,
     chunks: Vec<Bytes>,
     len: usize,
@@ -132,7 +133,7 @@ impl RequestBody {
         }
     }
 
-    /// The body is only scanned: chunks are dropped once scanned and hold no budget.
+    /// The body is only scanned: chunks are dropped once scanned.
     pub fn scan_only(mut self) -> Self {
         self.keep = false;
         self
@@ -163,7 +164,7 @@ impl RequestBody {
             // The request is refused whatever follows: nothing more is kept.
             return Ok(());
         }
-        if self.keep && !self.hold.take(chunk.len()) {
+        if !self.hold.take(chunk.len()) {
             return Err(BodyError::Busy(self.hold.budget.limit()));
         }
         if let Some(s) = self.scanner.as_mut()
@@ -283,20 +284,31 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_only_body_keeps_no_chunks_and_no_budget_but_keeps_its_limits() {
-        let budget = BodyBudget::new(64);
+    fn a_scan_only_body_keeps_no_chunks_but_its_limits_and_budget() {
+        let budget = BodyBudget::new(1 << 20);
         let mut b = body(&budget, 1 << 20).scan_only();
-        b.push(Bytes::from_static(br#"{"model":"m","prompt":""#))
-            .unwrap();
+        let json = br#"{"model":"m","prompt":""#;
+        b.push(Bytes::from_static(json)).unwrap();
         b.push(Bytes::from(vec![b'x'; 100_000])).unwrap();
         b.push(Bytes::from_static(br#""}"#)).unwrap();
-        assert_eq!(budget.in_use(), 0, "nothing held, so nothing counted");
         assert!(b.chunks().is_empty());
+        assert_eq!(
+            budget.in_use(),
+            json.len() + 100_002,
+            "counted all the same"
+        );
         assert_eq!(b.finish().unwrap().prompt_len, 100_000);
         let mut b = body(&budget, 1000).scan_only();
         assert_eq!(
             b.push(Bytes::from(vec![b' '; 1001])).unwrap_err().status(),
             413
+        );
+        let mut b = body(&budget, 1 << 20).scan_only();
+        assert_eq!(
+            b.push(Bytes::from(vec![b' '; (1 << 20) - 1000]))
+                .unwrap_err()
+                .status(),
+            429
         );
     }
 
