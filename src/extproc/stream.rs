@@ -834,7 +834,8 @@ mod tests {
     use std::time::Duration;
 
     use crate::extproc::proto::{
-        HttpTrailers, ProtocolConfiguration, processing_response::Response,
+        HttpTrailers, ProtocolConfiguration, body_mutation as body_mutation_of,
+        processing_response::Response,
     };
     use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
     use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
@@ -969,7 +970,18 @@ mod tests {
             .as_ref()
     }
 
-    use crate::extproc::proto::body_mutation as body_mutation_of;
+    /// Adds the model-rewrite header (to "real") to a headers message.
+    fn with_rewrite_header(mut req: ProcessingRequest) -> ProcessingRequest {
+        let Some(Request::RequestHeaders(h)) = &mut req.request else {
+            unreachable!("not a headers message")
+        };
+        h.headers.as_mut().unwrap().headers.push(HeaderValue {
+            key: MODEL_REWRITE_HEADER.into(),
+            raw_value: b"real".to_vec(),
+            ..Default::default()
+        });
+        req
+    }
 
     #[test]
     fn streamed_with_early_body_routes_on_the_body_and_answers_every_chunk() {
@@ -992,16 +1004,10 @@ mod tests {
     #[test]
     fn streamed_rewrite_replaces_the_first_chunk_and_clears_the_others() {
         let mut h = handler(1);
-        let mut req = streamed_headers("/v1/completions", true);
-        let Some(Request::RequestHeaders(hh)) = &mut req.request else {
-            unreachable!()
-        };
-        hh.headers.as_mut().unwrap().headers.push(HeaderValue {
-            key: MODEL_REWRITE_HEADER.into(),
-            raw_value: b"real".to_vec(),
-            ..Default::default()
-        });
-        h.handle(req);
+        h.handle(with_rewrite_header(streamed_headers(
+            "/v1/completions",
+            true,
+        )));
         h.handle(body(&BODY[..9], false));
         let out = h.handle(body(&BODY[9..], false));
         assert!(out.is_empty());
@@ -1038,14 +1044,7 @@ mod tests {
                 .unwrap()
                 .send_body_without_waiting_for_header_response = true;
             if rewrite {
-                let Some(Request::RequestHeaders(hh)) = &mut req.request else {
-                    unreachable!()
-                };
-                hh.headers.as_mut().unwrap().headers.push(HeaderValue {
-                    key: MODEL_REWRITE_HEADER.into(),
-                    raw_value: b"real".to_vec(),
-                    ..Default::default()
-                });
+                req = with_rewrite_header(req);
             }
             h.handle(req);
             h.handle(body(&BODY[..9], false));

@@ -566,6 +566,15 @@ impl Reply {
         })
     }
 
+    /// Asserts that the backend received exactly `body` (its length and xxh3, which the fake
+    /// backends echo).
+    pub fn assert_backend_got(&self, body: &str, context: &str) {
+        let v = self.json();
+        assert_eq!(v["body_len"], body.len(), "{context}");
+        let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+        assert_eq!(v["body_hash"], hash, "{context}");
+    }
+
     /// The backend that answered (the fake backends put their id in the JSON body).
     pub fn backend(&self) -> String {
         assert_eq!(
