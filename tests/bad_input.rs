@@ -242,6 +242,52 @@ async fn a_body_trickled_in_many_small_chunks_arrives_whole() {
     }
 }
 
+/// A client that sends `Expect: 100-continue` and waits for `100 Continue` before the body (as
+/// curl does for large bodies) must get it before epp has answered anything: in STREAMED and
+/// FULL_DUPLEX_STREAMED epp answers the headers only after the body.
+fn expect_continue_request(port: u16, body: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_100_continue_gets_it_and_is_routed() {
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &[]).await;
+        let body = serde_json::json!({"model": "m", "prompt": "e".repeat(100_000)}).to_string();
+        let gateway = stack.gateway;
+        let sent = body.clone();
+        let raw =
+            tokio::task::spawn_blocking(move || expect_continue_request(gateway, sent.as_bytes()))
+                .await
+                .unwrap();
+        let expected = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+        assert!(raw.contains(" 200 OK"), "{mode:?}: {raw}");
+        assert!(
+            raw.contains(&expected),
+            "{mode:?}: body changed on the way: {raw}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_one_mebibyte_passes_intact() {
     for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
