@@ -2,7 +2,8 @@
 //! front of epp, each with the status and error message it must get, and after each one a
 //! valid request proving epp still serves. Then the cases that need more than one request
 //! body: a client that disconnects mid-stream, a body trickled in many small chunks, a body
-//! over 1 MiB, and a spoofed routing header in every body mode Envoy offers.
+//! over 1 MiB, a client waiting for `100 Continue`, and a spoofed routing header in every body
+//! mode Envoy offers.
 
 mod common;
 
