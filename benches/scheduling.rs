@@ -1,6 +1,7 @@
 //! Criterion benches for BENCHMARKS.md: hashing a 32 KB prompt, and one full routing decision
 //! (candidates + hash + match + score + pick + reserve + record) for a 32 KB prompt over 4,
-//! 100, 1000 pods with epp's default configuration; and the usage scan of a streamed
+//! 100, 1000 pods with epp's default configuration, and at 100 pods with the prompt's block
+//! digests taken ahead; and the usage scan of a streamed
 //! response (500 SSE events of a chat completion, 4 per chunk as Envoy hands them over); and
 //! the scan of a 200 KB chat request.
 //!
@@ -9,7 +10,7 @@
 mod support;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use epp::index::BlockHasher;
+use epp::index::{BlockDigests, BlockHasher};
 
 fn hashing(c: &mut Criterion) {
     let req = support::request(1);
@@ -49,6 +50,39 @@ fn decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same decision at 100 pods with the prompt's block digests taken before it (as the
+/// request path does while the body arrives), against hashing the prompt inside it.
+fn decision_digested(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_32k_prompt_100_pods");
+    let d = support::director(100, support::scheduler(31_250));
+    let plain = support::requests();
+    support::warm(&d, &plain);
+    let digested: Vec<_> = plain
+        .iter()
+        .map(|r| {
+            let mut digests = BlockDigests::new(BlockHasher::default());
+            digests.finish(&r.prompt);
+            epp::request::LlmRequest {
+                digests: Some(digests),
+                ..r.clone()
+            }
+        })
+        .collect();
+    for (name, requests) in [
+        ("hashed_in_decision", &plain),
+        ("digested_ahead", &digested),
+    ] {
+        let mut i = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % requests.len();
+                d.route(&requests[i], None).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Parsing a 200 KB chat request (system prompt and one question, each message written role
 /// first as OpenAI clients do) in 16 KiB chunks, as the request path scans it.
 fn parse_chat(c: &mut Criterion) {
@@ -60,16 +94,26 @@ fn parse_chat(c: &mut Criterion) {
     .into_bytes();
     let mut g = c.benchmark_group("parse_chat");
     g.throughput(Throughput::Bytes(body.len() as u64));
-    g.bench_function("200k_in_16k_chunks", |b| {
-        b.iter(|| {
-            let limits = epp::request::ScanLimits::default();
-            let mut s = epp::request::BodyScanner::new(epp::request::Api::ChatCompletions, limits);
-            for chunk in body.chunks(16 << 10) {
-                s.feed(std::hint::black_box(chunk)).unwrap();
-            }
-            s.finish().unwrap()
-        })
-    });
+    let with_digests = epp::request::ScanLimits::default();
+    let without = epp::request::ScanLimits {
+        digests: None,
+        ..with_digests
+    };
+    for (name, limits) in [
+        ("200k_in_16k_chunks", with_digests),
+        ("200k_in_16k_chunks_no_digests", without),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let api = epp::request::Api::ChatCompletions;
+                let mut s = epp::request::BodyScanner::new(api, limits);
+                for chunk in body.chunks(16 << 10) {
+                    s.feed(std::hint::black_box(chunk)).unwrap();
+                }
+                s.finish().unwrap()
+            })
+        });
+    }
     g.finish();
 }
 
@@ -104,5 +148,12 @@ fn sse_usage(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, decision, parse_chat, sse_usage);
+criterion_group!(
+    benches,
+    hashing,
+    decision,
+    decision_digested,
+    parse_chat,
+    sse_usage
+);
 criterion_main!(benches);

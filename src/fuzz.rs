@@ -30,7 +30,7 @@ use crate::extproc::proto::{
 };
 use crate::extproc::{Limits, Shared, StreamHandler};
 use crate::request::usage::UsageParser;
-use crate::request::{Api, BodyScanner, ScanLimits};
+use crate::request::{Api, BodyScanner, ScanLimits, Scanned};
 use crate::scrape::engine::parse_metrics;
 use crate::scrape::mapping::Mappings;
 
@@ -79,6 +79,17 @@ pub fn body_scanner(data: &[u8]) {
     let whole = scan(&[body]);
     let split = scan(&chunks(body, &[selector, selector.wrapping_mul(7), 3]));
     assert_eq!(whole, split, "chunking changed the scan of {body:?}");
+    // Digests taken as the body arrived chain to the hashes of the finished prompt.
+    if let Ok(Scanned {
+        digests: Some(d),
+        prompt,
+        ..
+    }) = &split
+    {
+        let mut chained = Vec::new();
+        d.chain_into(5, &mut chained);
+        assert_eq!(chained, d.hasher().hash(5, prompt), "{body:?}");
+    }
 }
 
 /// The `/metrics` parser, for each engine.

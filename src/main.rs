@@ -222,6 +222,7 @@ fn ext_proc_service(
         max_body_bytes: cli.max_request_body_bytes,
         scan: ScanLimits {
             prompt_cap,
+            digests: director.scheduler.digest_hasher(),
             ..ScanLimits::default()
         },
         max_recv_message: cli.grpc_max_recv_msg_size,

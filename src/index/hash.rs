@@ -25,6 +25,11 @@
 //! coarse block's hash has its top bit set ([`is_coarse`]) so the index can weigh it as the
 //! [`COARSE_STRIDE`] blocks of KV cache it stands for. The trailing partial block is hashed
 //! too.
+//!
+//! **Digests ahead of the seed.** Since the `x_i` do not depend on the seed, [`BlockDigests`]
+//! computes them while the body is still arriving (the seed needs the model and `cache_salt`,
+//! which may come last); the decision then only chains them ([`BlockDigests::chain_into`]),
+//! with the same result as [`BlockHasher::hash_into`].
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -140,6 +145,15 @@ impl BlockHasher {
         }
     }
 
+    fn block_at(&self, pos: usize) -> usize {
+        let bs = self.block_size.max(1);
+        if pos < self.dense_bytes() {
+            bs
+        } else {
+            bs * COARSE_STRIDE
+        }
+    }
+
     /// Convenience wrapper around [`BlockHasher::hash_into`].
     pub fn hash(&self, seed: u64, prompt: &[u8]) -> Vec<BlockHash> {
         let mut out = Vec::new();
@@ -148,9 +162,146 @@ impl BlockHasher {
     }
 }
 
+/// The block digests `x_i` of a prompt being rendered, computed as its bytes arrive (see the
+/// module docs): [`BlockDigests::advance`] takes each complete block of the prompt so far,
+/// [`BlockDigests::finish`] the trailing partial one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDigests {
+    hasher: BlockHasher,
+    xs: Vec<u64>,
+    /// How many of `xs` are dense blocks (the first ones).
+    dense: usize,
+    /// Prompt bytes digested.
+    done: usize,
+}
+
+impl BlockDigests {
+    pub fn new(hasher: BlockHasher) -> Self {
+        Self {
+            hasher,
+            xs: Vec::new(),
+            dense: 0,
+            done: 0,
+        }
+    }
+
+    /// The hasher whose blocks these are.
+    pub fn hasher(&self) -> &BlockHasher {
+        &self.hasher
+    }
+
+    /// Digests the complete blocks of `prompt` (the prompt rendered so far, which only ever
+    /// grows) not digested yet.
+    pub fn advance(&mut self, prompt: &[u8]) {
+        let limit = prompt.len().min(self.hasher.hashed_limit());
+        loop {
+            let end = self.done + self.hasher.block_at(self.done);
+            if end > limit {
+                break;
+            }
+            self.digest(&prompt[self.done..end]);
+        }
+    }
+
+    /// Digests the rest of the whole `prompt`, its trailing partial block included.
+    pub fn finish(&mut self, prompt: &[u8]) {
+        self.advance(prompt);
+        let limit = prompt.len().min(self.hasher.hashed_limit());
+        if self.done < limit {
+            self.digest(&prompt[self.done..limit]);
+        }
+    }
+
+    fn digest(&mut self, block: &[u8]) {
+        if self.done < self.hasher.dense_bytes() {
+            self.dense += 1;
+        }
+        self.xs.push(xxh3_64(block));
+        self.done += block.len();
+    }
+
+    /// The chained hashes for `seed` into `out` (cleared first): what
+    /// [`BlockHasher::hash_into`] gives for the finished prompt.
+    pub fn chain_into(&self, seed: u64, out: &mut Vec<BlockHash>) {
+        out.clear();
+        out.reserve(self.xs.len());
+        let mut prev = seed;
+        for (i, &x) in self.xs.iter().enumerate() {
+            prev = BlockHasher::mix(prev, x);
+            out.push(if i < self.dense {
+                prev & !COARSE_BIT
+            } else {
+                prev | COARSE_BIT
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Digests `prompt` fed in pieces of `piece` bytes, as a body arrives.
+    fn digested(h: BlockHasher, prompt: &[u8], piece: usize) -> BlockDigests {
+        let mut d = BlockDigests::new(h);
+        let mut end = 0;
+        while end < prompt.len() {
+            end = (end + piece).min(prompt.len());
+            d.advance(&prompt[..end]);
+        }
+        d.finish(prompt);
+        d
+    }
+
+    #[test]
+    fn digests_chain_to_the_same_hashes_however_the_prompt_arrives() {
+        let configs = [
+            BlockHasher::default(),
+            BlockHasher {
+                block_size: 4,
+                max_blocks: 3,
+                max_bytes: 0,
+            },
+            BlockHasher {
+                block_size: 5,
+                max_blocks: 2,
+                max_bytes: 10 + 5 * COARSE_STRIDE * 2 + 7,
+            },
+            BlockHasher {
+                block_size: 0,
+                max_blocks: 1,
+                max_bytes: 40,
+            },
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut prompt = vec![0u8; 40_000];
+        rng.fill(&mut prompt);
+        for h in configs {
+            for len in [
+                0, 1, 3, 4, 5, 11, 64, 65, 200, 1_000, 16_384, 16_385, 40_000,
+            ] {
+                let p = &prompt[..len];
+                let expected = h.hash(9, p);
+                for piece in [1, 7, 64, 1_000, 16_384, 40_000] {
+                    let mut got = Vec::new();
+                    digested(h, p, piece).chain_into(9, &mut got);
+                    assert_eq!(got, expected, "{h:?}, {len} bytes in pieces of {piece}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digests_stop_at_the_hashed_limit() {
+        let h = BlockHasher {
+            block_size: 4,
+            max_blocks: 3,
+            max_bytes: 0,
+        };
+        let d = digested(h, &[1; 100], 9);
+        assert_eq!(d.xs.len(), 3);
+        assert_eq!(d.done, 12);
+    }
 
     #[test]
     fn shared_prefix_shares_leading_hashes() {

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use buckets::PodBuckets;
-pub use hash::{BlockHash, BlockHasher};
+pub use hash::{BlockDigests, BlockHash, BlockHasher};
 use table::{EMPTY_SLOT, Table};
 
 /// Identity of a pod as the datastore knows it (the endpoint id).

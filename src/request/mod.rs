@@ -26,6 +26,8 @@ pub mod usage;
 
 pub use scan::{BodyScanner, ScanLimits, Scanned};
 
+use crate::index::BlockDigests;
+
 /// The OpenAI API a request targets, from the `:path` suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -100,6 +102,9 @@ pub struct LlmRequest {
     /// The client's output cap (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`), when it gave one.
     pub max_tokens: Option<u64>,
+    /// The prompt's block digests, computed while the body arrived (`None`: the decision
+    /// hashes `prompt` itself).
+    pub digests: Option<BlockDigests>,
 }
 
 impl LlmRequest {
@@ -120,6 +125,7 @@ impl LlmRequest {
             cache_salt: s.cache_salt,
             priority: 0,
             max_tokens: s.max_tokens,
+            digests: s.digests,
         }
     }
 }
@@ -238,6 +244,7 @@ mod tests {
             let capped = ScanLimits {
                 max_depth: 8,
                 prompt_cap: 20,
+                ..ScanLimits::default()
             };
             let r = parse_with(Api::ChatCompletions, body.as_bytes(), capped).unwrap();
             assert_eq!(
@@ -401,6 +408,44 @@ mod tests {
         assert_eq!(r.prompt, b"be nice\n<|user|>\nx\n");
     }
 
+    /// Digests are taken while the body arrives; they stand for the prompt only when nothing
+    /// renders before the main section (tools and instructions do).
+    #[test]
+    fn digests_come_with_prompts_that_are_their_main_section() {
+        let chained = |r: &LlmRequest| {
+            let d = r.digests.as_ref().expect("digests");
+            let mut out = Vec::new();
+            d.chain_into(3, &mut out);
+            assert_eq!(out, d.hasher().hash(3, &r.prompt));
+            out.len()
+        };
+        let long = "z".repeat(20_000);
+        let r = p(
+            Api::Completions,
+            &format!(r#"{{"model":"m","prompt":"{long}"}}"#),
+        )
+        .unwrap();
+        assert_eq!(chained(&r), 256 + 4, "16 KiB dense, then 4 coarse blocks");
+        let chat = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#);
+        assert!(chained(&p(Api::ChatCompletions, &chat).unwrap()) > 256);
+        let tools = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"q"}}],"tools":[{{"n":"{long}"}}]}}"#
+        );
+        let r = p(Api::ChatCompletions, &tools).unwrap();
+        assert!(r.digests.is_none(), "the tools render first");
+        let off = ScanLimits {
+            digests: None,
+            ..ScanLimits::default()
+        };
+        let body = format!(r#"{{"model":"m","prompt":"{long}"}}"#);
+        assert!(
+            parse_with(Api::Completions, body.as_bytes(), off)
+                .unwrap()
+                .digests
+                .is_none()
+        );
+    }
+
     #[test]
     fn the_prompt_is_kept_up_to_the_cap_and_counted_in_full() {
         let text = "y".repeat(100_000);
@@ -408,6 +453,7 @@ mod tests {
         let limits = ScanLimits {
             max_depth: 8,
             prompt_cap: 1000,
+            ..ScanLimits::default()
         };
         let r = parse_with(Api::Completions, body.as_bytes(), limits).unwrap();
         assert_eq!((r.prompt.len(), r.prompt_len()), (1000, 100_000));

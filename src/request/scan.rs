@@ -18,6 +18,7 @@
 
 use super::render::{Part, Rendered, Section};
 use super::{Api, RequestError};
+use crate::index::{BlockDigests, BlockHasher};
 
 /// Longest model name accepted (it labels metrics and is echoed in headers).
 pub const MAX_MODEL_LEN: usize = 256;
@@ -39,13 +40,17 @@ pub struct ScanLimits {
     pub max_depth: usize,
     /// Rendered prompt bytes kept (the prefix hasher's limit).
     pub prompt_cap: usize,
+    /// Block layout whose digests are computed as the prompt renders (the first prefix
+    /// plugin's; see [`BlockDigests`]); `None`: the decision hashes the whole prompt.
+    pub digests: Option<BlockHasher>,
 }
 
 impl Default for ScanLimits {
     fn default() -> Self {
         Self {
             max_depth: 64,
-            prompt_cap: crate::index::BlockHasher::default().hashed_limit(),
+            prompt_cap: BlockHasher::default().hashed_limit(),
+            digests: Some(BlockHasher::default()),
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct Scanned {
     pub prompt_len: usize,
     /// Byte range of the top-level `model` value (quotes included) in the body, for rewriting.
     pub model_span: Option<(usize, usize)>,
+    /// The prompt's block digests, when computed while it rendered.
+    pub digests: Option<BlockDigests>,
 }
 
 /// What a value means, from where it sits.
@@ -224,6 +231,8 @@ pub struct BodyScanner {
     raw: Option<(RawSink, usize)>,
     // Results.
     rendered: Rendered,
+    /// Digests of `rendered.main`'s complete blocks, taken after every chunk.
+    digests: Option<BlockDigests>,
     model: Option<Result<String, RequestError>>,
     model_span: Option<(usize, usize)>,
     stream: bool,
@@ -325,6 +334,7 @@ impl BodyScanner {
             role_of_token: Role::Ignore,
             raw: None,
             rendered: Rendered::with_cap(limits.prompt_cap),
+            digests: limits.digests.map(BlockDigests::new),
             model: None,
             model_span: None,
             stream: false,
@@ -356,6 +366,9 @@ impl BodyScanner {
             };
         }
         self.base += chunk.len();
+        if let Some(d) = &mut self.digests {
+            d.advance(self.rendered.main.kept());
+        }
         Ok(())
     }
 
@@ -1176,7 +1189,13 @@ impl BodyScanner {
             Some(m) => m?,
         };
         self.check_prompt()?;
+        // Digests of the main section are the prompt's only when nothing renders before it.
+        let main_only = self.rendered.tools.is_empty() && self.rendered.instructions.is_empty();
         let (prompt, prompt_len) = self.rendered.finish(self.limits.prompt_cap);
+        let digests = self.digests.take().filter(|_| main_only).map(|mut d| {
+            d.finish(&prompt);
+            d
+        });
         Ok(Scanned {
             model,
             stream: self.stream,
@@ -1185,6 +1204,7 @@ impl BodyScanner {
             prompt,
             prompt_len,
             model_span: self.model_span,
+            digests,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod v1;
 use std::sync::Arc;
 
 use crate::datastore::{Candidate, EndpointObserver};
+use crate::index::BlockHasher;
 use crate::request::LlmRequest;
 use crate::scheduling::plugins::has_capacity::HasCapacityFilter;
 use crate::scheduling::plugins::prefix::PrefixCachePlugin;
@@ -69,6 +70,12 @@ impl Scheduler {
             .map(|p| p.config().hasher.hashed_limit())
             .max()
             .unwrap_or(0)
+    }
+
+    /// The block layout whose digests the scanner computes ahead of the decision: the first
+    /// prefix plugin's (others hash the prompt themselves).
+    pub fn digest_hasher(&self) -> Option<BlockHasher> {
+        self.prefixes.first().map(|p| p.config().hasher)
     }
 
     /// Moves the prefix plugins' index recording to background threads.

@@ -159,7 +159,11 @@ impl PreSchedule for PrefixCachePlugin {
         let req = ctx.request;
         let hasher = &self.config.hasher;
         let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
-        let hashes = hasher.hash(seed, &req.prompt);
+        let mut hashes = Vec::new();
+        match &req.digests {
+            Some(d) if d.hasher() == hasher => d.chain_into(seed, &mut hashes),
+            _ => hasher.hash_into(seed, &req.prompt, &mut hashes),
+        }
         if let Some(r) = self.recorder.get() {
             r.sync();
         }
