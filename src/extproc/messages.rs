@@ -103,18 +103,23 @@ pub fn request_body(common: CommonResponse, metadata: Option<Struct>) -> Process
     }
 }
 
-fn streamed(body: Bytes, end_of_stream: bool) -> CommonResponse {
+/// A CommonResponse carrying only `mutation` of the body (or chunk) it answers.
+fn mutating(mutation: body_mutation::Mutation) -> CommonResponse {
     CommonResponse {
         body_mutation: Some(BodyMutation {
-            mutation: Some(body_mutation::Mutation::StreamedResponse(
-                StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                },
-            )),
+            mutation: Some(mutation),
         }),
         ..Default::default()
     }
+}
+
+fn streamed(body: Bytes, end_of_stream: bool) -> CommonResponse {
+    mutating(body_mutation::Mutation::StreamedResponse(
+        StreamedBodyResponse {
+            body,
+            end_of_stream,
+        },
+    ))
 }
 
 /// One request-body chunk sent on as a streamed_response.
@@ -160,10 +165,7 @@ pub fn continue_response_headers() -> ProcessingResponse {
 /// A response-body chunk replaced by `body` (modes other than `FULL_DUPLEX_STREAMED`, where
 /// Envoy keeps the chunk it sent and a reply without a mutation passes it on unchanged).
 pub fn replaced_response_body(body: Bytes) -> ProcessingResponse {
-    response_body(CommonResponse {
-        body_mutation: Some(replace_body(body)),
-        ..Default::default()
-    })
+    response_body(mutating(body_mutation::Mutation::Body(body)))
 }
 
 pub fn continue_response_body() -> ProcessingResponse {
@@ -176,22 +178,12 @@ pub fn continue_request_body() -> ProcessingResponse {
 
 /// A `STREAMED` request-body chunk replaced by `body`.
 pub fn replaced_request_body(body: Bytes) -> ProcessingResponse {
-    let common = CommonResponse {
-        body_mutation: Some(replace_body(body)),
-        ..Default::default()
-    };
-    request_body(common, None)
+    request_body(mutating(body_mutation::Mutation::Body(body)), None)
 }
 
 /// A `STREAMED` request-body chunk dropped (its bytes went out in an earlier replacement).
 pub fn cleared_request_body() -> ProcessingResponse {
-    let common = CommonResponse {
-        body_mutation: Some(BodyMutation {
-            mutation: Some(body_mutation::Mutation::ClearBody(true)),
-        }),
-        ..Default::default()
-    };
-    request_body(common, None)
+    request_body(mutating(body_mutation::Mutation::ClearBody(true)), None)
 }
 
 pub fn request_trailers() -> ProcessingResponse {
