@@ -17,7 +17,7 @@ use tonic::Status;
 use tonic::codegen::http::HeaderMap;
 
 use super::grpc::{Deframer, Encoder};
-use super::proto::ProcessingRequest;
+use super::proto::{ProcessingRequest, ProcessingResponse};
 use super::stream::StreamHandler;
 
 /// The reply side of one `Process` call.
@@ -27,6 +27,8 @@ pub struct ProcessBody {
     deframer: Deframer,
     encoder: Encoder,
     handler: Option<StreamHandler>,
+    /// The handler's replies to the message at hand (kept: its capacity is reused).
+    replies: Vec<ProcessingResponse>,
     /// Set when the stream is over: sent after the last reply.
     trailers: Option<HeaderMap>,
 }
@@ -50,6 +52,7 @@ impl ProcessBody {
             deframer: Deframer::new(max_decode),
             encoder: Encoder::new(max_encode),
             handler: Some(handler),
+            replies: Vec::new(),
             trailers: None,
         }
     }
@@ -103,8 +106,9 @@ impl ProcessBody {
         let Some(handler) = self.handler.as_mut() else {
             return;
         };
+        handler.handle_into(request, &mut self.replies);
         let mut result = Ok(());
-        for reply in handler.handle(request) {
+        for reply in self.replies.drain(..) {
             result = result.and_then(|()| self.encoder.push(reply));
         }
         if let Some(handler) = self.handler.as_mut() {

@@ -338,6 +338,14 @@ impl StreamHandler {
 
     /// Handles one message from Envoy; returns the replies to send (possibly none yet).
     pub fn handle(&mut self, req: ProcessingRequest) -> Vec<ProcessingResponse> {
+        let mut replies = Vec::new();
+        self.handle_into(req, &mut replies);
+        replies
+    }
+
+    /// As [`Self::handle`], appending the replies to `out`: a caller that reuses `out` handles
+    /// response chunks without allocating (one reply each).
+    pub fn handle_into(&mut self, req: ProcessingRequest, out: &mut Vec<ProcessingResponse>) {
         if !self.mode_known
             && let Some(pc) = &req.protocol_config
         {
@@ -355,20 +363,20 @@ impl StreamHandler {
             self.check_served(&req.metadata_context);
         }
         let Some(r) = req.request else {
-            return Vec::new();
+            return;
         };
         if self.done {
-            return Vec::new();
+            return;
         }
         match r {
-            Request::RequestHeaders(h) => self.on_request_headers(h),
-            Request::RequestBody(b) => self.on_request_body(b),
-            Request::RequestTrailers(_) => self.on_request_trailers(),
-            Request::ResponseHeaders(h) => self.on_response_headers(h),
-            Request::ResponseBody(b) => self.on_response_body(b),
+            Request::RequestHeaders(h) => out.extend(self.on_request_headers(h)),
+            Request::RequestBody(b) => out.extend(self.on_request_body(b)),
+            Request::RequestTrailers(_) => out.extend(self.on_request_trailers()),
+            Request::ResponseHeaders(h) => out.push(self.on_response_headers(h)),
+            Request::ResponseBody(b) => out.push(self.on_response_body(b)),
             Request::ResponseTrailers(_) => {
                 self.response_ended();
-                vec![msg::response_trailers()]
+                out.push(msg::response_trailers());
             }
         }
     }
@@ -697,14 +705,14 @@ impl StreamHandler {
         vec![msg::immediate(status, message)]
     }
 
-    fn on_response_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+    fn on_response_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
         self.observe_status(&h.headers);
         let content_type = header_value(&h.headers, "content-type");
         self.response.headers(content_type.as_deref());
         if h.end_of_stream {
             self.response_ended();
         }
-        vec![msg::continue_response_headers()]
+        msg::continue_response_headers()
     }
 
     /// Tells the outlier detector how the endpoint that served the request answered.
@@ -729,7 +737,7 @@ impl StreamHandler {
         }
     }
 
-    fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_response_body(&mut self, b: HttpBody) -> ProcessingResponse {
         let chunk = self.response.chunk(b.body);
         if chunk.first
             && let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut())
@@ -742,10 +750,10 @@ impl StreamHandler {
         }
         match self.response_mode {
             BodySendMode::FullDuplexStreamed => {
-                vec![msg::streamed_response_body(chunk.body, b.end_of_stream)]
+                msg::streamed_response_body(chunk.body, b.end_of_stream)
             }
-            _ if chunk.rewritten => vec![msg::replaced_response_body(chunk.body)],
-            _ => vec![msg::continue_response_body()],
+            _ if chunk.rewritten => msg::replaced_response_body(chunk.body),
+            _ => msg::continue_response_body(),
         }
     }
 
