@@ -12,8 +12,9 @@
 #   epp-duplex    the same with request bodies FULL_DUPLEX_STREAMED (epp echoes the body)
 #   epp-duplexresp  request and response bodies FULL_DUPLEX_STREAMED (epp echoes every
 #                 chunk both ways), as the Go EPP's gateways configure it
-#   epp-oneconn   epp with Envoy's streams-per-connection cap removed: Envoy's one worker
-#                 keeps one connection, so one epp serving thread does all the work
+#   epp-16streams epp with at most 16 ext_proc streams per connection (the cap shipped
+#                 before): Envoy's one worker opens several connections, dealt across epp's
+#                 serving threads
 #   epp-buffered  epp with request_body_mode BUFFERED
 #   epp-tls       epp with its default TLS
 #   epp-base      as epp, but the epp binary at $BASE_EPP (an A/B against another build)
@@ -22,7 +23,7 @@
 # (utime+stime from /proc) and Envoy's, and epp's allocated bytes per request (an alloc-stats build, in a
 # separate short run). Then a streamed response of SSE_CHUNKS events: picker CPU per chunk.
 #
-# Settings (environment): SETUPS="envoy naive epp-oneconn epp epp-duplex epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
+# Settings (environment): SETUPS="envoy naive epp-16streams epp epp-duplex epp-buffered epp-duplexresp" SIZES="1024 32768 204800 2097152"
 #   CONNECTIONS=32 SECONDS_PER_RUN=8 SSE_CHUNKS=500 BASE_PORT=20000 OUT=bench-results/extproc
 #   PROFILE=dir: record the picker with `perf record -e cpu-clock -g` during throughput runs.
 #   SYSCALLS=dir: count the picker's main system calls and context switches (`perf stat`
@@ -33,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SETUPS=${SETUPS:-"envoy naive epp-oneconn epp epp-duplex epp-buffered epp-duplexresp"}
+SETUPS=${SETUPS:-"envoy naive epp-16streams epp epp-duplex epp-buffered epp-duplexresp"}
 SIZES=${SIZES:-"1024 32768 204800 2097152"}
 CONNECTIONS=${CONNECTIONS:-32}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
@@ -92,9 +93,10 @@ cpu_ticks() { # pid → utime+stime in clock ticks (0 without a pid)
   awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
 }
 
-alloc_bytes() {
+alloc_stats() { # → "bytes allocations" since epp started
   curl -s "http://127.0.0.1:$EPP_METRICS_PORT/metrics" |
-    awk '/^epp_allocated_bytes_total / { print $2 }'
+    awk '/^epp_allocated_bytes_total / { b = $2 } /^epp_allocations_total / { n = $2 }
+         END { print b, n }'
 }
 
 ext_proc_msgs() { # messages Envoy has sent to the picker so far
@@ -158,9 +160,10 @@ start_setup() { # setup [epp binary]
     epp-base)
       start_epp "${BASE_EPP:?epp-base needs BASE_EPP=path to an epp binary}" false
       sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
-    epp-oneconn)
+    epp-16streams)
       start_epp "$epp_bin" false
-      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e 's/{ max_concurrent_streams: 16 }/{}/' \
+      sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' \
+        -e 's/http2_protocol_options: {}/http2_protocol_options: { max_concurrent_streams: 16 }/' \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-buffered)
       start_epp "$epp_bin" false
@@ -189,14 +192,15 @@ load() { # body-bytes connections seconds sse → JSON line
 }
 
 RESULTS="$WORK/results.jsonl"
-record() { # setup kind size sse json cpu_ticks alloc_bytes ext_proc_msgs envoy_cpu_ticks
+record() { # setup kind size sse json cpu_ticks "alloc_bytes allocations" ext_proc_msgs envoy_cpu_ticks
   python3 - "$@" "$CLK_TCK" >>"$RESULTS" <<'EOF'
 import json, sys
 setup, kind, size, sse, line, ticks, alloc, msgs, envoy_ticks, tck = sys.argv[1:11]
 r = json.loads(line)
+alloc_bytes, allocations = (float(x) for x in alloc.split()) if alloc else (None, None)
 r.update(setup=setup, kind=kind, size=int(size), sse=int(sse), ext_proc_msgs=int(msgs),
          cpu_s=int(ticks) / int(tck), envoy_cpu_s=int(envoy_ticks) / int(tck),
-         alloc_bytes=float(alloc) if alloc else None)
+         alloc_bytes=alloc_bytes, allocations=allocations)
 print(json.dumps(r))
 EOF
 }
@@ -206,7 +210,7 @@ measure() { # setup kind size connections seconds sse
   m0=$(ext_proc_msgs)
   before=$(cpu_ticks "$PICKER_PID")
   e0=$(cpu_ticks "$ENVOY_PID")
-  [ "$2" = alloc ] && a0=$(alloc_bytes)
+  [ "$2" = alloc ] && a0=$(alloc_stats)
   local perf_pid=""
   if [ -n "${PROFILE:-}" ] && [ -n "$PICKER_PID" ] && [ "$2" != latency ] && [ "$2" != alloc ]; then
     mkdir -p "$PROFILE"
@@ -225,9 +229,9 @@ measure() { # setup kind size connections seconds sse
   after=$(cpu_ticks "$PICKER_PID")
   e1=$(cpu_ticks "$ENVOY_PID")
   m1=$(ext_proc_msgs)
-  [ "$2" = alloc ] && a1=$(alloc_bytes)
+  [ "$2" = alloc ] && a1=$(alloc_stats)
   local alloc=""
-  [ "$2" = alloc ] && alloc=$(python3 -c "print(float('$a1') - float('$a0'))")
+  [ "$2" = alloc ] && alloc=$(python3 -c "a, b = '$a0'.split(), '$a1'.split(); print(*(float(y) - float(x) for x, y in zip(a, b)))")
   record "$1" "$2" "$3" "$6" "$line" $((after - before)) "$alloc" $((m1 - m0)) $((e1 - e0))
   echo "  $1 $2 size=$3 sse=$6: $line"
 }

@@ -42,8 +42,10 @@ for size in sizes:
               f"| {alloc_per(a, 1)} |")
 print(f"\nStreamed responses ({sse_chunks} SSE events + usage + [DONE] per request, each written "
       "on its own; Envoy coalesces some): per ext_proc message (Envoy's stream_msgs_sent).\n")
-print("| setup | req/s | ext_proc msgs/req | picker CPU µs/msg | epp alloc/msg |")
-print("|---|---:|---:|---:|---:|")
+print("Allocated bytes and allocations per chunk: the SSE request's beyond a 1 KB request's, "
+      "divided by its extra messages (the response chunks).\n")
+print("| setup | req/s | ext_proc msgs/req | picker CPU µs/msg | epp alloc/chunk | epp allocations/chunk |")
+print("|---|---:|---:|---:|---:|---:|")
 
 
 def per_msg(r, value):
@@ -52,16 +54,30 @@ def per_msg(r, value):
     return value / r["ext_proc_msgs"]
 
 
+def per_chunk(sse, plain, key):
+    """`key` (allocations, alloc_bytes) per response chunk: the SSE request's beyond the
+    plain one's, over its extra messages."""
+    if not sse or not plain or sse.get(key) is None or plain.get(key) is None:
+        return "–"
+    extra_msgs = sse["ext_proc_msgs"] / sse["requests"] - plain["ext_proc_msgs"] / plain["requests"]
+    extra = sse[key] / sse["requests"] - plain[key] / plain["requests"]
+    return extra / extra_msgs if extra_msgs > 0 else "–"
+
+
 for s in setups:
     t = next((r for r in rows if r["setup"] == s and r["kind"] == "sse"), None)
     a = next((r for r in rows if r["setup"] == s and r["kind"] == "alloc" and r["sse"]), None)
     if not t:
         continue
     cpu = per_msg(t, t["cpu_s"] * 1e6)
-    alloc = per_msg(a, a["alloc_bytes"]) if a and a.get("alloc_bytes") else "–"
+    plain = next((r for r in rows if r["setup"] == s and r["kind"] == "alloc"
+                  and r["size"] == 1024 and not r["sse"]), None)
+    alloc = per_chunk(a, plain, "alloc_bytes")
+    count = per_chunk(a, plain, "allocations")
     print(f"| {s} | {t['rps']:.0f} | {t['ext_proc_msgs'] / max(t['requests'], 1):.0f} "
           f"| {cpu if cpu == '–' or t['cpu_s'] == 0 else f'{cpu:.1f}'} "
-          f"| {alloc if alloc == '–' else f'{alloc:.0f} B'} |")
+          f"| {alloc if alloc == '–' else f'{alloc:.0f} B'} "
+          f"| {count if count == '–' else f'{count:.2f}'} |")
 
 mem = next((r for r in rows if r["kind"] == "memory"), None)
 if mem:

@@ -101,7 +101,7 @@ fn envoy_configs_carry_what_epp_relies_on() {
         "\"untyped\":[\"envoy.lb\"]",
         "\"http_header_name\":\"x-gateway-destination-endpoint\"",
         "\"lb_policy\":\"CLUSTER_PROVIDED\"",
-        "\"http2_protocol_options\":{\"max_concurrent_streams\":16}",
+        "\"http2_protocol_options\":{}",
         "\"max_requests\":40000",
         "\"message_timeout\":\"1000s\"",
     ] {
