@@ -3,13 +3,16 @@
 //! 100, 1000 pods with epp's default configuration, and at 100 pods with the prompt's block
 //! digests taken ahead; and the usage scan of a streamed
 //! response (500 SSE events of a chat completion, 4 per chunk as Envoy hands them over); and
-//! the scan of a 200 KB chat request.
+//! the scan of a 200 KB chat request; and epp's own work on an ext_proc stream (a whole 1 KB
+//! request, one SSE chunk), without Envoy or HTTP/2.
 //!
 //! `cargo bench --bench scheduling`
 
+mod stream;
 mod support;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use epp::extproc::proto::BodySendMode;
 use epp::index::{BlockDigests, BlockHasher};
 
 fn hashing(c: &mut Criterion) {
@@ -148,12 +151,54 @@ fn sse_usage(c: &mut Criterion) {
     g.finish();
 }
 
+/// epp's own work per stream message: a whole 1 KB completion request (4 messages, the
+/// decision included) on a new stream each time, and one SSE chunk on a routed stream.
+fn ext_proc_stream(c: &mut Criterion) {
+    let shared = stream::shared(support::director(4, support::scheduler(31_250)));
+    let pad = "x".repeat(1000);
+    let usage =
+        br#"{"choices":[{"text":"ok"}],"usage":{"prompt_tokens":250,"completion_tokens":16}}"#;
+    let mut g = c.benchmark_group("ext_proc_stream");
+    let mut i = 0usize;
+    g.bench_function("1kb_request", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                stream::completion(&format!("{i} {pad}"), usage)
+            },
+            |frames| {
+                let mut s = stream::Stream::new(&shared);
+                let replies: usize = frames.into_iter().map(|f| s.send(f)).sum();
+                assert!(replies >= 3, "{replies} reply frames");
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut routed = stream::Stream::new(&shared);
+    let body = serde_json::json!({ "model": "m", "prompt": pad, "stream": true });
+    let opening = stream::opening(
+        "/v1/completions",
+        body.to_string(),
+        "text/event-stream",
+        BodySendMode::Streamed,
+    );
+    for f in opening {
+        routed.send(f);
+    }
+    let chunk = stream::sse_chunk();
+    g.bench_function("sse_chunk", |b| {
+        b.iter(|| assert_eq!(routed.send(chunk.clone()), 1))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     hashing,
     decision,
     decision_digested,
     parse_chat,
-    sse_usage
+    sse_usage,
+    ext_proc_stream
 );
 criterion_main!(benches);
