@@ -432,6 +432,19 @@ pub struct Stack {
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 impl Stack {
+    /// In STREAMED and in FULL_DUPLEX_STREAMED, sends a completion whose prompt is `len`
+    /// copies of `fill` through a fresh stack; the backend must get the body byte for byte.
+    pub async fn assert_prompt_arrives_intact(fill: &str, len: usize) {
+        for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+            let stack = Stack::start(2, mode, &[]).await;
+            let body = serde_json::json!({"model": "m", "prompt": fill.repeat(len)}).to_string();
+            let reply = stack
+                .send("POST", "/v1/completions", &[], body.clone().into_bytes())
+                .await;
+            reply.assert_backend_got(&body, &format!("{mode:?}"));
+        }
+    }
+
     pub async fn start(n: usize, mode: BodyMode, epp_args: &[&str]) -> Stack {
         let options = EnvoyOptions {
             tls: EnvoyTls::for_epp_args(epp_args),
