@@ -16,6 +16,10 @@
 //!   one server error before its first success ejects it again (a circuit breaker's half-open
 //!   state, so a still-broken endpoint fails one request per ejection, not five), and that
 //!   first success resets the number of ejections;
+//! * an ejected endpoint whose metrics scrape recovers after failing (its server restarted or
+//!   became reachable again) is routable again at once, on probation (Envoy's
+//!   `successful_active_health_check_uneject_host`); one whose scrapes never failed, such as
+//!   a broken engine behind a healthy metrics page, serves out its ejection;
 //! * at most `max_ejection_percent` (10 %) of the pool's endpoints are ejected at once, but
 //!   at least one when the pool has two or more, and never the only one;
 //! * ejected endpoints are left out of the candidates while any other endpoint remains
@@ -131,6 +135,19 @@ impl OutlierState {
     fn error(&self, threshold: u32) -> bool {
         let run = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
         run >= threshold || self.probation.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint's metrics answer again after failed scrapes (its server was down or
+    /// unreachable and is back): a current ejection ends now, on probation, as Envoy lifts an
+    /// outlier ejection on a successful active health check. One server error before the
+    /// first success ejects it again, for longer. True when an ejection was lifted.
+    pub fn reachable_again(&self, now: Instant) -> bool {
+        if !self.is_ejected(now) {
+            return false;
+        }
+        self.ejected_until
+            .store(Moment::of(now).0, Ordering::Relaxed);
+        true
     }
 
     fn eject(&self, now: Instant, policy: &OutlierPolicy) -> Duration {
@@ -255,6 +272,29 @@ mod tests {
             last = d.observe(e, 503, now, || all.to_vec());
         }
         last
+    }
+
+    #[test]
+    fn reachable_again_lifts_an_ejection_on_probation() {
+        let d = OutlierDetector::default();
+        let all = pool(4);
+        let now = Instant::now();
+        assert!(
+            !all[0].outlier.reachable_again(now),
+            "not ejected: nothing to lift"
+        );
+        assert_eq!(
+            fail(&d, &all[0], 5, now, &all),
+            Verdict::Ejected(Duration::from_secs(30))
+        );
+        let later = now + Duration::from_secs(2);
+        assert!(all[0].outlier.reachable_again(later));
+        assert!(!all[0].outlier.is_ejected(later));
+        // On probation: the next server error ejects again, for twice as long.
+        assert_eq!(
+            d.observe(&all[0], 503, later, || all.clone()),
+            Verdict::Ejected(Duration::from_secs(60))
+        );
     }
 
     #[test]

@@ -228,6 +228,9 @@ impl ScrapeState {
         let mut changed = false;
         if let Some(f) = self.failure.take() {
             tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
+            if endpoint.outlier.reachable_again(Instant::now()) {
+                tracing::info!(endpoint = %endpoint.name, "reachable again: ejection lifted, on probation");
+            }
             changed = true;
         }
         let absent: Vec<String> = engine::absent_families(mapping, m)
@@ -363,6 +366,48 @@ mod tests {
         assert_eq!(status.failure(), ScrapeFailure::BadStatus);
         assert!(s.on_success(&ep, &vllm, &full), "recovered: logged");
         assert!(!s.on_success(&ep, &vllm, &full));
+    }
+
+    #[test]
+    fn a_recovered_scrape_lifts_an_ejection_and_a_healthy_page_does_not() {
+        use crate::datastore::OutlierDetector;
+        let pool: Vec<Arc<Endpoint>> = (0..2)
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    i,
+                    EndpointSpec::new(format!("e{i}"), ([127, 0, 0, 1], 1).into()),
+                ))
+            })
+            .collect();
+        let ep = &pool[0];
+        let detector = OutlierDetector::default();
+        let eject = || {
+            for _ in 0..5 {
+                detector.observe(ep, 503, Instant::now(), || pool.clone());
+            }
+            assert!(ep.outlier.is_ejected(Instant::now()));
+        };
+        let full = EndpointMetrics {
+            waiting_queue: Some(0),
+            running: Some(0),
+            kv_cache_usage: Some(0.0),
+            ..Default::default()
+        };
+        let vllm = Mappings::default().get("vllm");
+        let mut s = ScrapeState::default();
+        // Scrapes that never failed (a broken engine behind a healthy page): still ejected.
+        s.on_success(ep, &vllm, &full);
+        eject();
+        s.on_success(ep, &vllm, &full);
+        assert!(ep.outlier.is_ejected(Instant::now()));
+        // The server went away and came back: routable again.
+        let refused = ScrapeError::Connect {
+            url: "u".into(),
+            reason: "refused".into(),
+        };
+        s.on_failure(ep, &refused);
+        s.on_success(ep, &vllm, &full);
+        assert!(!ep.outlier.is_ejected(Instant::now()));
     }
 
     #[tokio::test]
