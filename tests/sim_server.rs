@@ -293,3 +293,53 @@ fn official_openai_python_client_works_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_learns_the_pods_bytes_per_token_from_response_usage() {
+    // The prefix index sizes a pod's capacity from its cache geometry in tokens; the bytes a
+    // token stands for come from the pod's own usage reports, not a fixed 4.
+    let (_sim, addr) = start_sim("sim-0");
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = common::endpoints_file(dir.path(), "sim", &[addr]);
+    let (epp, grpc, metrics_port) =
+        common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
+    let (_envoy, gateway) =
+        common::start_envoy(dir.path(), &common::envoy_config(grpc, BodyMode::Streamed));
+    let c = client();
+    let url = format!("http://127.0.0.1:{gateway}/v1/completions");
+    let mut rng = fastrand::Rng::with_seed(7);
+    let (mut bytes, mut tokens) = (0u64, 0u64);
+    for _ in 0..12 {
+        // The workload generator's prose (what the fleet simulator sends).
+        let prompt = epp::sim::text::prose(&mut rng, 500);
+        let body = serde_json::json!({"model": "model", "prompt": prompt, "max_tokens": 2});
+        let (status, _, text) = call(&c, "POST", &url, &body.to_string()).await;
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        bytes += prompt.len() as u64;
+        tokens += v["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    let expected = bytes as f64 / tokens as f64;
+    assert!(
+        (expected - 4.0).abs() > 0.2,
+        "the simulator's tokenizer: {expected}"
+    );
+    let page_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let family = "epp_endpoint_prompt_bytes_per_token{endpoint_name=\"sim-0\"}";
+    let close = |page: &str| (metric_sum(page, family) - expected).abs() < 0.01 * expected;
+    let mut page = String::new();
+    // The last responses' usage is recorded as their ext_proc streams end.
+    for _ in 0..100 {
+        page = call(&c, "GET", &page_url, "").await.2;
+        if close(&page) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let learned = metric_sum(&page, family);
+    assert!(
+        close(&page),
+        "learned {learned}, the responses said {expected}\n{page}\n{}",
+        epp.logs()
+    );
+}

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::load::EndpointLoad;
 use super::outlier::OutlierState;
+use super::tokenization::Tokenization;
 
 /// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
 pub type EndpointId = u32;
@@ -95,6 +96,8 @@ pub struct Endpoint {
     pub load: EndpointLoad,
     /// Its recent response statuses, and whether it is ejected for them (live).
     pub outlier: OutlierState,
+    /// Prompt bytes per token of its tokenizer, learned from its responses' usage.
+    pub tokenization: Tokenization,
 }
 
 impl Endpoint {
@@ -108,6 +111,7 @@ impl Endpoint {
             engine: spec.engine,
             load: EndpointLoad::default(),
             outlier: OutlierState::default(),
+            tokenization: Tokenization::default(),
         }
     }
 

@@ -7,6 +7,7 @@
 mod endpoint;
 pub mod load;
 pub mod outlier;
+pub mod tokenization;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

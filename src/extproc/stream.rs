@@ -763,12 +763,19 @@ impl StreamHandler {
         let Some(routed) = self.routed.take() else {
             return;
         };
-        let Some(m) = self.shared.metrics.clone() else {
-            return;
-        };
         if !self.response.complete {
             return;
         }
+        let usage = self.response.usage();
+        if let (Some(u), Some(r)) = (usage, &routed.reservation) {
+            // The endpoint's bytes per token, for the prefix index's capacity.
+            r.endpoint()
+                .tokenization
+                .observe(routed.request.prompt_len() as u64, u.prompt_tokens);
+        }
+        let Some(m) = self.shared.metrics.clone() else {
+            return;
+        };
         let labels = model_labels(&m, &routed.request);
         m.request_duration
             .get_or_create(&labels)
@@ -781,7 +788,6 @@ impl StreamHandler {
         m.response_sizes
             .get_or_create(&labels)
             .observe(self.response.bytes as f64);
-        let usage = self.response.usage();
         if let Some(u) = usage {
             let duration = self.started.elapsed().as_secs_f64();
             if u.completion_tokens > 0 {

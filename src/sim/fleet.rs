@@ -399,6 +399,8 @@ struct Live {
     reservation: Option<Reservation>,
     dynamo: Option<DynamoRequest>,
     session: Option<(usize, usize)>,
+    /// The prompt's length as epp parses it, in bytes.
+    prompt_bytes: u64,
     /// Generated tokens (kept for session turns, whose answers go back into the history).
     answer: Vec<TokenId>,
 }
@@ -657,6 +659,7 @@ impl<'w> Sim<'w> {
         let id = self.live.len();
         self.live.push(Live {
             session,
+            prompt_bytes: p.llm.prompt_len() as u64,
             ..Default::default()
         });
         let pod = self.pick(now, &p, id);
@@ -738,6 +741,10 @@ impl<'w> Sim<'w> {
         let l = &mut self.live[id];
         l.outcome.finished = now;
         l.reservation = None;
+        // The response's usage, as epp reads it at the end of a response.
+        self.endpoints[pod]
+            .tokenization
+            .observe(l.prompt_bytes, l.outcome.prompt_tokens as u64);
         match (&mut self.router, l.dynamo.as_mut()) {
             (Router::Dynamo(d), Some(r)) => d.finished(r),
             (Router::Sglang(s), _) => s.finished(pod),

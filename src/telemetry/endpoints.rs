@@ -9,6 +9,7 @@
 //! | `epp_endpoint_health` | `endpoint_name`, `state` | 1 for the endpoint's current state (fresh, degraded, unreachable) |
 //! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
 //! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
+//! | `epp_endpoint_prompt_bytes_per_token` | `endpoint_name` | prompt bytes per token of its tokenizer, learned from its responses (once known) |
 //!
 //! Endpoints that left the pool with requests still in flight are reported until they drain.
 
@@ -87,6 +88,28 @@ fn ejections_family(
     Ok(())
 }
 
+fn bytes_per_token_family(
+    encoder: &mut DescriptorEncoder,
+    endpoints: &[Arc<Endpoint>],
+) -> Result<(), std::fmt::Error> {
+    let gauge_type = ConstGauge::new(0.0f64).metric_type();
+    let mut family = encoder.encode_descriptor(
+        "epp_endpoint_prompt_bytes_per_token",
+        "Prompt bytes per token of the endpoint's tokenizer, learned from its responses' usage",
+        None,
+        gauge_type,
+    )?;
+    for e in endpoints {
+        if let Some(ratio) = e.tokenization.bytes_per_token() {
+            let labels = EndpointLabel {
+                endpoint_name: e.name.clone(),
+            };
+            ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.datastore.snapshot();
@@ -133,6 +156,7 @@ impl Collector for EndpointCollector {
             &ejected,
         )?;
         ejections_family(&mut encoder, &endpoints)?;
+        bytes_per_token_family(&mut encoder, &endpoints)?;
         let gauge_type = ConstGauge::new(0i64).metric_type();
         let mut family = encoder.encode_descriptor(
             "epp_endpoint_health",

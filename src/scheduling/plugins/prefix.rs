@@ -14,7 +14,8 @@
 //! Each endpoint holds at most `lruCapacityPerServer` KV blocks (default 31,250; a coarse block
 //! counts 16), least recently used evicted first. With `autoTune` (default true) an endpoint
 //! that reports its cache size (`vllm:cache_config_info`) gets a capacity of exactly that many
-//! tokens, in epp blocks. Endpoints leaving the datastore are purged from the index.
+//! tokens, in epp blocks: tokens × the endpoint's bytes per token, learned from its responses'
+//! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough). Endpoints leaving the datastore are purged from the index.
 //! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
 use std::sync::{Arc, OnceLock};
@@ -138,11 +139,19 @@ impl PrefixCachePlugin {
         &self.config
     }
 
-    /// Capacity in epp blocks for an endpoint reporting `num_gpu_blocks` of `block_size_tokens`.
-    fn tuned_capacity(&self, num_gpu_blocks: u64, block_size_tokens: u32) -> usize {
+    /// Capacity in epp blocks for an endpoint reporting `num_gpu_blocks` of `block_size_tokens`,
+    /// whose tokens stand for `bytes_per_token` bytes of prompt.
+    fn tuned_capacity(
+        &self,
+        num_gpu_blocks: u64,
+        block_size_tokens: u32,
+        bytes_per_token: f64,
+    ) -> usize {
         let tokens = num_gpu_blocks.saturating_mul(u64::from(block_size_tokens));
-        let chars = tokens.saturating_mul(CHARS_PER_TOKEN as u64);
-        (chars / self.config.hasher.block_size.max(1) as u64).max(1) as usize
+        // Eighths of a byte: the capacity does not follow every response's rounding.
+        let eighths = (bytes_per_token * 8.0).round() as u64;
+        let bytes = tokens.saturating_mul(eighths) / 8;
+        (bytes / self.config.hasher.block_size.max(1) as u64).max(1) as usize
     }
 
     fn state<'c>(&self, ctx: &'c SchedulingContext<'_>) -> Option<&'c PrefixState> {
@@ -216,7 +225,12 @@ impl PostSchedule for PrefixCachePlugin {
                 target.metrics.block_size_tokens,
             )
         {
-            let want = self.tuned_capacity(blocks, size);
+            let bytes_per_token = target
+                .endpoint
+                .tokenization
+                .bytes_per_token()
+                .unwrap_or(CHARS_PER_TOKEN as f64);
+            let want = self.tuned_capacity(blocks, size, bytes_per_token);
             if self.index.capacity(pod) != want {
                 self.index.set_capacity(pod, want);
             }
@@ -312,6 +326,26 @@ mod tests {
         // prompts, the oldest was evicted.
         assert_eq!(p.index().capacity(cs[0].endpoint.id), 100);
         assert_eq!(p.index().pod_len(cs[0].endpoint.id), 100);
+    }
+
+    #[test]
+    fn auto_tune_uses_the_endpoints_learned_bytes_per_token() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[EndpointMetrics {
+            num_gpu_blocks: Some(100),
+            block_size_tokens: Some(16),
+            ..Default::default()
+        }]);
+        // Its responses said 5 bytes per token (25,000 bytes in 5,000 prompt tokens).
+        cs[0].endpoint.tokenization.observe(25_000, 5_000);
+        for c in ["q", "r"] {
+            run(&p, &req(&c.repeat(64 * 60)), &cs, 0);
+        }
+        // 100 × 16 tokens × 5 bytes / 64 = 125 blocks: both 60-block prompts fit (at 4 bytes
+        // per token, 100 blocks, the first would have been evicted).
+        assert_eq!(p.index().capacity(cs[0].endpoint.id), 125);
+        assert_eq!(p.index().pod_len(cs[0].endpoint.id), 120);
+        assert_eq!(run(&p, &req(&"q".repeat(64 * 60)), &cs, 0), vec![1.0]);
     }
 
     #[test]
