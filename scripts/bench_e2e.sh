@@ -7,6 +7,8 @@
 #                (saturationRatio: 0)
 #   epp-noeject  Envoy + epp with the default config but outlier ejection off
 #                (--outlier-consecutive-5xx 0)
+#   epp-base     Envoy + the epp binary at $BASE_EPP, default config (an A/B against
+#                another build)
 #   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
 #   round-robin  Envoy alone
 # each with fresh model servers (cold caches), driven by epp-bench with the same workload.
@@ -15,6 +17,7 @@
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
 #   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
+#   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
@@ -38,6 +41,7 @@ FAILING_PODS=${FAILING_PODS:-0}
 SLOW_PODS=${SLOW_PODS:-0}
 SLOW_SPEED=${SLOW_SPEED:-0.25}
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
+KV_BLOCKS=${KV_BLOCKS:-}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -77,13 +81,14 @@ wait_http() { # url, name
 
 start_sims() {
   SIM_PIDS=()
-  local late=()
-  if [ "$LATE_METRICS" = 1 ]; then late=(--metrics-after-first-request); fi
+  local sim_args=()
+  if [ "$LATE_METRICS" = 1 ]; then sim_args=(--metrics-after-first-request); fi
+  if [ -n "$KV_BLOCKS" ]; then sim_args+=(--kv-blocks "$KV_BLOCKS"); fi
   for i in $(seq 0 $((PODS - 1))); do
     local fail=0 speed=$SPEED
     if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi
     if [ "$i" -ge $((PODS - SLOW_PODS)) ]; then speed=$(python3 -c "print($SPEED * $SLOW_SPEED)"); fi
-    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$speed" "${late[@]}" \
+    "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$speed" "${sim_args[@]}" \
       --fail-requests "$fail" >"$WORK/sim-$i.log" 2>&1 &
     SIM_PIDS+=($!)
   done
@@ -106,7 +111,7 @@ start_epp() { # plugins config file, then extra epp flags
   } >"$WORK/endpoints.yaml"
   # TLS as shipped: Envoy verifies epp's certificate against a local CA.
   [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
-  "$BIN/epp" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
+  "${EPP_BIN:-$BIN/epp}" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
     --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" --cert-path "$WORK/tls" \
     --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" "${@:2}" >"$WORK/epp.log" 2>&1 &
   PIDS+=($!)
@@ -160,6 +165,10 @@ for system in $SYSTEMS; do
     epp-noeject)
       start_epp config/default-plugins.yaml --outlier-consecutive-5xx 0
       label="epp, ejection off" ;;
+    epp-base)
+      EPP_BIN=${BASE_EPP:?epp-base needs BASE_EPP=path to an epp binary} \
+        start_epp config/default-plugins.yaml
+      label="epp, base build" ;;
     sglang) start_sglang; label="sglang-router cache_aware" ;;
     round-robin) start_round_robin; label="Envoy round-robin" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;

@@ -15,7 +15,8 @@
 //! counts 16), least recently used evicted first. With `autoTune` (default true) an endpoint
 //! that reports its cache size (`vllm:cache_config_info`) gets a capacity of exactly that many
 //! tokens, in epp blocks: tokens × the endpoint's bytes per token, learned from its responses'
-//! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough). Endpoints leaving the datastore are purged from the index.
+//! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough).
+//! Endpoints leaving the datastore are purged from the index.
 //! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
 use std::sync::{Arc, OnceLock};
