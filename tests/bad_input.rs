@@ -228,24 +228,32 @@ fn assert_raw_reply_echoes(raw: &str, body: &str, mode: BodyMode) {
     );
 }
 
+/// In STREAMED and FULL_DUPLEX_STREAMED: a completion whose prompt is `prompt`, sent by the
+/// raw-socket client `send(gateway port, body)` on a blocking thread, is answered 200 by a
+/// backend that got it byte for byte.
+async fn assert_raw_client_is_routed(prompt: String, send: fn(u16, &[u8]) -> String) {
+    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+        let stack = Stack::start(2, mode, &[]).await;
+        let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
+        let gateway = stack.gateway;
+        let sent = body.clone();
+        let raw = tokio::task::spawn_blocking(move || send(gateway, sent.as_bytes()))
+            .await
+            .unwrap();
+        assert!(raw.contains(" 200 OK"), "{mode:?}: {raw}");
+        assert_raw_reply_echoes(&raw, &body, mode);
+    }
+}
+
 /// Every piece is its own ext_proc message: in STREAMED each is answered once the body has
 /// ended, in FULL_DUPLEX_STREAMED each is echoed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_in_many_small_chunks_arrives_whole() {
-    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
-        let stack = Stack::start(2, mode, &[]).await;
-        let body = serde_json::json!({"model": "m", "prompt": "z".repeat(4000)}).to_string();
-        let gateway = stack.gateway;
-        let sent = body.clone();
-        let raw = tokio::task::spawn_blocking(move || {
-            let parts: Vec<&[u8]> = sent.as_bytes().chunks(20).collect();
-            raw_request(gateway, "/v1/completions", &parts, Duration::from_millis(1))
-        })
-        .await
-        .unwrap();
-        assert!(raw.starts_with("HTTP/1.1 200"), "{mode:?}: {raw}");
-        assert_raw_reply_echoes(&raw, &body, mode);
-    }
+    assert_raw_client_is_routed("z".repeat(4000), |port, body| {
+        let parts: Vec<&[u8]> = body.chunks(20).collect();
+        raw_request(port, "/v1/completions", &parts, Duration::from_millis(1))
+    })
+    .await;
 }
 
 /// A client that sends `Expect: 100-continue` and waits for `100 Continue` before the body (as
@@ -276,18 +284,7 @@ fn expect_continue_request(port: u16, body: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waiting_for_100_continue_gets_it_and_is_routed() {
-    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
-        let stack = Stack::start(2, mode, &[]).await;
-        let body = serde_json::json!({"model": "m", "prompt": "e".repeat(100_000)}).to_string();
-        let gateway = stack.gateway;
-        let sent = body.clone();
-        let raw =
-            tokio::task::spawn_blocking(move || expect_continue_request(gateway, sent.as_bytes()))
-                .await
-                .unwrap();
-        assert!(raw.contains(" 200 OK"), "{mode:?}: {raw}");
-        assert_raw_reply_echoes(&raw, &body, mode);
-    }
+    assert_raw_client_is_routed("e".repeat(100_000), expect_continue_request).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -312,14 +312,19 @@ mod tests {
         assert_eq!(run(&p, &other, &cs, 0), vec![0.0]);
     }
 
-    #[test]
-    fn auto_tune_sizes_capacity_from_cache_config() {
-        let p = PrefixCachePlugin::new(PrefixConfig::default());
-        let cs = candidates(&[EndpointMetrics {
+    /// One endpoint reporting a KV cache of 100 blocks of 16 tokens.
+    fn one_pod_of_100_blocks() -> Vec<Candidate> {
+        candidates(&[EndpointMetrics {
             num_gpu_blocks: Some(100),
             block_size_tokens: Some(16),
             ..Default::default()
-        }]);
+        }])
+    }
+
+    #[test]
+    fn auto_tune_sizes_capacity_from_cache_config() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = one_pod_of_100_blocks();
         for c in ["q", "r", "s"] {
             run(&p, &req(&c.repeat(64 * 50)), &cs, 0);
         }
@@ -332,11 +337,7 @@ mod tests {
     #[test]
     fn auto_tune_uses_the_endpoints_learned_bytes_per_token() {
         let p = PrefixCachePlugin::new(PrefixConfig::default());
-        let cs = candidates(&[EndpointMetrics {
-            num_gpu_blocks: Some(100),
-            block_size_tokens: Some(16),
-            ..Default::default()
-        }]);
+        let cs = one_pod_of_100_blocks();
         // Its responses said 5 bytes per token (25,000 bytes in 5,000 prompt tokens).
         cs[0].endpoint.tokenization.observe(25_000, 5_000);
         for c in ["q", "r"] {
