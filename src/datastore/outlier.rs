@@ -16,10 +16,11 @@
 //!   one server error before its first success ejects it again (a circuit breaker's half-open
 //!   state, so a still-broken endpoint fails one request per ejection, not five), and that
 //!   first success resets the number of ejections;
-//! * an ejected endpoint whose metrics scrape recovers after failing (its server restarted or
-//!   became reachable again) is routable again at once, on probation (Envoy's
-//!   `successful_active_health_check_uneject_host`); one whose scrapes never failed, such as
-//!   a broken engine behind a healthy metrics page, serves out its ejection;
+//! * an ejected endpoint whose metrics server refused connections and answers again (its
+//!   server restarted or became reachable again) is routable again at once, on probation
+//!   (Envoy's `successful_active_health_check_uneject_host`); one whose scrapes never failed
+//!   or only timed out or erred, such as a broken engine behind a healthy metrics page,
+//!   serves out its ejection;
 //! * at most `max_ejection_percent` (10 %) of the pool's endpoints are ejected at once, but
 //!   at least one when the pool has two or more, and never the only one;
 //! * ejected endpoints are left out of the candidates while any other endpoint remains
@@ -137,7 +138,7 @@ impl OutlierState {
         run >= threshold || self.probation.load(Ordering::Relaxed)
     }
 
-    /// The endpoint's metrics answer again after failed scrapes (its server was down or
+    /// The endpoint's metrics answer again after refused connections (its server was down or
     /// unreachable and is back): a current ejection ends now, on probation, as Envoy lifts an
     /// outlier ejection on a successful active health check. One server error before the
     /// first success ejects it again, for longer. True when an ejection was lifted.

@@ -228,7 +228,9 @@ impl ScrapeState {
         let mut changed = false;
         if let Some(f) = self.failure.take() {
             tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
-            if endpoint.outlier.reachable_again(Instant::now()) {
+            // Only a server that was down is back: a slow or erroring page says nothing about
+            // the engine that was ejected for its answers.
+            if f == ScrapeFailure::Unreachable && endpoint.outlier.reachable_again(Instant::now()) {
                 tracing::info!(endpoint = %endpoint.name, "reachable again: ejection lifted, on probation");
             }
             changed = true;
@@ -369,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recovered_scrape_lifts_an_ejection_and_a_healthy_page_does_not() {
+    fn a_server_reachable_again_lifts_an_ejection_and_a_slow_or_healthy_page_does_not() {
         use crate::datastore::OutlierDetector;
         let pool: Vec<Arc<Endpoint>> = (0..2)
             .map(|i| {
@@ -398,6 +400,14 @@ mod tests {
         // Scrapes that never failed (a broken engine behind a healthy page): still ejected.
         s.on_success(ep, &vllm, &full);
         eject();
+        s.on_success(ep, &vllm, &full);
+        assert!(ep.outlier.is_ejected(Instant::now()));
+        // A page that was slow once (a busy server, not a dead one): still ejected.
+        let slow = ScrapeError::Timeout {
+            url: "u".into(),
+            timeout: Duration::from_secs(1),
+        };
+        s.on_failure(ep, &slow);
         s.on_success(ep, &vllm, &full);
         assert!(ep.outlier.is_ejected(Instant::now()));
         // The server went away and came back: routable again.
