@@ -121,11 +121,13 @@ async fn sse_stream_passes_through_intact_in_both_response_modes() {
             5.0,
             "duplex response: {duplex_response}\n{page}"
         );
-        assert_eq!(
-            metric_sum(&page, "inference_objective_request_ttft_seconds_count{"),
-            1.0,
-            "{page}"
-        );
+        for family in [
+            "inference_objective_request_ttft_seconds_count{",
+            "inference_objective_request_tpot_seconds_count{",
+            "inference_objective_normalized_time_per_output_token_seconds_count{",
+        ] {
+            assert_eq!(metric_sum(&page, family), 1.0, "{family}\n{page}");
+        }
         assert_still_serving(&stack).await;
     }
 }

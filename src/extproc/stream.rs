@@ -47,6 +47,7 @@ use super::response::ResponseState;
 use crate::datastore::{Endpoint, Reservation};
 use crate::director::{Director, RouteError};
 use crate::objectives::{OBJECTIVE_HEADERS, Policy};
+use crate::request::usage::Usage;
 use crate::request::{self, Api, LlmRequest, ScanLimits};
 use crate::scheduling::ScheduleResult;
 use crate::telemetry::metrics::{
@@ -773,49 +774,51 @@ impl StreamHandler {
                 .tokenization
                 .observe(routed.request.prompt_len() as u64, u.prompt_tokens);
         }
-        let Some(m) = self.shared.metrics.clone() else {
-            return;
-        };
-        let labels = model_labels(&m, &routed.request);
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(self.started.elapsed().as_secs_f64());
-        if let Some(t) = self.response.first_byte {
-            m.request_ttft
-                .get_or_create(&labels)
-                .observe(t.duration_since(self.started).as_secs_f64());
+        if let Some(m) = self.shared.metrics.clone() {
+            self.observe_finished(&m, &routed.request, usage);
+        }
+        tracing::trace!(request_id = %routed.request.request_id, destination = %routed.destination, "request finished");
+    }
+
+    /// The finished request's latency, size and token histograms.
+    fn observe_finished(&self, m: &Metrics, request: &LlmRequest, usage: Option<Usage>) {
+        let labels = model_labels(m, request);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let ttft = self
+            .response
+            .first_byte
+            .map(|t| t.duration_since(self.started).as_secs_f64());
+        m.request_duration.get_or_create(&labels).observe(elapsed);
+        if let Some(t) = ttft {
+            m.request_ttft.get_or_create(&labels).observe(t);
         }
         m.response_sizes
             .get_or_create(&labels)
             .observe(self.response.bytes as f64);
-        if let Some(u) = usage {
-            let duration = self.started.elapsed().as_secs_f64();
-            if u.completion_tokens > 0 {
-                m.normalized_tpot
-                    .get_or_create(&labels)
-                    .observe(duration / u.completion_tokens as f64);
-            }
-            if let Some(t) = self.response.first_byte
-                && u.completion_tokens > 1
-            {
-                let decode = duration - t.duration_since(self.started).as_secs_f64();
-                m.request_tpot
-                    .get_or_create(&labels)
-                    .observe(decode.max(0.0) / (u.completion_tokens - 1) as f64);
-            }
+        let Some(u) = usage else {
+            return;
+        };
+        if u.completion_tokens > 0 {
+            m.normalized_tpot
+                .get_or_create(&labels)
+                .observe(elapsed / u.completion_tokens as f64);
         }
-        if let Some(u) = usage {
-            m.input_tokens
+        if let Some(t) = ttft
+            && u.completion_tokens > 1
+        {
+            m.request_tpot
                 .get_or_create(&labels)
-                .observe(u.prompt_tokens as f64);
-            m.output_tokens
-                .get_or_create(&labels)
-                .observe(u.completion_tokens as f64);
-            m.cached_tokens
-                .get_or_create(&labels)
-                .observe(u.cached_tokens as f64);
+                .observe((elapsed - t).max(0.0) / (u.completion_tokens - 1) as f64);
         }
-        tracing::trace!(request_id = %routed.request.request_id, destination = %routed.destination, "request finished");
+        m.input_tokens
+            .get_or_create(&labels)
+            .observe(u.prompt_tokens as f64);
+        m.output_tokens
+            .get_or_create(&labels)
+            .observe(u.completion_tokens as f64);
+        m.cached_tokens
+            .get_or_create(&labels)
+            .observe(u.cached_tokens as f64);
     }
 }
 
