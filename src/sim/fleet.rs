@@ -52,6 +52,9 @@ pub enum Policy {
     Config {
         name: String,
         text: Arc<str>,
+        /// Whether the pods' usage reports teach it their bytes per token (epp does; the Go
+        /// EPP, whose GIE and llm-d configurations the peers stand for, counts 4).
+        learns_tokenization: bool,
     },
     /// sglang-router `cache_aware` ([`SglangCacheAware`]).
     Sglang,
@@ -98,18 +101,19 @@ impl Policy {
     /// Parses a CLI name: round-robin, random, least-loaded, v1, gie, llm-d, epp, sglang,
     /// dynamo, oracle-hits, oracle-balance, or `config:<path>` (an EndpointPickerConfig file).
     pub fn parse(s: &str) -> Result<Policy, String> {
-        let config = |name: &str, text: &str| Policy::Config {
+        let config = |name: &str, text: &str, learns_tokenization| Policy::Config {
             name: name.into(),
             text: Arc::from(text),
+            learns_tokenization,
         };
         Ok(match s {
             "round-robin" | "rr" => Policy::RoundRobin,
             "random" => Policy::Random,
             "least-loaded" | "least-queue" => Policy::LeastLoaded,
             "v1" | "v1-tree" => Policy::V1Tree,
-            "gie" => config("gie 2/2/3", GIE_CONFIG),
-            "llm-d" => config("llm-d sticky", LLMD_STICKY_CONFIG),
-            "epp" => config("epp", EPP_CONFIG),
+            "gie" => config("gie 2/2/3", GIE_CONFIG, false),
+            "llm-d" => config("llm-d sticky", LLMD_STICKY_CONFIG, false),
+            "epp" => config("epp", EPP_CONFIG, true),
             "sglang" => Policy::Sglang,
             "dynamo" => Policy::Dynamo,
             "oracle-hits" => Policy::OracleHits,
@@ -120,7 +124,7 @@ impl Policy {
                     .ok_or_else(|| format!("unknown policy {other:?}"))?;
                 let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
                 picker_config::build_scheduler(&text, None).map_err(|e| e.to_string())?;
-                config(path, &text)
+                config(path, &text, true)
             }
         })
     }
@@ -421,6 +425,8 @@ struct Sim<'w> {
     finished: usize,
     /// The instant simulated time 0 maps to (epp's scheduler reads the time).
     clock: Instant,
+    /// Feed each response's usage to its endpoint's tokenization (see [`Policy::Config`]).
+    learns_tokenization: bool,
 }
 
 /// Runs `workload` through a fleet routed by `policy`. `prepared` must be [`prepare`]d from
@@ -517,6 +523,13 @@ impl<'w> Sim<'w> {
             answers: vec![Vec::new(); workload.sessions.len()],
             finished: 0,
             clock: Instant::now(),
+            learns_tokenization: matches!(
+                policy,
+                Policy::Config {
+                    learns_tokenization: true,
+                    ..
+                }
+            ),
         };
         for (i, a) in workload.arrivals.iter().enumerate() {
             sim.push(a.at, EventKind::Arrival(i));
@@ -741,10 +754,12 @@ impl<'w> Sim<'w> {
         let l = &mut self.live[id];
         l.outcome.finished = now;
         l.reservation = None;
-        // The response's usage, as epp reads it at the end of a response.
-        self.endpoints[pod]
-            .tokenization
-            .observe(l.prompt_bytes, l.outcome.prompt_tokens as u64);
+        if self.learns_tokenization {
+            // The response's usage, as epp reads it at the end of a response.
+            self.endpoints[pod]
+                .tokenization
+                .observe(l.prompt_bytes, l.outcome.prompt_tokens as u64);
+        }
         match (&mut self.router, l.dynamo.as_mut()) {
             (Router::Dynamo(d), Some(r)) => d.finished(r),
             (Router::Sglang(s), _) => s.finished(pod),
