@@ -232,9 +232,7 @@ fn assert_raw_reply_echoes(raw: &str, body: &str, mode: BodyMode) {
 /// raw-socket client `send(gateway port, body)` on a blocking thread, is answered 200 by a
 /// backend that got it byte for byte.
 async fn assert_raw_client_is_routed(prompt: String, send: fn(u16, &[u8]) -> String) {
-    for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
-        let stack = Stack::start(2, mode, &[]).await;
-        let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
+    Stack::in_streaming_body_modes(&prompt, async |stack, body, mode| {
         let gateway = stack.gateway;
         let sent = body.clone();
         let raw = tokio::task::spawn_blocking(move || send(gateway, sent.as_bytes()))
@@ -242,7 +240,8 @@ async fn assert_raw_client_is_routed(prompt: String, send: fn(u16, &[u8]) -> Str
             .unwrap();
         assert!(raw.contains(" 200 OK"), "{mode:?}: {raw}");
         assert_raw_reply_echoes(&raw, &body, mode);
-    }
+    })
+    .await;
 }
 
 /// Every piece is its own ext_proc message: in STREAMED each is answered once the body has

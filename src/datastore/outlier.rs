@@ -245,13 +245,14 @@ impl OutlierDetector {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::datastore::EndpointSpec;
 
-    fn pool(n: u8) -> Vec<Arc<Endpoint>> {
+    /// `n` endpoints, ids 0..n (shared with other modules' tests).
+    pub(crate) fn pool(n: u8) -> Vec<Arc<Endpoint>> {
         (0..n)
             .map(|i| {
                 let spec =

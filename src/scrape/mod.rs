@@ -373,14 +373,7 @@ mod tests {
     #[test]
     fn a_server_reachable_again_lifts_an_ejection_and_a_slow_or_healthy_page_does_not() {
         use crate::datastore::OutlierDetector;
-        let pool: Vec<Arc<Endpoint>> = (0..2)
-            .map(|i| {
-                Arc::new(Endpoint::new(
-                    i,
-                    EndpointSpec::new(format!("e{i}"), ([127, 0, 0, 1], 1).into()),
-                ))
-            })
-            .collect();
+        let pool = crate::datastore::outlier::tests::pool(2);
         let ep = &pool[0];
         let detector = OutlierDetector::default();
         let eject = || {

@@ -432,17 +432,29 @@ pub struct Stack {
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 impl Stack {
+    /// In STREAMED and in FULL_DUPLEX_STREAMED, each on a fresh stack: `check(stack, body,
+    /// mode)` with the body of a completion whose prompt is `prompt`.
+    pub async fn in_streaming_body_modes(
+        prompt: &str,
+        check: impl AsyncFn(&Stack, String, BodyMode),
+    ) {
+        let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
+        for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
+            let stack = Stack::start(2, mode, &[]).await;
+            check(&stack, body.clone(), mode).await;
+        }
+    }
+
     /// In STREAMED and in FULL_DUPLEX_STREAMED, sends a completion whose prompt is `len`
     /// copies of `fill` through a fresh stack; the backend must get the body byte for byte.
     pub async fn assert_prompt_arrives_intact(fill: &str, len: usize) {
-        for mode in [BodyMode::Streamed, BodyMode::FullDuplex] {
-            let stack = Stack::start(2, mode, &[]).await;
-            let body = serde_json::json!({"model": "m", "prompt": fill.repeat(len)}).to_string();
+        Self::in_streaming_body_modes(&fill.repeat(len), async |stack, body, mode| {
             let reply = stack
                 .send("POST", "/v1/completions", &[], body.clone().into_bytes())
                 .await;
             reply.assert_backend_got(&body, &format!("{mode:?}"));
-        }
+        })
+        .await;
     }
 
     pub async fn start(n: usize, mode: BodyMode, epp_args: &[&str]) -> Stack {
