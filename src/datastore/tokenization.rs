@@ -19,6 +19,7 @@
 
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Token sum above which both sums are halved (the estimate's memory).
 pub const WINDOW_TOKENS: u64 = 1 << 20;
@@ -32,8 +33,11 @@ pub const PLAUSIBLE: RangeInclusive<f64> = 0.5..=32.0;
 /// The learned bytes per token of one endpoint (see the module docs).
 #[derive(Debug, Default)]
 pub struct Tokenization {
-    /// (prompt bytes, prompt tokens), decayed.
+    /// (prompt bytes, prompt tokens), decayed; taken once per finished response.
     sums: Mutex<(u64, u64)>,
+    /// The estimate as `f64` bits, 0 while there is none: read by every decision without a
+    /// lock.
+    estimate: AtomicU64,
 }
 
 impl Tokenization {
@@ -50,13 +54,18 @@ impl Tokenization {
             s.0 /= 2;
             s.1 /= 2;
         }
+        if s.1 >= MIN_TOKENS {
+            let ratio = (s.0 as f64 / s.1 as f64).clamp(MIN_BYTES_PER_TOKEN, MAX_BYTES_PER_TOKEN);
+            self.estimate.store(ratio.to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Bytes per token, once [`MIN_TOKENS`] were seen.
     pub fn bytes_per_token(&self) -> Option<f64> {
-        let (bytes, tokens) = *self.sums.lock().unwrap_or_else(|e| e.into_inner());
-        (tokens >= MIN_TOKENS)
-            .then(|| (bytes as f64 / tokens as f64).clamp(MIN_BYTES_PER_TOKEN, MAX_BYTES_PER_TOKEN))
+        match self.estimate.load(Ordering::Relaxed) {
+            0 => None,
+            bits => Some(f64::from_bits(bits)),
+        }
     }
 }
 
