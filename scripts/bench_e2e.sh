@@ -18,6 +18,7 @@
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
 #   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
 #   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
+#   EPP_ARGS= (extra flags for every epp system, e.g. "--refresh-metrics-interval 250ms")
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
@@ -42,6 +43,7 @@ SLOW_PODS=${SLOW_PODS:-0}
 SLOW_SPEED=${SLOW_SPEED:-0.25}
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
 KV_BLOCKS=${KV_BLOCKS:-}
+read -r -a EPP_EXTRA <<<"${EPP_ARGS:-}"
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -113,7 +115,8 @@ start_epp() { # plugins config file, then extra epp flags
   [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
   "${EPP_BIN:-$BIN/epp}" --bind-address 127.0.0.1 --grpc-health-port "$EPP_HEALTH_PORT" \
     --grpc-port "$EPP_GRPC_PORT" --metrics-port "$EPP_METRICS_PORT" --cert-path "$WORK/tls" \
-    --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" "${@:2}" >"$WORK/epp.log" 2>&1 &
+    --config-file "$1" --endpoints-file "$WORK/endpoints.yaml" "${EPP_EXTRA[@]}" "${@:2}" \
+    >"$WORK/epp.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
   sed -e "s/port_value: 8081/port_value: $GATEWAY_PORT/" \
