@@ -7,9 +7,12 @@
 //! ([`super::tokenizer`]), not as bytes. The cache holds `num_blocks` blocks of `block_tokens`
 //! (16) tokens. A *full* block is identified by the chained hash of its token ids (block `i`'s
 //! hash covers tokens `0..16(i+1)` and the model name), so a cached block implies its whole
-//! prefix is cached. Full blocks are registered as soon as they are computed — prompt blocks
-//! during prefill and, as in vLLM, blocks filled by generated tokens during decode, so a
-//! follow-up turn that sends the answer back hits on it. Admission reuses the longest run of
+//! prefix is cached. Full prompt blocks are registered when the step that computes them is
+//! scheduled, as vLLM (v1) caches a block when it allocates it for a step: a request admitted
+//! in the same step, or while that step runs, reuses a prefix another request is computing
+//! instead of computing it again (both get their first token when the step ends). Blocks
+//! filled by generated tokens are registered during decode, as in vLLM, so a follow-up turn
+//! that sends the answer back hits on them. Admission reuses the longest run of
 //! cached leading blocks (at least one prompt token is always recomputed). Blocks whose last
 //! user finished stay cached and become evictable; eviction takes the least recently freed
 //! first, and a finished request frees its blocks tail first, so shared heads outlive unique
@@ -469,12 +472,13 @@ impl Engine {
         }
     }
 
-    /// Registers the sequence's full blocks whose tokens are now computed.
-    fn register_computed(&mut self, i: usize) {
+    /// Registers the sequence's full blocks that its `chunk` planned for this step computes.
+    fn register_planned(&mut self, i: usize, chunk: usize) {
         let bt = self.cfg.block_tokens;
-        let full = (self.running[i].computed / bt).min(self.running[i].hashes.len());
-        debug_assert!(self.running[i].computed <= self.running[i].target);
-        for b in 0..full {
+        let s = &self.running[i];
+        debug_assert!(s.computed + chunk <= s.target);
+        let full = ((s.computed + chunk) / bt).min(s.hashes.len());
+        for b in s.computed / bt..full {
             self.register_block(i, b);
         }
     }
@@ -560,12 +564,16 @@ impl Engine {
                 prefilled.push((i, chunk));
             }
         }
+        for &(i, chunk) in &prefilled {
+            self.register_planned(i, chunk);
+        }
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs && self.admit_front() {
             let i = self.running.len() - 1;
             let s = &self.running[i];
             let chunk = (s.target - s.computed).min(*budget);
             *budget -= chunk;
             prefilled.push((i, chunk));
+            self.register_planned(i, chunk);
         }
         prefilled
     }
@@ -604,7 +612,6 @@ impl Engine {
     fn apply_prefills(&mut self, prefilled: &[(usize, usize)], events: &mut Vec<EngineEvent>) {
         for &(i, chunk) in prefilled {
             self.running[i].computed += chunk;
-            self.register_computed(i);
             let s = &self.running[i];
             if s.computed < s.target {
                 continue;
@@ -727,6 +734,25 @@ mod tests {
         let m = e.metrics();
         assert_eq!(m.prefix_hit_tokens, 96);
         assert_eq!(m.kv_usage, 0.0, "idle cached blocks count as free");
+    }
+
+    #[test]
+    fn a_prefix_being_computed_is_shared_by_requests_admitted_in_the_same_step() {
+        let mut e = Engine::new(cfg(100), "m");
+        e.add_request(req(1, tokens(&[1, 2, 3, 4], 5), 2));
+        e.add_request(req(2, tokens(&[1, 2, 3, 4], 7), 2));
+        let first = e.step();
+        // 69 tokens for the first, only the 7 past the shared 64 for the second.
+        assert_eq!(first.prefill_tokens, 69 + 7);
+        let firsts = first
+            .events
+            .iter()
+            .filter(|ev| matches!(ev, EngineEvent::FirstToken { .. }))
+            .count();
+        assert_eq!(firsts, 2, "both first tokens come at the end of that step");
+        let ev = run(&mut e);
+        assert_eq!(cached(&ev, 1), 0);
+        assert_eq!(cached(&ev, 2), 64);
     }
 
     #[test]
