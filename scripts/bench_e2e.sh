@@ -9,6 +9,7 @@
 #                (--outlier-consecutive-5xx 0)
 #   epp-base     Envoy + the epp binary at $BASE_EPP, default config (an A/B against
 #                another build)
+#   epp-config   Envoy + epp with the plugins config file at $EPP_CONFIG (an A/B of configs)
 #   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
 #   round-robin  Envoy alone
 # each with fresh model servers (cold caches), driven by epp-bench with the same workload.
@@ -172,6 +173,9 @@ for system in $SYSTEMS; do
       EPP_BIN=${BASE_EPP:?epp-base needs BASE_EPP=path to an epp binary} \
         start_epp config/default-plugins.yaml
       label="epp, base build" ;;
+    epp-config)
+      start_epp "${EPP_CONFIG:?epp-config needs EPP_CONFIG=path to a plugins config file}"
+      label="epp, $(basename "$EPP_CONFIG")" ;;
     sglang) start_sglang; label="sglang-router cache_aware" ;;
     round-robin) start_round_robin; label="Envoy round-robin" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
