@@ -294,19 +294,46 @@ fn official_openai_python_client_works_unchanged() {
     );
 }
 
+/// One `epp-sim` pod (with `sim_args`) behind Envoy + epp with the default plugins, STREAMED
+/// request bodies; everything stops when it is dropped.
+struct OnePodStack {
+    // Dropped in this order: Envoy, epp, the pod, the directory.
+    _envoy: Proc,
+    epp: Proc,
+    _sim: Proc,
+    _dir: tempfile::TempDir,
+    gateway: u16,
+    metrics_port: u16,
+}
+
+impl OnePodStack {
+    fn start(sim_args: &[&str]) -> Self {
+        let (sim, addr) = start_sim_with("sim-0", sim_args);
+        let dir = tempfile::tempdir().unwrap();
+        let endpoints = common::endpoints_file(dir.path(), "sim", &[addr]);
+        let (epp, grpc, metrics_port) =
+            common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
+        let (envoy, gateway) =
+            common::start_envoy(dir.path(), &common::envoy_config(grpc, BodyMode::Streamed));
+        Self {
+            _envoy: envoy,
+            epp,
+            _sim: sim,
+            _dir: dir,
+            gateway,
+            metrics_port,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epp_learns_the_pods_bytes_per_token_from_response_usage() {
     // The prefix index sizes a pod's capacity from its cache geometry in tokens; the bytes a
     // token stands for come from the pod's own usage reports, not a fixed 4.
-    let (_sim, addr) = start_sim("sim-0");
-    let dir = tempfile::tempdir().unwrap();
-    let endpoints = common::endpoints_file(dir.path(), "sim", &[addr]);
-    let (epp, grpc, metrics_port) =
-        common::start_epp(&endpoints, &["--config-file", common::DEFAULT_CONFIG]);
-    let (_envoy, gateway) =
-        common::start_envoy(dir.path(), &common::envoy_config(grpc, BodyMode::Streamed));
+    let stack = OnePodStack::start(&[]);
+    let (epp, metrics_port) = (&stack.epp, stack.metrics_port);
     let c = client();
-    let url = format!("http://127.0.0.1:{gateway}/v1/completions");
+    let url = format!("http://127.0.0.1:{}/v1/completions", stack.gateway);
     let mut rng = fastrand::Rng::with_seed(7);
     let (mut bytes, mut tokens) = (0u64, 0u64);
     for _ in 0..12 {
@@ -341,5 +368,60 @@ async fn epp_learns_the_pods_bytes_per_token_from_response_usage() {
         close(&page),
         "learned {learned}, the responses said {expected}\n{page}\n{}",
         epp.logs()
+    );
+}
+
+/// Sends `count` completions with prompts of 100 to 3,000 words, four at a time, and checks
+/// each answered 200.
+async fn send_four_at_a_time(url: &str, count: usize, stream: bool) {
+    let c = client();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for round in 0..count.div_ceil(4) {
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let words = rng.usize(100..3000);
+                let prompt = format!("{round}-{i} {}", "lorem ipsum ".repeat(words / 2));
+                let body = serde_json::json!({
+                    "model": "model", "prompt": prompt, "max_tokens": 24, "stream": stream,
+                });
+                let (c, url) = (c.clone(), url.to_owned());
+                tokio::spawn(async move { call(&c, "POST", &url, &body.to_string()).await })
+            })
+            .collect();
+        for call in calls {
+            let (status, _, text) = call.await.unwrap();
+            assert_eq!(status, 200, "{text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_learns_that_a_pod_running_one_sequence_at_a_time_makes_requests_wait() {
+    // The pod runs one sequence at a time, so a request waits for those ahead of it to finish:
+    // the first-token fit must price a waiting request far above a queued token's worth.
+    let stack = OnePodStack::start(&["--max-num-seqs", "1"]);
+    let url = format!("http://127.0.0.1:{}/v1/completions", stack.gateway);
+    let page_url = format!("http://127.0.0.1:{}/metrics", stack.metrics_port);
+    let c = client();
+    // Unstreamed responses start when they end: not first-token times.
+    send_four_at_a_time(&url, 280, false).await;
+    let page = call(&c, "GET", &page_url, "").await.2;
+    assert!(!page.contains("epp_prefill_cost_weight"), "{page}");
+    // 280 observations weigh 262 after forgetting: past the fit's 256.
+    send_four_at_a_time(&url, 280, true).await;
+    let page = call(&c, "GET", &page_url, "").await.2;
+    let weight = |term: &str| {
+        metric_sum(
+            &page,
+            &format!("epp_prefill_cost_weight{{term=\"{term}\"}}"),
+        )
+    };
+    // With one sequence at a time, every request in flight but the running one is waiting:
+    // the fit may give the price to either term. Together they are far above the default 16.
+    let per_request = weight("waiting_request") + weight("inflight_request");
+    assert!(
+        per_request > 200.0,
+        "{per_request} tokens per request\n{page}\n{}",
+        stack.epp.logs()
     );
 }

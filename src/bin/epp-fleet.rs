@@ -59,6 +59,9 @@ struct Cli {
     /// KV blocks the pods claim in their metrics (default: the truth).
     #[arg(long)]
     kv_blocks_reported: Option<usize>,
+    /// Most sequences a pod runs at once (vLLM's `max_num_seqs`); more wait in its queue.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
     /// Seconds between scrapes.
     #[arg(long, default_value_t = 0.05)]
     scrape_interval: f64,
@@ -119,6 +122,10 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
         engine.num_blocks = b;
     }
     engine.reported_blocks = cli.kv_blocks_reported;
+    if cli.max_num_seqs == 0 {
+        bail!("--max-num-seqs must be at least 1");
+    }
+    engine.max_num_seqs = cli.max_num_seqs;
     Ok(FleetConfig {
         pods: cli.pods,
         engine,

@@ -99,6 +99,7 @@ pub fn build(
                 .unwrap_or(prefill_cost::DEFAULT_SATURATION_MARGIN),
             saturation_window: seconds(p, "saturationWindowSeconds")?
                 .unwrap_or(prefill_cost::DEFAULT_SATURATION_WINDOW),
+            learn_weights: p.boolean("learnWeights")?.unwrap_or(true),
         })),
         "load-aware-scorer" => Built::Scorer(Arc::new(LoadAwareScorer {
             threshold: p

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::load::EndpointLoad;
 use super::outlier::OutlierState;
 use super::tokenization::Tokenization;
+use super::ttft_fit::TtftFit;
 
 /// Process-local identity of an endpoint; never reused, so a stale id cannot alias a new pod.
 pub type EndpointId = u32;
@@ -98,6 +99,8 @@ pub struct Endpoint {
     pub outlier: OutlierState,
     /// Prompt bytes per token of its tokenizer, learned from its responses' usage.
     pub tokenization: Tokenization,
+    /// Its pool's learned first-token cost (one shared by every endpoint of a datastore).
+    pub ttft: Arc<TtftFit>,
 }
 
 impl Endpoint {
@@ -112,7 +115,13 @@ impl Endpoint {
             load: EndpointLoad::default(),
             outlier: OutlierState::default(),
             tokenization: Tokenization::default(),
+            ttft: Arc::default(),
         }
+    }
+
+    /// The same endpoint, sharing its pool's first-token fit.
+    pub fn in_pool(self, ttft: Arc<TtftFit>) -> Self {
+        Self { ttft, ..self }
     }
 
     pub fn spec(&self) -> EndpointSpec {

@@ -9,6 +9,7 @@
 //! | `requests` | the request is routed | the response ends, fails or is reset |
 //! | `prompt_tokens` | routed (estimated prompt tokens) | as `requests` |
 //! | `pending_prefill` | routed (prompt tokens minus the prefix epp expects cached there) | the first response byte (prefill done), or the end |
+//! | `prefilling` | routed (one per request) | as `pending_prefill` |
 //! | `output_tokens` | routed, only when output estimation is on (`inflight-load-producer`) | as `requests` |
 //! | `dispatched` | routed (monotonic; never released) | — |
 //!
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Endpoint;
+use super::ttft_fit::Observation;
 
 /// Live counters of one endpoint (shared by every reservation against it).
 #[derive(Debug, Default)]
@@ -30,6 +32,7 @@ pub struct EndpointLoad {
     requests: AtomicU64,
     prompt_tokens: AtomicU64,
     pending_prefill: AtomicU64,
+    prefilling: AtomicU64,
     output_tokens: AtomicU64,
     dispatched: AtomicU64,
     smoothed: SmoothedRequests,
@@ -41,6 +44,8 @@ pub struct LoadSnapshot {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub pending_prefill: u64,
+    /// Requests that have not yet started answering.
+    pub prefilling: u64,
     pub output_tokens: u64,
     pub dispatched: u64,
 }
@@ -59,6 +64,7 @@ impl EndpointLoad {
             requests: self.requests.load(Ordering::Relaxed),
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             pending_prefill: self.pending_prefill.load(Ordering::Relaxed),
+            prefilling: self.prefilling.load(Ordering::Relaxed),
             output_tokens: self.output_tokens.load(Ordering::Relaxed),
             dispatched: self.dispatched.load(Ordering::Relaxed),
         }
@@ -86,7 +92,11 @@ impl EndpointLoad {
     /// True when nothing is in flight.
     pub fn is_idle(&self) -> bool {
         let s = self.snapshot();
-        s.requests == 0 && s.prompt_tokens == 0 && s.pending_prefill == 0 && s.output_tokens == 0
+        s.requests == 0
+            && s.prompt_tokens == 0
+            && s.pending_prefill == 0
+            && s.prefilling == 0
+            && s.output_tokens == 0
     }
 }
 
@@ -164,25 +174,43 @@ pub struct LoadAmount {
 pub struct Reservation {
     endpoint: Arc<Endpoint>,
     amount: LoadAmount,
+    /// What the endpoint had in flight before this request.
+    ahead: Ahead,
     prefill_held: bool,
     held: bool,
+}
+
+/// An endpoint's load just before a request was added to it (each counter read in the same
+/// atomic step as the request's add to it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ahead {
+    pub requests: u64,
+    pub pending_prefill: u64,
+    pub prefilling: u64,
 }
 
 impl Reservation {
     /// Adds `amount` to `endpoint`'s load.
     pub fn new(endpoint: Arc<Endpoint>, amount: LoadAmount) -> Self {
         let load = &endpoint.load;
-        load.requests.fetch_add(1, Ordering::Relaxed);
+        let requests = load.requests.fetch_add(1, Ordering::Relaxed);
         load.prompt_tokens
             .fetch_add(amount.prompt_tokens, Ordering::Relaxed);
-        load.pending_prefill
+        let pending_prefill = load
+            .pending_prefill
             .fetch_add(amount.uncached_tokens, Ordering::Relaxed);
+        let prefilling = load.prefilling.fetch_add(1, Ordering::Relaxed);
         load.output_tokens
             .fetch_add(amount.output_tokens, Ordering::Relaxed);
         load.dispatched.fetch_add(1, Ordering::Relaxed);
         Self {
             endpoint,
             amount,
+            ahead: Ahead {
+                requests,
+                pending_prefill,
+                prefilling,
+            },
             prefill_held: true,
             held: true,
         }
@@ -196,6 +224,21 @@ impl Reservation {
         self.amount
     }
 
+    /// What the endpoint had in flight before this request: what it waited behind.
+    pub fn ahead(&self) -> Ahead {
+        self.ahead
+    }
+
+    /// The request as the pool's first-token fit sees it.
+    pub fn observation(&self) -> Observation {
+        Observation {
+            uncached: self.amount.uncached_tokens,
+            queued: self.ahead.pending_prefill,
+            inflight: self.ahead.requests,
+            waiting: self.ahead.prefilling,
+        }
+    }
+
     /// The first response byte arrived: the prompt has been computed, so its prefill work
     /// leaves the endpoint's queue. Later calls do nothing.
     pub fn prefill_done(&mut self) {
@@ -205,6 +248,10 @@ impl Reservation {
                 .load
                 .pending_prefill
                 .fetch_sub(self.amount.uncached_tokens, Ordering::Relaxed);
+            self.endpoint
+                .load
+                .prefilling
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -263,15 +310,30 @@ mod tests {
             (1, 100, 60, 7)
         );
         assert_eq!(s.tokens(), 67);
+        assert_eq!(s.prefilling, 1);
+        assert_eq!(r.ahead(), Ahead::default());
+        let second = Reservation::new(ep.clone(), AMOUNT);
+        let ahead = Ahead {
+            requests: 1,
+            pending_prefill: 60,
+            prefilling: 1,
+        };
+        assert_eq!(
+            second.ahead(),
+            ahead,
+            "what the second request waits behind"
+        );
+        drop(second);
         r.prefill_done();
         r.prefill_done();
         assert_eq!(ep.load.pending_prefill(), 0);
+        assert_eq!(ep.load.snapshot().prefilling, 0);
         assert_eq!(ep.load.requests(), 1);
         r.release();
         r.release();
         drop(r);
         assert!(ep.load.is_idle());
-        assert_eq!(ep.load.dispatched(), 1, "the dispatch count is monotonic");
+        assert_eq!(ep.load.dispatched(), 2, "the dispatch count is monotonic");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod endpoint;
 pub mod load;
 pub mod outlier;
 pub mod tokenization;
+pub mod ttft_fit;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,7 +20,7 @@ use parking_lot::Mutex;
 pub use endpoint::{
     Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
 };
-pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
+pub use load::{Ahead, EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
 pub use outlier::{Moment, OutlierDetector, OutlierPolicy, Verdict};
 
 /// Nanoseconds from the first instant ever passed here to `t` (0 for earlier instants): the
@@ -183,6 +184,8 @@ pub struct Datastore {
     /// Removed endpoints that still had requests in flight (kept for the load metrics until
     /// they drain).
     draining: Mutex<Vec<Arc<Endpoint>>>,
+    /// The pool's learned first-token cost, shared by its endpoints.
+    ttft: Arc<ttft_fit::TtftFit>,
 }
 
 impl std::fmt::Debug for Datastore {
@@ -200,6 +203,11 @@ impl Default for Datastore {
 }
 
 impl Datastore {
+    /// The pool's learned first-token cost, shared by its endpoints.
+    pub fn ttft_fit(&self) -> &ttft_fit::TtftFit {
+        &self.ttft
+    }
+
     pub fn new() -> Self {
         Self {
             entries: Mutex::new(Vec::new()),
@@ -210,6 +218,7 @@ impl Datastore {
             observers: Mutex::new(Vec::new()),
             ready: false.into(),
             draining: Mutex::new(Vec::new()),
+            ttft: Arc::default(),
         }
     }
 
@@ -245,10 +254,10 @@ impl Datastore {
                     continue;
                 }
                 kept.push(Entry {
-                    endpoint: Arc::new(Endpoint::new(
-                        self.next_id.fetch_add(1, Ordering::Relaxed),
-                        spec,
-                    )),
+                    endpoint: Arc::new(
+                        Endpoint::new(self.next_id.fetch_add(1, Ordering::Relaxed), spec)
+                            .in_pool(self.ttft.clone()),
+                    ),
                     metrics: Arc::new(EndpointMetrics::default()),
                 });
             }
@@ -271,10 +280,10 @@ impl Datastore {
             {
                 return entries[p].endpoint.clone();
             }
-            let endpoint = Arc::new(Endpoint::new(
-                self.next_id.fetch_add(1, Ordering::Relaxed),
-                spec,
-            ));
+            let endpoint = Arc::new(
+                Endpoint::new(self.next_id.fetch_add(1, Ordering::Relaxed), spec)
+                    .in_pool(self.ttft.clone()),
+            );
             let entry = Entry {
                 endpoint: endpoint.clone(),
                 metrics: Arc::new(EndpointMetrics::default()),

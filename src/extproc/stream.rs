@@ -125,6 +125,10 @@ struct Routed {
     reservation: Option<Reservation>,
     /// Decrements `running_requests` when dropped.
     _running: Option<RunningGuard>,
+    /// When it was routed, and whether its response status is a success: a streamed 2xx
+    /// response's first byte times the pool's first-token fit.
+    at: Instant,
+    succeeded: bool,
 }
 
 /// One `inference_objective_running_requests` unit, given back on drop.
@@ -653,6 +657,8 @@ impl StreamHandler {
             destination: destination.clone(),
             reservation: r.reservation.take(),
             _running: running,
+            at: Instant::now(),
+            succeeded: false,
         });
         destination
     }
@@ -717,12 +723,16 @@ impl StreamHandler {
     }
 
     /// Tells the outlier detector how the endpoint that served the request answered.
-    fn observe_status(&self, headers: &Option<HeaderMap>) {
+    fn observe_status(&mut self, headers: &Option<HeaderMap>) {
         let Some(status) = header_value(headers, ":status").and_then(|s| s.parse::<u16>().ok())
         else {
             return;
         };
-        let Some(reservation) = self.routed.as_ref().and_then(|r| r.reservation.as_ref()) else {
+        let Some(routed) = self.routed.as_mut() else {
+            return;
+        };
+        routed.succeeded = (200..300).contains(&status);
+        let Some(reservation) = routed.reservation.as_ref() else {
             return;
         };
         self.shared
@@ -740,11 +750,8 @@ impl StreamHandler {
 
     fn on_response_body(&mut self, b: HttpBody) -> ProcessingResponse {
         let chunk = self.response.chunk(b.body);
-        if chunk.first
-            && let Some(r) = self.routed.as_mut().and_then(|r| r.reservation.as_mut())
-        {
-            // The model server's first bytes mean the prompt was computed.
-            r.prefill_done();
+        if chunk.first {
+            self.first_response_byte();
         }
         if b.end_of_stream {
             self.response_ended();
@@ -755,6 +762,23 @@ impl StreamHandler {
             }
             _ if chunk.rewritten => msg::replaced_response_body(chunk.body),
             _ => msg::continue_response_body(),
+        }
+    }
+
+    /// The model server's first bytes mean the prompt was computed: its prefill leaves the
+    /// endpoint's queue, and a streamed success times the pool's first-token fit.
+    fn first_response_byte(&mut self) {
+        let Some(routed) = self.routed.as_mut() else {
+            return;
+        };
+        let Some(r) = routed.reservation.as_mut() else {
+            return;
+        };
+        r.prefill_done();
+        if routed.request.stream && routed.succeeded {
+            r.endpoint()
+                .ttft
+                .observe(r.observation(), routed.at.elapsed().as_secs_f64());
         }
     }
 

@@ -487,13 +487,13 @@ impl<'w> Sim<'w> {
             .map(|a| a.model.clone())
             .or_else(|| workload.sessions.first().map(|s| s.model.clone()))
             .unwrap_or_else(|| "model".into());
+        // One first-token fit for the pool, as a datastore shares it.
+        let ttft = Arc::default();
         let endpoints = (0..cfg.pods)
             .map(|i| {
                 let ip = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
-                Arc::new(Endpoint::new(
-                    i as u32,
-                    EndpointSpec::new(format!("sim-{i}"), (ip, 8000).into()),
-                ))
+                let spec = EndpointSpec::new(format!("sim-{i}"), (ip, 8000).into());
+                Arc::new(Endpoint::new(i as u32, spec).in_pool(Arc::clone(&ttft)))
             })
             .collect();
         let pods = (0..cfg.pods)
@@ -732,6 +732,10 @@ impl<'w> Sim<'w> {
         l.outcome.first_token = now;
         if let Some(r) = l.reservation.as_mut() {
             r.prefill_done();
+            // Every simulated response streams and succeeds.
+            r.endpoint()
+                .ttft
+                .observe(r.observation(), now - l.outcome.arrival);
         }
         if let (Router::Dynamo(d), Some(r)) = (&mut self.router, l.dynamo.as_mut()) {
             d.first_token(r);

@@ -10,6 +10,7 @@
 //! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
 //! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
 //! | `epp_endpoint_prompt_bytes_per_token` | `endpoint_name` | prompt bytes per token of its tokenizer, learned from its responses (once known) |
+//! | `epp_prefill_cost_weight` | `term` | the pool's learned first-token cost weights in prompt tokens: `queued_token`, `inflight_request`, `waiting_request` (once known; [`crate::datastore::ttft_fit`]) |
 //!
 //! Endpoints that left the pool with requests still in flight are reported until they drain.
 
@@ -26,6 +27,11 @@ use crate::datastore::{Candidate, Datastore, Endpoint, Health};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
     endpoint_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TermLabel {
+    term: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,6 +116,30 @@ fn bytes_per_token_family(
     Ok(())
 }
 
+fn cost_weights_family(
+    encoder: &mut DescriptorEncoder,
+    datastore: &Datastore,
+) -> Result<(), std::fmt::Error> {
+    let Some(w) = datastore.ttft_fit().weights() else {
+        return Ok(());
+    };
+    let gauge_type = ConstGauge::new(0.0f64).metric_type();
+    let mut family = encoder.encode_descriptor(
+        "epp_prefill_cost_weight",
+        "First-token cost weights in prompt tokens, learned from the pool's streamed responses",
+        None,
+        gauge_type,
+    )?;
+    for (term, value) in [
+        ("queued_token", w.queued),
+        ("inflight_request", w.inflight_tokens),
+        ("waiting_request", w.waiting_tokens),
+    ] {
+        ConstGauge::new(value).encode(family.encode_family(&TermLabel { term })?)?;
+    }
+    Ok(())
+}
+
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.datastore.snapshot();
@@ -157,6 +187,7 @@ impl Collector for EndpointCollector {
         )?;
         ejections_family(&mut encoder, &endpoints)?;
         bytes_per_token_family(&mut encoder, &endpoints)?;
+        cost_weights_family(&mut encoder, &self.datastore)?;
         let gauge_type = ConstGauge::new(0i64).metric_type();
         let mut family = encoder.encode_descriptor(
             "epp_endpoint_health",

@@ -21,7 +21,8 @@
 //!   the new request's prefill step) by its decode. `decodeTokensPerRequest` (default 16)
 //!   prices that in prompt tokens: a decoding sequence costs a step about `20 µs` plus its KV
 //!   read (`~0.16 µs` per context token for a 7–8B model on an H100), against `~25 µs` per
-//!   prefilled token, i.e. 10–25 tokens for 1–3k-token contexts.
+//!   prefilled token, i.e. 10–25 tokens for 1–3k-token contexts. (The learned weights below
+//!   come out near 40 on such an engine: a new request also waits out the step in progress.)
 //!
 //! Saturated holders. The cost above is one request's first token; it never weighs what a
 //! request does to the requests after it. Prefixes are dealt to endpoints as they first
@@ -38,12 +39,28 @@
 //! idle pool (mean 0.5, holder 1) from counting as imbalanced. `saturationRatio: 0` turns
 //! saturation off.
 //!
+//! Learned weights. The weights 1 (queued tokens) and `decodeTokensPerRequest` are right
+//! for engines that batch prefill under a per-step token budget. With `learnWeights` (default
+//! true) the scorer uses instead the weights its pool learned from its own streamed
+//! responses' first-token times ([`crate::datastore::ttft_fit`]):
+//!
+//! ```text
+//! cost(e) = w_q × queued(e) + uncached(e) + w_n × inflight(e) + w_w × waiting(e)
+//! ```
+//!
+//! with `waiting(e)` the requests in flight there that have not started answering. On an
+//! engine that runs only a few sequences at once such a request costs a wait for a slot
+//! (thousands of tokens' worth), and the scorer spreads by them; on one that prefills requests
+//! in parallel, queued tokens cost nothing. Until the fit has enough observations, and with
+//! `learnWeights: false`, `w_q = 1`, `w_n = decodeTokensPerRequest` and `w_w = 0`.
+//!
 //! With no prefix plugin in the profile every endpoint has `uncached = prompt`, and the scorer
 //! balances the queued prefill work and the decode load. Near-equal costs are ties for the
 //! picker, which then prefers the endpoint with the fewest requests in flight.
 
 use std::time::Duration;
 
+use crate::datastore::ttft_fit::{CostWeights, TtftFit};
 use crate::datastore::{Candidate, LoadSnapshot, SampleClock};
 use crate::scheduling::framework::{SchedulingContext, Scorer};
 use crate::scheduling::plugins::inflight_load::tokens_of;
@@ -63,6 +80,8 @@ pub struct PrefillCostScorer {
     pub saturation_margin: f64,
     /// Time constant of the averaged in-flight requests.
     pub saturation_window: Duration,
+    /// Price queued tokens and requests in flight by the pool's learned first-token cost.
+    pub learn_weights: bool,
 }
 
 impl Default for PrefillCostScorer {
@@ -72,6 +91,7 @@ impl Default for PrefillCostScorer {
             saturation_ratio: DEFAULT_SATURATION_RATIO,
             saturation_margin: DEFAULT_SATURATION_MARGIN,
             saturation_window: DEFAULT_SATURATION_WINDOW,
+            learn_weights: true,
         }
     }
 }
@@ -80,7 +100,20 @@ impl PrefillCostScorer {
     /// The cost of sending the request of `ctx` to `c`, in prompt tokens (≥ 1), with `c`'s
     /// cached prefix counted (no saturation check).
     pub fn cost(&self, ctx: &SchedulingContext<'_>, c: &Candidate) -> f64 {
-        self.cost_with(ctx, c, &c.endpoint.load.snapshot(), false)
+        let weights = self.weights(Some(&c.endpoint.ttft));
+        self.cost_with(ctx, c, &c.endpoint.load.snapshot(), weights, false)
+    }
+
+    /// The weights of queued tokens and requests in flight: learned, or the configured ones.
+    fn weights(&self, fit: Option<&TtftFit>) -> CostWeights {
+        let configured = CostWeights {
+            queued: 1.0,
+            inflight_tokens: self.decode_tokens_per_request,
+            waiting_tokens: 0.0,
+        };
+        fit.filter(|_| self.learn_weights)
+            .and_then(TtftFit::weights)
+            .unwrap_or(configured)
     }
 
     fn cost_with(
@@ -88,6 +121,7 @@ impl PrefillCostScorer {
         ctx: &SchedulingContext<'_>,
         c: &Candidate,
         load: &LoadSnapshot,
+        w: CostWeights,
         saturated: bool,
     ) -> f64 {
         let prompt = tokens_of(ctx.request.prompt_len());
@@ -97,9 +131,10 @@ impl PrefillCostScorer {
             tokens_of(ctx.matched_bytes(c.endpoint.id)).min(prompt)
         };
         let uncached = prompt - cached;
-        1.0 + load.pending_prefill as f64
+        1.0 + w.queued * load.pending_prefill as f64
             + uncached as f64
-            + self.decode_tokens_per_request * load.requests as f64
+            + w.inflight_tokens * load.requests as f64
+            + w.waiting_tokens * load.prefilling as f64
     }
 
     /// In-flight requests above which one endpoint stands out, given the candidates' `total`.
@@ -141,13 +176,15 @@ impl Scorer for PrefillCostScorer {
                 Reading { load, averaged }
             })
             .collect();
+        // One fit per pool: every candidate shares it.
+        let weights = self.weights(candidates.first().map(|c| &*c.endpoint.ttft));
         let now_limit = self.saturation_limit(now_total, candidates.len());
         let averaged_limit = self.saturation_limit(averaged_total, candidates.len());
         let mut min = f64::INFINITY;
         for ((c, r), s) in candidates.iter().zip(&readings).zip(scores.iter_mut()) {
             let saturated =
                 saturation && r.load.requests as f64 > now_limit && r.averaged > averaged_limit;
-            *s = self.cost_with(ctx, c, &r.load, saturated);
+            *s = self.cost_with(ctx, c, &r.load, weights, saturated);
             min = min.min(*s);
         }
         // Scores are costs until here.
@@ -305,5 +342,70 @@ mod tests {
         c.now = t0 + Duration::from_secs(30);
         assert!(score(&s, &c, &cs)[0] < 1.0);
         drop((held, more));
+    }
+}
+
+#[cfg(test)]
+mod learned_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::datastore::ttft_fit::Observation;
+    use crate::datastore::{Endpoint, EndpointMetrics, EndpointSpec, LoadAmount, Reservation};
+    use crate::request::LlmRequest;
+    use crate::scheduling::framework::PrefixMatchInfo;
+
+    /// Two endpoints of one pool whose fit saw a slot-bound engine: every request waiting
+    /// ahead cost 50 ms, a prefilled token 25 µs (2,000 tokens per waiting request).
+    fn slot_bound_pool() -> Vec<Candidate> {
+        let fit = Arc::new(TtftFit::default());
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..1000 {
+            let inflight = rng.u64(0..8);
+            let obs = Observation {
+                uncached: rng.u64(0..4000),
+                queued: rng.u64(0..4000),
+                inflight,
+                waiting: rng.u64(0..=inflight),
+            };
+            fit.observe(obs, 25e-6 * obs.uncached as f64 + 0.05 * obs.waiting as f64);
+        }
+        (0..2)
+            .map(|i| {
+                let spec = EndpointSpec::new(format!("pod-{i}"), ([10, 0, 0, i + 1], 8000).into());
+                let endpoint = Endpoint::new(u32::from(i), spec).in_pool(fit.clone());
+                Candidate::new(Arc::new(endpoint), Arc::new(EndpointMetrics::default()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn learned_weights_send_a_request_away_from_a_holder_with_requests_waiting() {
+        let cs = slot_bound_pool();
+        // Endpoint 0 holds 3,600 of the 4,000 bytes but has three requests waiting to start.
+        let waiting: Vec<_> = (0..3)
+            .map(|_| Reservation::new(cs[0].endpoint.clone(), LoadAmount::default()))
+            .collect();
+        let req = LlmRequest {
+            prompt: vec![b'x'; 4000],
+            ..Default::default()
+        };
+        let mut ctx = SchedulingContext::new(&req, fastrand::Rng::with_seed(1));
+        ctx.prefix = Some(PrefixMatchInfo {
+            hashed_bytes: 4000,
+            matched: vec![(0, 3600)],
+        });
+        let refs: Vec<_> = cs.iter().collect();
+        let mut scores = vec![0.0; 2];
+        PrefillCostScorer::default().score(&ctx, &refs, &mut scores);
+        assert_eq!(scores[1], 1.0, "learned: {scores:?}");
+        // With the fixed weights the holder wins: 3 × 16 tokens < the 900 it saves.
+        let fixed = PrefillCostScorer {
+            learn_weights: false,
+            ..Default::default()
+        };
+        fixed.score(&ctx, &refs, &mut scores);
+        assert_eq!(scores[0], 1.0, "fixed: {scores:?}");
+        drop(waiting);
     }
 }
