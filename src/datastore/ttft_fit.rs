@@ -57,7 +57,9 @@ pub const MIN_SECONDS_PER_TOKEN: f64 = 1e-8;
 /// The least mean square a term's feature is taken to have (in thousands of tokens), so that
 /// a term the data never moved is held at its prior instead of left undetermined.
 const MIN_SPREAD: f64 = 1e-3;
+/// Largest learned weight of a queued token (twice the request's own).
 pub const MAX_QUEUED_WEIGHT: f64 = 2.0;
+/// Largest learned price of a request in flight or waiting, in prompt tokens.
 pub const MAX_REQUEST_TOKENS: f64 = 16_384.0;
 /// First-token times above this (seconds) are not taken: a hung engine is the outlier
 /// detector's business, not a point of this line.

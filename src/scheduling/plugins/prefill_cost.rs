@@ -51,8 +51,10 @@
 //! with `waiting(e)` the requests in flight there that have not started answering. On an
 //! engine that runs only a few sequences at once such a request costs a wait for a slot
 //! (thousands of tokens' worth), and the scorer spreads by them; on one that prefills requests
-//! in parallel, queued tokens cost nothing. Until the fit has enough observations, and with
-//! `learnWeights: false`, `w_q = 1`, `w_n = decodeTokensPerRequest` and `w_w = 0`.
+//! in parallel, queued tokens cost nothing. `w_n` is never below `decodeTokensPerRequest`, so
+//! a fit misled by noisy timings cannot make the scorer blind to load. Until the fit has
+//! enough observations, and with `learnWeights: false`, `w_q = 1`,
+//! `w_n = decodeTokensPerRequest` and `w_w = 0`.
 //!
 //! With no prefix plugin in the profile every endpoint has `uncached = prompt`, and the scorer
 //! balances the queued prefill work and the decode load. Near-equal costs are ties for the
@@ -111,9 +113,18 @@ impl PrefillCostScorer {
             inflight_tokens: self.decode_tokens_per_request,
             waiting_tokens: 0.0,
         };
-        fit.filter(|_| self.learn_weights)
+        let Some(learned) = fit
+            .filter(|_| self.learn_weights)
             .and_then(TtftFit::weights)
-            .unwrap_or(configured)
+        else {
+            return configured;
+        };
+        // A fit may raise the price of a request in flight, never take away the configured
+        // one: noisy first-token times must not leave the scorer blind to load.
+        CostWeights {
+            inflight_tokens: learned.inflight_tokens.max(configured.inflight_tokens),
+            ..learned
+        }
     }
 
     fn cost_with(
@@ -377,6 +388,30 @@ mod learned_tests {
                 Candidate::new(Arc::new(endpoint), Arc::new(EndpointMetrics::default()))
             })
             .collect()
+    }
+
+    #[test]
+    fn a_fit_that_prices_requests_at_nothing_keeps_the_configured_price() {
+        // Regression: first-token times that did not track the load (a loaded CI machine)
+        // fitted every load weight to 0, and the scorer stopped seeing requests in flight.
+        let fit = Arc::new(TtftFit::default());
+        let mut rng = fastrand::Rng::with_seed(4);
+        for _ in 0..1000 {
+            let obs = Observation {
+                uncached: rng.u64(0..4000),
+                queued: rng.u64(0..4000),
+                inflight: rng.u64(0..8),
+                waiting: 0,
+            };
+            fit.observe(
+                obs,
+                25e-6 * obs.uncached as f64 - 0.01 * obs.inflight as f64,
+            );
+        }
+        let learned = fit.weights().unwrap();
+        assert!(learned.inflight_tokens < 1.0, "{learned:?}");
+        let used = PrefillCostScorer::default().weights(Some(&fit));
+        assert_eq!(used.inflight_tokens, DEFAULT_DECODE_TOKENS_PER_REQUEST);
     }
 
     #[test]
