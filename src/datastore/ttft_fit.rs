@@ -40,7 +40,7 @@
 //! them except by the requests it sends, and the clamps bound what those can do.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Observations over which the fit forgets (weight `1 − 1/WINDOW` per later observation).
 pub const WINDOW: f64 = 2048.0;
@@ -123,9 +123,10 @@ struct Sums {
 #[derive(Debug, Default)]
 pub struct TtftFit {
     sums: Mutex<Sums>,
-    /// The weights as `f64` bit patterns (queued, in flight, waiting), 0 while there are
-    /// none: read by every decision without a lock.
+    /// The weights as `f64` bit patterns (queued, in flight, waiting), read by every
+    /// decision without a lock once `ready` is set.
     weights: [AtomicU64; 3],
+    ready: AtomicBool,
 }
 
 impl TtftFit {
@@ -147,18 +148,25 @@ impl TtftFit {
         };
         let values = [w.queued, w.inflight_tokens, w.waiting_tokens];
         for (slot, v) in self.weights.iter().zip(values) {
-            // 0 means "none"; a learned weight of exactly 0 is stored as the smallest positive.
-            slot.store(v.max(f64::MIN_POSITIVE).to_bits(), Ordering::Relaxed);
+            slot.store(v.to_bits(), Ordering::Relaxed);
         }
+        // Release: a reader that sees `ready` sees the first weights stored before it.
+        self.ready.store(true, Ordering::Release);
     }
 
     /// The learned weights, once there are enough observations for them.
     pub fn weights(&self) -> Option<CostWeights> {
-        let [q, n, w] = self.weights.each_ref().map(|a| a.load(Ordering::Relaxed));
-        (q != 0 && n != 0 && w != 0).then(|| CostWeights {
-            queued: f64::from_bits(q),
-            inflight_tokens: f64::from_bits(n),
-            waiting_tokens: f64::from_bits(w),
+        if !self.ready.load(Ordering::Acquire) {
+            return None;
+        }
+        let [q, n, w] = self
+            .weights
+            .each_ref()
+            .map(|a| f64::from_bits(a.load(Ordering::Relaxed)));
+        Some(CostWeights {
+            queued: q,
+            inflight_tokens: n,
+            waiting_tokens: w,
         })
     }
 }

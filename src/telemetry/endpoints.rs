@@ -10,7 +10,7 @@
 //! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
 //! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
 //! | `epp_endpoint_prompt_bytes_per_token` | `endpoint_name` | prompt bytes per token of its tokenizer, learned from its responses (once known) |
-//! | `epp_prefill_cost_weight` | `term` | the pool's learned first-token cost weights in prompt tokens: `queued_token`, `inflight_request`, `waiting_request` (once known; [`crate::datastore::ttft_fit`]) |
+//! | `epp_prefill_cost_weight` | `term` | the pool's learned first-token cost weights in prompt tokens, as fitted: `queued_token`, `inflight_request` (the scorer uses at least `decodeTokensPerRequest`), `waiting_request` (once known; [`crate::datastore::ttft_fit`]) |
 //!
 //! Endpoints that left the pool with requests still in flight are reported until they drain.
 
