@@ -90,17 +90,18 @@ pub fn spawn_and_wait(
     }
 }
 
-/// Starts epp-sim (50× faster than the modelled GPU) on `port` (0: any); returns it and its
-/// address.
+/// Starts epp-sim (50× faster than the modelled GPU unless `extra` sets `--speed`) on `port`
+/// (0: any); returns it and its address.
 pub fn start_sim(name: &str, port: u16, extra: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp-sim"));
-    cmd.args([
-        "--speed", "50", "--model", "model", "--name", name, "--port",
-    ])
-    .arg(port.to_string())
-    .args(extra)
-    .env("RUST_LOG", "info")
-    .env("NO_COLOR", "1");
+    if !extra.contains(&"--speed") {
+        cmd.args(["--speed", "50"]);
+    }
+    cmd.args(["--model", "model", "--name", name, "--port"])
+        .arg(port.to_string())
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
     let (proc, line) = spawn_and_wait("epp-sim", cmd, |l| {
         l.contains("epp-sim listening").then(|| l.to_owned())
     });
