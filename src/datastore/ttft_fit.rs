@@ -201,9 +201,12 @@ impl Sums {
             a[t][1] -= m;
         }
         a[4][4] += mu(4);
-        let theta = solve(a, self.xy)?;
-        let floor =
-            (MIN_SECONDS_PER_TOKEN * 1000.0).max(MIN_T * self.std_error_of_uncached(&a, &theta)?);
+        // θ, and the column of a⁻¹ for θ_u (its variance), in one elimination.
+        let mut unit = [0.0; N];
+        unit[1] = 1.0;
+        let [theta, column] = solve(a, [self.xy, unit])?;
+        let floor = (MIN_SECONDS_PER_TOKEN * 1000.0)
+            .max(MIN_T * self.std_error_of_uncached(&theta, column[1]));
         // Not clearly above the floor (or not comparable): no weights.
         if theta[1].partial_cmp(&floor) != Some(std::cmp::Ordering::Greater) {
             return None;
@@ -215,25 +218,21 @@ impl Sums {
             waiting_tokens: tokens(WAITING_SCALE, theta[4]),
         })
     }
-}
 
-impl Sums {
-    /// The standard error of `θ_u` in the fit `θ` of the regularized normal equations `a`:
-    /// `σ² (a⁻¹)_uu`, with `σ²` the mean squared residual.
-    fn std_error_of_uncached(&self, a: &[[f64; N]; N], theta: &[f64; N]) -> Option<f64> {
+    /// The standard error of `θ_u` in the fit `θ`, given `(a⁻¹)_uu` of its regularized normal
+    /// equations: `σ² (a⁻¹)_uu`, with `σ²` the mean squared residual.
+    fn std_error_of_uncached(&self, theta: &[f64; N], inverse_uu: f64) -> f64 {
         let dot = |u: &[f64; N], v: &[f64; N]| u.iter().zip(v).map(|(x, y)| x * y).sum::<f64>();
         let xx_theta: [f64; N] = std::array::from_fn(|i| dot(&self.xx[i], theta));
         let rss = self.yy - 2.0 * dot(&self.xy, theta) + dot(theta, &xx_theta);
         let sigma2 = rss.max(0.0) / self.weight;
-        let mut unit = [0.0; N];
-        unit[1] = 1.0;
-        let column = solve(*a, unit)?;
-        Some((sigma2 * column[1]).max(0.0).sqrt())
+        (sigma2 * inverse_uu).max(0.0).sqrt()
     }
 }
 
-/// Solves `a θ = b` by Gaussian elimination with partial pivoting; `None` when singular.
-fn solve(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
+/// Solves `a x = b` for each of the right-hand sides `bs` by Gaussian elimination with
+/// partial pivoting; `None` when `a` is singular.
+fn solve<const K: usize>(mut a: [[f64; N]; N], mut bs: [[f64; N]; K]) -> Option<[[f64; N]; K]> {
     let scale = a.iter().flatten().fold(0.0_f64, |m, v| m.max(v.abs()));
     if !(scale > 0.0 && scale.is_finite()) {
         return None;
@@ -244,43 +243,51 @@ fn solve(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
             return None;
         }
         a.swap(col, pivot);
-        b.swap(col, pivot);
+        for b in &mut bs {
+            b.swap(col, pivot);
+        }
         let pivot_row = a[col];
         for row in col + 1..N {
             let f = a[row][col] / pivot_row[col];
             for (v, p) in a[row].iter_mut().zip(&pivot_row).skip(col) {
                 *v -= f * p;
             }
-            b[row] -= f * b[col];
+            for b in &mut bs {
+                b[row] -= f * b[col];
+            }
         }
     }
-    let mut theta = [0.0; N];
-    for row in (0..N).rev() {
-        let rest: f64 = (row + 1..N).map(|k| a[row][k] * theta[k]).sum();
-        theta[row] = (b[row] - rest) / a[row][row];
+    let mut xs = [[0.0; N]; K];
+    for (x, b) in xs.iter_mut().zip(&bs) {
+        for row in (0..N).rev() {
+            let rest: f64 = (row + 1..N).map(|k| a[row][k] * x[k]).sum();
+            x[row] = (b[row] - rest) / a[row][row];
+        }
     }
-    theta.iter().all(|t| t.is_finite()).then_some(theta)
+    xs.iter().flatten().all(|v| v.is_finite()).then_some(xs)
+}
+
+/// Feeds `count` observations whose first-token time is `ttft(obs)`, over a spread of
+/// uncached (0–4,000), queued (0–8,000), in-flight (0–11) and waiting values (test support,
+/// also for the scorer's tests).
+#[cfg(test)]
+pub(crate) fn feed(fit: &TtftFit, count: u64, mut ttft: impl FnMut(&Observation) -> f64) {
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..count {
+        let inflight = rng.u64(0..12);
+        let obs = Observation {
+            uncached: rng.u64(0..4000),
+            queued: rng.u64(0..8000),
+            inflight,
+            waiting: rng.u64(0..=inflight),
+        };
+        fit.observe(obs, ttft(&obs));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Feeds `count` observations whose first-token time is `ttft(obs)`, over a spread of
-    /// uncached, queued and in-flight values.
-    fn feed(fit: &TtftFit, count: u64, mut ttft: impl FnMut(&Observation) -> f64) {
-        let mut rng = fastrand::Rng::with_seed(7);
-        for _ in 0..count {
-            let inflight = rng.u64(0..12);
-            let obs = Observation {
-                uncached: rng.u64(0..4000),
-                queued: rng.u64(0..8000),
-                inflight,
-                waiting: rng.u64(0..=inflight),
-            };
-            fit.observe(obs, ttft(&obs));
-        }
-    }
 
     #[test]
     fn nothing_until_enough_observations() {

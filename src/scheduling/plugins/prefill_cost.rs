@@ -361,7 +361,7 @@ mod learned_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::datastore::ttft_fit::Observation;
+    use crate::datastore::ttft_fit::feed;
     use crate::datastore::{Endpoint, EndpointMetrics, EndpointSpec, LoadAmount, Reservation};
     use crate::request::LlmRequest;
     use crate::scheduling::framework::PrefixMatchInfo;
@@ -370,17 +370,9 @@ mod learned_tests {
     /// ahead cost 50 ms, a prefilled token 25 µs (2,000 tokens per waiting request).
     fn slot_bound_pool() -> Vec<Candidate> {
         let fit = Arc::new(TtftFit::default());
-        let mut rng = fastrand::Rng::with_seed(9);
-        for _ in 0..1000 {
-            let inflight = rng.u64(0..8);
-            let obs = Observation {
-                uncached: rng.u64(0..4000),
-                queued: rng.u64(0..4000),
-                inflight,
-                waiting: rng.u64(0..=inflight),
-            };
-            fit.observe(obs, 25e-6 * obs.uncached as f64 + 0.05 * obs.waiting as f64);
-        }
+        feed(&fit, 1000, |o| {
+            25e-6 * o.uncached as f64 + 0.05 * o.waiting as f64
+        });
         (0..2)
             .map(|i| {
                 let spec = EndpointSpec::new(format!("pod-{i}"), ([10, 0, 0, i + 1], 8000).into());
@@ -394,20 +386,10 @@ mod learned_tests {
     fn a_fit_that_prices_requests_at_nothing_keeps_the_configured_price() {
         // Regression: first-token times that did not track the load (a loaded CI machine)
         // fitted every load weight to 0, and the scorer stopped seeing requests in flight.
-        let fit = Arc::new(TtftFit::default());
-        let mut rng = fastrand::Rng::with_seed(4);
-        for _ in 0..1000 {
-            let obs = Observation {
-                uncached: rng.u64(0..4000),
-                queued: rng.u64(0..4000),
-                inflight: rng.u64(0..8),
-                waiting: 0,
-            };
-            fit.observe(
-                obs,
-                25e-6 * obs.uncached as f64 - 0.01 * obs.inflight as f64,
-            );
-        }
+        let fit = TtftFit::default();
+        feed(&fit, 1000, |o| {
+            25e-6 * o.uncached as f64 - 0.01 * o.inflight as f64
+        });
         let learned = fit.weights().unwrap();
         assert!(learned.inflight_tokens < 1.0, "{learned:?}");
         let used = PrefillCostScorer::default().weights(Some(&fit));
