@@ -20,6 +20,7 @@
 #   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
 #   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
 #   MAX_NUM_SEQS= (sequences each pod runs at once; default epp-sim's 256, vLLM's default)
+#   PREFIX_CACHING=1 (0: the pods reuse no cached prefix, vLLM's --no-enable-prefix-caching)
 #   EPP_ARGS= (extra flags for every epp system, e.g. "--refresh-metrics-interval 250ms")
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
@@ -46,6 +47,7 @@ SLOW_SPEED=${SLOW_SPEED:-0.25}
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
 KV_BLOCKS=${KV_BLOCKS:-}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-}
+PREFIX_CACHING=${PREFIX_CACHING:-1}
 read -r -a EPP_EXTRA <<<"${EPP_ARGS:-}"
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
@@ -90,6 +92,7 @@ start_sims() {
   if [ "$LATE_METRICS" = 1 ]; then sim_args=(--metrics-after-first-request); fi
   if [ -n "$KV_BLOCKS" ]; then sim_args+=(--kv-blocks "$KV_BLOCKS"); fi
   if [ -n "$MAX_NUM_SEQS" ]; then sim_args+=(--max-num-seqs "$MAX_NUM_SEQS"); fi
+  if [ "$PREFIX_CACHING" = 0 ]; then sim_args+=(--no-enable-prefix-caching); fi
   for i in $(seq 0 $((PODS - 1))); do
     local fail=0 speed=$SPEED
     if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi

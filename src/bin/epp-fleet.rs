@@ -62,6 +62,9 @@ struct Cli {
     /// Most sequences a pod runs at once (vLLM's `max_num_seqs`); more wait in its queue.
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
+    /// Pods compute every prompt whole, reusing no cached prefix (vLLM's flag of the same name).
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
     /// Seconds between scrapes.
     #[arg(long, default_value_t = 0.05)]
     scrape_interval: f64,
@@ -126,6 +129,7 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
         bail!("--max-num-seqs must be at least 1");
     }
     engine.max_num_seqs = cli.max_num_seqs;
+    engine.prefix_caching = !cli.no_enable_prefix_caching;
     Ok(FleetConfig {
         pods: cli.pods,
         engine,

@@ -69,6 +69,9 @@ struct Cli {
     max_num_seqs: usize,
     #[arg(long, default_value_t = 8_192)]
     max_batched_tokens: usize,
+    /// Compute every prompt whole, reusing no cached prefix (vLLM's flag of the same name).
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
     /// Time scale: 2 runs twice as fast as the modelled GPU.
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
@@ -658,6 +661,7 @@ async fn main() -> anyhow::Result<()> {
             block_tokens: cli.block_size,
             max_num_seqs: cli.max_num_seqs.max(1),
             max_batched_tokens: cli.max_batched_tokens.max(1),
+            prefix_caching: !cli.no_enable_prefix_caching,
             ..Default::default()
         },
         &cli.model,

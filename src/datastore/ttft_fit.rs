@@ -26,13 +26,19 @@
 //! on that term, so it only matters where the data cannot separate the terms) gives the
 //! scorer three weights, in prompt tokens:
 //!
-//! * per queued token `θ_q / θ_u`, clamped to [0, [`MAX_QUEUED_WEIGHT`]];
-//! * per request in flight `16 θ_n / θ_u`, clamped to [0, [`MAX_REQUEST_TOKENS`]];
-//! * per request waiting to start `1000 θ_w / θ_u`, clamped likewise.
+//! * per queued token `θ_q / θ_u'`, clamped to [0, [`MAX_QUEUED_WEIGHT`]];
+//! * per request in flight `16 θ_n / θ_u'`, clamped to [0, [`MAX_REQUEST_TOKENS`]];
+//! * per request waiting to start `1000 θ_w / θ_u'`, clamped likewise;
 //!
-//! They are given after [`MIN_OBSERVATIONS`] observations once `θ_u` is [`MIN_T`]
-//! standard errors above 0 and above [`MIN_SECONDS_PER_TOKEN`] (first-token time grows with
-//! the tokens to compute, clearly enough to divide by); until then the scorer uses its configured
+//! where `θ_u' = max(θ_u, MIN_T × its standard error)`: the per-token slope taken no smaller
+//! than what the data can tell from 0. Where the tokens to compute show no cost (an engine
+//! without prefix caching, or one that answers after a fixed delay) the price of a request
+//! therefore reaches its clamp, and the scorer spreads requests by load whichever endpoints
+//! hold their prefixes; where the slope is clear, `θ_u' = θ_u`.
+//!
+//! They are given after [`MIN_OBSERVATIONS`] observations once one of the four slopes is
+//! [`MIN_T`] standard errors above 0 and above 10 µs per thousand (first-token time grows
+//! with something the scorer can steer); until then the scorer uses its configured
 //! defaults, and a later fit that is undetermined leaves the last weights in place. The fit
 //! is one per pool: its weights are ratios, which a pool of one model on one kind of engine
 //! shares even where some endpoints are slower.
@@ -45,15 +51,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Observations over which the fit forgets (weight `1 − 1/WINDOW` per later observation).
 pub const WINDOW: f64 = 2048.0;
 /// Observations (decayed) before the fit is used.
-pub const MIN_OBSERVATIONS: f64 = 256.0;
+pub const MIN_OBSERVATIONS: f64 = 64.0;
 /// Strength of the prior towards the default ratios, as a fraction of the data's own weight
 /// on each term.
 pub const PRIOR: f64 = 0.002;
-/// How many standard errors above 0 the per-token coefficient must be for the fit to be used.
-pub const MIN_T: f64 = 2.0;
-/// …and at least this many seconds per token (100 million tokens a second: no engine prefills
-/// faster, so a smaller slope is rounding, not a trend).
-pub const MIN_SECONDS_PER_TOKEN: f64 = 1e-8;
+/// How many standard errors above 0 a slope must be to count as shown.
+pub const MIN_T: f64 = 3.0;
+/// …and at least this many seconds per unit of its feature (10 ns per token: no engine
+/// prefills 100 million tokens a second, so a smaller slope is rounding, not a trend).
+pub const MIN_SLOPE: f64 = 1e-5;
 /// The least mean square a term's feature is taken to have (in thousands of tokens), so that
 /// a term the data never moved is held at its prior instead of left undetermined.
 const MIN_SPREAD: f64 = 1e-3;
@@ -201,32 +207,39 @@ impl Sums {
             a[t][1] -= m;
         }
         a[4][4] += mu(4);
-        // θ, and the column of a⁻¹ for θ_u (its variance), in one elimination.
-        let mut unit = [0.0; N];
-        unit[1] = 1.0;
-        let [theta, column] = solve(a, [self.xy, unit])?;
-        let floor = (MIN_SECONDS_PER_TOKEN * 1000.0)
-            .max(MIN_T * self.std_error_of_uncached(&theta, column[1]));
-        // Not clearly above the floor (or not comparable): no weights.
-        if theta[1].partial_cmp(&floor) != Some(std::cmp::Ordering::Greater) {
+        // θ, and the columns of a⁻¹ for the four slopes (their variances), in one elimination.
+        let unit = |t: usize| std::array::from_fn(|i| if i == t { 1.0 } else { 0.0 });
+        let [theta, c_u, c_q, c_n, c_w] = solve(a, [self.xy, unit(1), unit(2), unit(3), unit(4)])?;
+        let sigma2 = self.residual_variance(&theta);
+        let std_error = |t: usize, column: &[f64; N]| (sigma2 * column[t]).max(0.0).sqrt();
+        let errors = [
+            std_error(1, &c_u),
+            std_error(2, &c_q),
+            std_error(3, &c_n),
+            std_error(4, &c_w),
+        ];
+        // A slope the data shows: MIN_T standard errors above 0 and above rounding.
+        let shown = |t: usize| theta[t] > (MIN_T * errors[t - 1]).max(MIN_SLOPE);
+        if !(1..N).any(shown) {
             return None;
         }
-        let tokens = |scale: f64, t: f64| (scale * t / theta[1]).clamp(0.0, MAX_REQUEST_TOKENS);
+        // Prices in tokens divide by the per-token slope, taken no smaller than what the data
+        // can tell from 0: where tokens show no cost, a request's price reaches its clamp.
+        let per_token = theta[1].max(MIN_T * errors[0]).max(MIN_SLOPE);
+        let tokens = |scale: f64, t: f64| (scale * t / per_token).clamp(0.0, MAX_REQUEST_TOKENS);
         Some(CostWeights {
-            queued: (theta[2] / theta[1]).clamp(0.0, MAX_QUEUED_WEIGHT),
+            queued: (theta[2] / per_token).clamp(0.0, MAX_QUEUED_WEIGHT),
             inflight_tokens: tokens(INFLIGHT_SCALE, theta[3]),
             waiting_tokens: tokens(WAITING_SCALE, theta[4]),
         })
     }
 
-    /// The standard error of `θ_u` in the fit `θ`, given `(a⁻¹)_uu` of its regularized normal
-    /// equations: `σ² (a⁻¹)_uu`, with `σ²` the mean squared residual.
-    fn std_error_of_uncached(&self, theta: &[f64; N], inverse_uu: f64) -> f64 {
+    /// The fit's mean squared residual (weighted), `σ²`.
+    fn residual_variance(&self, theta: &[f64; N]) -> f64 {
         let dot = |u: &[f64; N], v: &[f64; N]| u.iter().zip(v).map(|(x, y)| x * y).sum::<f64>();
         let xx_theta: [f64; N] = std::array::from_fn(|i| dot(&self.xx[i], theta));
         let rss = self.yy - 2.0 * dot(&self.xy, theta) + dot(theta, &xx_theta);
-        let sigma2 = rss.max(0.0) / self.weight;
-        (sigma2 * inverse_uu).max(0.0).sqrt()
+        rss.max(0.0) / self.weight
     }
 }
 
@@ -292,9 +305,9 @@ mod tests {
     #[test]
     fn nothing_until_enough_observations() {
         let fit = TtftFit::default();
-        feed(&fit, 100, |o| 0.01 + 25e-6 * (o.uncached + o.queued) as f64);
+        feed(&fit, 40, |o| 0.01 + 25e-6 * (o.uncached + o.queued) as f64);
         assert_eq!(fit.weights(), None);
-        feed(&fit, 300, |o| 0.01 + 25e-6 * (o.uncached + o.queued) as f64);
+        feed(&fit, 40, |o| 0.01 + 25e-6 * (o.uncached + o.queued) as f64);
         assert!(fit.weights().is_some());
     }
 
@@ -326,7 +339,22 @@ mod tests {
     }
 
     #[test]
-    fn no_growth_with_tokens_means_no_weights_and_outliers_are_ignored() {
+    fn where_tokens_cost_nothing_requests_are_priced_at_the_clamp() {
+        // No prefix caching or a fixed first-token delay: only the slot wait varies (50 ms for
+        // each request waiting ahead), with a little noise.
+        let fit = TtftFit::default();
+        let mut rng = fastrand::Rng::with_seed(11);
+        feed(&fit, 2000, |o| {
+            0.1 + 0.05 * o.waiting as f64 + 0.01 * rng.f64()
+        });
+        let w = fit.weights().expect("the slot wait is shown");
+        assert_eq!(w.waiting_tokens, MAX_REQUEST_TOKENS, "{w:?}");
+        // Whatever a holder saves in tokens, one request more waiting outweighs it.
+        assert!(w.queued < 0.5, "{w:?}");
+    }
+
+    #[test]
+    fn no_growth_at_all_means_no_weights_and_outliers_are_ignored() {
         let fit = TtftFit::default();
         feed(&fit, 2000, |_| 0.05);
         assert_eq!(fit.weights(), None);
@@ -339,12 +367,18 @@ mod tests {
     }
 
     #[test]
-    fn noise_without_a_token_trend_gives_no_weights_and_keeps_the_last_ones() {
-        // First-token times that vary only at random: nothing to divide by.
-        let noisy = TtftFit::default();
+    fn noise_gives_no_weights_and_keeps_the_last_ones() {
+        // First-token times that vary only at random (uniform, or skewed as queueing is):
+        // nothing shown, in any of several runs.
         let mut rng = fastrand::Rng::with_seed(5);
-        feed(&noisy, 2000, |_| 0.05 + 0.02 * rng.f64());
-        assert_eq!(noisy.weights(), None);
+        for _ in 0..5 {
+            let uniform = TtftFit::default();
+            feed(&uniform, 2000, |_| 0.05 + 0.02 * rng.f64());
+            assert_eq!(uniform.weights(), None);
+            let skewed = TtftFit::default();
+            feed(&skewed, 2000, |_| 0.05 - 0.02 * (1.0 - rng.f64()).ln());
+            assert_eq!(skewed.weights(), None);
+        }
         // Learned first, then the trend disappears: learned weights stay.
         let fit = TtftFit::default();
         feed(&fit, 2000, |o| 25e-6 * (o.uncached + o.queued) as f64);

@@ -16,7 +16,8 @@
 //! cached leading blocks (at least one prompt token is always recomputed). Blocks whose last
 //! user finished stay cached and become evictable; eviction takes the least recently freed
 //! first, and a finished request frees its blocks tail first, so shared heads outlive unique
-//! tails.
+//! tails. With `prefix_caching` off (vLLM's `--no-enable-prefix-caching`) nothing is reused:
+//! every prompt is computed whole.
 //!
 //! # Output
 //! Generation is deterministic for a given prompt (greedy decoding): words of the simulator's
@@ -102,6 +103,9 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Token budget per step (vLLM's `max_num_batched_tokens`, 8192 with chunked prefill).
     pub max_batched_tokens: usize,
+    /// Reuse cached prefixes (vLLM's `--enable-prefix-caching`, on by default). Off, every
+    /// prompt is computed whole, whatever the engine computed before.
+    pub prefix_caching: bool,
     pub step: StepCost,
 }
 
@@ -113,6 +117,7 @@ impl Default for EngineConfig {
             block_tokens: 16,
             max_num_seqs: 256,
             max_batched_tokens: 8_192,
+            prefix_caching: true,
             step: StepCost::h100_llama2_7b(),
         }
     }
@@ -345,8 +350,11 @@ impl Engine {
     }
 
     /// How many leading blocks of `hashes` are cached right now (for oracles and peers that
-    /// see the true cache).
+    /// see the true cache); none without prefix caching.
     pub fn cached_prefix_blocks(&self, hashes: &[u64]) -> usize {
+        if !self.cfg.prefix_caching {
+            return 0;
+        }
         hashes
             .iter()
             .take_while(|h| self.cache.contains_key(h))
@@ -734,6 +742,29 @@ mod tests {
         let m = e.metrics();
         assert_eq!(m.prefix_hit_tokens, 96);
         assert_eq!(m.kv_usage, 0.0, "idle cached blocks count as free");
+    }
+
+    #[test]
+    fn without_prefix_caching_every_prompt_is_computed_whole() {
+        let mut e = Engine::new(
+            EngineConfig {
+                prefix_caching: false,
+                ..cfg(100)
+            },
+            "m",
+        );
+        e.add_request(req(1, tokens(&[1, 2, 3, 4], 5), 2));
+        run(&mut e);
+        e.add_request(req(2, tokens(&[1, 2, 3, 4], 5), 2));
+        let first = e.step();
+        assert_eq!(
+            first.prefill_tokens, 69,
+            "the same prompt again, computed whole"
+        );
+        let ev = run(&mut e);
+        assert_eq!(cached(&ev, 2), 0);
+        assert_eq!(e.cached_prefix_blocks(&e.hashes_of(&tokens(&[1, 2], 0))), 0);
+        assert_eq!(e.metrics().prefix_hit_tokens, 0);
     }
 
     #[test]

@@ -51,7 +51,9 @@
 //! with `waiting(e)` the requests in flight there that have not started answering. On an
 //! engine that runs only a few sequences at once such a request costs a wait for a slot
 //! (thousands of tokens' worth), and the scorer spreads by them; on one that prefills requests
-//! in parallel, queued tokens cost nothing. `w_n` is never below `decodeTokensPerRequest`, so
+//! in parallel, queued tokens cost nothing; on one that reuses no cached prefix (or answers
+//! after a fixed delay), a request costs the same wherever it goes, the prices of requests
+//! reach their clamps, and the scorer spreads by load whichever endpoints hold the prefix. `w_n` is never below `decodeTokensPerRequest`, so
 //! a fit misled by noisy timings cannot make the scorer blind to load. Until the fit has
 //! enough observations, and with `learnWeights: false`, `w_q = 1`,
 //! `w_n = decodeTokensPerRequest` and `w_w = 0`.
@@ -361,7 +363,7 @@ mod learned_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::datastore::ttft_fit::feed;
+    use crate::datastore::ttft_fit::{Observation, feed};
     use crate::datastore::{Endpoint, EndpointMetrics, EndpointSpec, LoadAmount, Reservation};
     use crate::request::LlmRequest;
     use crate::scheduling::framework::PrefixMatchInfo;
@@ -369,10 +371,13 @@ mod learned_tests {
     /// Two endpoints of one pool whose fit saw a slot-bound engine: every request waiting
     /// ahead cost 50 ms, a prefilled token 25 µs (2,000 tokens per waiting request).
     fn slot_bound_pool() -> Vec<Candidate> {
+        pool_that_saw(|o| 25e-6 * o.uncached as f64 + 0.05 * o.waiting as f64)
+    }
+
+    /// Two endpoints of one pool whose fit saw first-token times `ttft`.
+    fn pool_that_saw(ttft: impl FnMut(&Observation) -> f64) -> Vec<Candidate> {
         let fit = Arc::new(TtftFit::default());
-        feed(&fit, 1000, |o| {
-            25e-6 * o.uncached as f64 + 0.05 * o.waiting as f64
-        });
+        feed(&fit, 1000, ttft);
         (0..2)
             .map(|i| {
                 let spec = EndpointSpec::new(format!("pod-{i}"), ([10, 0, 0, i + 1], 8000).into());
@@ -423,6 +428,30 @@ mod learned_tests {
         };
         fixed.score(&ctx, &refs, &mut scores);
         assert_eq!(scores[0], 1.0, "fixed: {scores:?}");
+        drop(waiting);
+    }
+
+    #[test]
+    fn where_prompts_cost_nothing_a_long_prefix_does_not_outweigh_one_request_waiting() {
+        // An engine without prefix caching, or with a fixed first-token delay: only the slot
+        // wait (80 ms per request waiting ahead) shows in first-token times.
+        let mut rng = fastrand::Rng::with_seed(2);
+        let cs = pool_that_saw(|o| 0.2 + 0.08 * o.waiting as f64 + 0.02 * rng.f64());
+        let waiting = Reservation::new(cs[0].endpoint.clone(), LoadAmount::default());
+        let req = LlmRequest {
+            prompt: vec![b'x'; 40_000],
+            ..Default::default()
+        };
+        let mut ctx = SchedulingContext::new(&req, fastrand::Rng::with_seed(1));
+        // Endpoint 0 is believed to hold the first 39,000 bytes.
+        ctx.prefix = Some(PrefixMatchInfo {
+            hashed_bytes: 40_000,
+            matched: vec![(0, 39_000)],
+        });
+        let refs: Vec<_> = cs.iter().collect();
+        let mut scores = vec![0.0; 2];
+        PrefillCostScorer::default().score(&ctx, &refs, &mut scores);
+        assert_eq!(scores[1], 1.0, "{scores:?}");
         drop(waiting);
     }
 }
