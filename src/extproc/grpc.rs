@@ -174,21 +174,18 @@ impl Encoder {
 
     /// Queues one reply. Errors if it is longer than the limit.
     pub fn push(&mut self, mut reply: ProcessingResponse) -> Result<(), Status> {
-        let len = reply.encoded_len();
-        if len > self.max_message {
-            return Err(Status::out_of_range(format!(
-                "encoded message length too large: found {len} bytes, the limit is {} bytes",
-                self.max_message
-            )));
-        }
         if let Some(parts) = take_chunk(&mut reply) {
+            let lens = parts.lens();
+            self.check(lens.total)?;
             // The replies before it, then its prefix (from the same buffer), then it.
             self.flush_batch();
-            encode_around_chunk(&parts, &mut self.batch);
+            encode_around_chunk(&parts, &lens, &mut self.batch);
             self.flush_batch();
             self.ready.push_back(parts.chunk);
             return Ok(());
         }
+        let len = reply.encoded_len();
+        self.check(len)?;
         self.batch.reserve(PREFIX + len);
         self.batch.put_u8(0);
         self.batch.put_u32(len as u32);
@@ -196,6 +193,16 @@ impl Encoder {
         let _ = reply.encode(&mut self.batch);
         if self.batch.len() >= YIELD_THRESHOLD {
             self.flush_batch();
+        }
+        Ok(())
+    }
+
+    fn check(&self, len: usize) -> Result<(), Status> {
+        if len > self.max_message {
+            return Err(Status::out_of_range(format!(
+                "encoded message length too large: found {len} bytes, the limit is {} bytes",
+                self.max_message
+            )));
         }
         Ok(())
     }
@@ -264,31 +271,52 @@ fn take_chunk(reply: &mut ProcessingResponse) -> Option<AroundChunk> {
     })
 }
 
+/// The encoded lengths of the messages on the path to a chunk, each including the chunk.
+struct PathLens {
+    streamed: usize,
+    mutation: usize,
+    common: usize,
+    body: usize,
+    /// The whole reply.
+    total: usize,
+}
+
+impl AroundChunk {
+    /// Innermost first: each level's length includes the one inside it.
+    fn lens(&self) -> PathLens {
+        let streamed = self.streamed.encoded_len() + field_len(1, self.chunk.len());
+        let mutation = field_len(3, streamed);
+        let common = self.common.encoded_len() + field_len(3, mutation);
+        let body = field_len(1, common);
+        let total = self.outer.encoded_len() + field_len(self.tag, body);
+        PathLens {
+            streamed,
+            mutation,
+            common,
+            body,
+            total,
+        }
+    }
+}
+
 /// Writes to `out` the bytes before the chunk: the gRPC prefix, then each message on the path
 /// to the chunk (`outer` ProcessingResponse → BodyResponse → `common` CommonResponse →
 /// BodyMutation → `streamed` StreamedBodyResponse), each as its other fields' encoding
 /// followed by the field leading to the chunk. Protobuf readers accept fields in any order,
 /// so the chunk is the message's final bytes and needs no copy.
-fn encode_around_chunk(parts: &AroundChunk, out: &mut BytesMut) {
-    let chunk_len = parts.chunk.len();
-    // Innermost first: each level's length includes the chunk.
-    let streamed_len = parts.streamed.encoded_len() + field_len(1, chunk_len);
-    let mutation_len = field_len(3, streamed_len);
-    let common_len = parts.common.encoded_len() + field_len(3, mutation_len);
-    let body_len = field_len(1, common_len);
-    let total = parts.outer.encoded_len() + field_len(parts.tag, body_len);
-    out.reserve(PREFIX + total - chunk_len);
+fn encode_around_chunk(parts: &AroundChunk, lens: &PathLens, out: &mut BytesMut) {
+    out.reserve(PREFIX + lens.total - parts.chunk.len());
     out.put_u8(0);
-    out.put_u32(total as u32);
+    out.put_u32(lens.total as u32);
     // Cannot fail: `out` grows as needed.
     let _ = parts.outer.encode(out);
-    put_header(out, parts.tag, body_len);
-    put_header(out, 1, common_len);
+    put_header(out, parts.tag, lens.body);
+    put_header(out, 1, lens.common);
     let _ = parts.common.encode(out);
-    put_header(out, 3, mutation_len);
-    put_header(out, 3, streamed_len);
+    put_header(out, 3, lens.mutation);
+    put_header(out, 3, lens.streamed);
     let _ = parts.streamed.encode(out);
-    put_header(out, 1, chunk_len);
+    put_header(out, 1, parts.chunk.len());
 }
 
 /// Bytes of a length-delimited field `tag` whose content is `len` bytes.
@@ -463,5 +491,16 @@ mod tests {
         let mut e = Encoder::new(100);
         let r = msg::streamed_request_chunk(Bytes::from(vec![0; 200]), true);
         assert_eq!(e.push(r).unwrap_err().code(), tonic::Code::OutOfRange);
+        // A chunk large enough to be sent from its own buffer is measured the same way.
+        let limit = ZERO_COPY_MIN + 64;
+        let mut e = Encoder::new(limit);
+        let fits = msg::streamed_request_chunk(Bytes::from(vec![0; ZERO_COPY_MIN]), true);
+        assert!(fits.encoded_len() <= limit);
+        e.push(fits).unwrap();
+        let over = msg::streamed_request_chunk(Bytes::from(vec![0; limit]), true);
+        let found = format!("found {} bytes", over.encoded_len());
+        let err = e.push(over).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        assert!(err.message().contains(&found), "{err:?}");
     }
 }
