@@ -137,11 +137,21 @@ impl BlockHasher {
         let mut prev = seed;
         for block in prompt[..dense_end].chunks(bs) {
             prev = Self::mix(prev, xxh3_64(block));
-            out.push(prev & !COARSE_BIT);
+            out.push(Self::tag(prev, true));
         }
         for block in prompt[dense_end..coarse_end].chunks(coarse) {
             prev = Self::mix(prev, xxh3_64(block));
-            out.push(prev | COARSE_BIT);
+            out.push(Self::tag(prev, false));
+        }
+    }
+
+    /// A chained hash marked as a dense or a coarse block's.
+    #[inline]
+    fn tag(h: u64, dense: bool) -> BlockHash {
+        if dense {
+            h & !COARSE_BIT
+        } else {
+            h | COARSE_BIT
         }
     }
 
@@ -228,11 +238,7 @@ impl BlockDigests {
         let mut prev = seed;
         for (i, &x) in self.xs.iter().enumerate() {
             prev = BlockHasher::mix(prev, x);
-            out.push(if i < self.dense {
-                prev & !COARSE_BIT
-            } else {
-                prev | COARSE_BIT
-            });
+            out.push(BlockHasher::tag(prev, i < self.dense));
         }
     }
 }
