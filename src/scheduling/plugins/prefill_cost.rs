@@ -401,6 +401,29 @@ mod learned_tests {
         assert_eq!(used.inflight_tokens, DEFAULT_DECODE_TOKENS_PER_REQUEST);
     }
 
+    /// The scores of `cs` for a request of `prompt` bytes whose first `held` bytes endpoint 0
+    /// is believed to hold.
+    fn scores(
+        scorer: &PrefillCostScorer,
+        cs: &[Candidate],
+        prompt: usize,
+        held: usize,
+    ) -> Vec<f64> {
+        let req = LlmRequest {
+            prompt: vec![b'x'; prompt],
+            ..Default::default()
+        };
+        let mut ctx = SchedulingContext::new(&req, fastrand::Rng::with_seed(1));
+        ctx.prefix = Some(PrefixMatchInfo {
+            hashed_bytes: prompt,
+            matched: vec![(0, held)],
+        });
+        let refs: Vec<_> = cs.iter().collect();
+        let mut scores = vec![0.0; cs.len()];
+        scorer.score(&ctx, &refs, &mut scores);
+        scores
+    }
+
     #[test]
     fn learned_weights_send_a_request_away_from_a_holder_with_requests_waiting() {
         let cs = slot_bound_pool();
@@ -408,26 +431,15 @@ mod learned_tests {
         let waiting: Vec<_> = (0..3)
             .map(|_| Reservation::new(cs[0].endpoint.clone(), LoadAmount::default()))
             .collect();
-        let req = LlmRequest {
-            prompt: vec![b'x'; 4000],
-            ..Default::default()
-        };
-        let mut ctx = SchedulingContext::new(&req, fastrand::Rng::with_seed(1));
-        ctx.prefix = Some(PrefixMatchInfo {
-            hashed_bytes: 4000,
-            matched: vec![(0, 3600)],
-        });
-        let refs: Vec<_> = cs.iter().collect();
-        let mut scores = vec![0.0; 2];
-        PrefillCostScorer::default().score(&ctx, &refs, &mut scores);
-        assert_eq!(scores[1], 1.0, "learned: {scores:?}");
+        let learned = scores(&PrefillCostScorer::default(), &cs, 4000, 3600);
+        assert_eq!(learned[1], 1.0, "learned: {learned:?}");
         // With the fixed weights the holder wins: 3 × 16 tokens < the 900 it saves.
         let fixed = PrefillCostScorer {
             learn_weights: false,
             ..Default::default()
         };
-        fixed.score(&ctx, &refs, &mut scores);
-        assert_eq!(scores[0], 1.0, "fixed: {scores:?}");
+        let fixed = scores(&fixed, &cs, 4000, 3600);
+        assert_eq!(fixed[0], 1.0, "fixed: {fixed:?}");
         drop(waiting);
     }
 
@@ -438,20 +450,9 @@ mod learned_tests {
         let mut rng = fastrand::Rng::with_seed(2);
         let cs = pool_that_saw(|o| 0.2 + 0.08 * o.waiting as f64 + 0.02 * rng.f64());
         let waiting = Reservation::new(cs[0].endpoint.clone(), LoadAmount::default());
-        let req = LlmRequest {
-            prompt: vec![b'x'; 40_000],
-            ..Default::default()
-        };
-        let mut ctx = SchedulingContext::new(&req, fastrand::Rng::with_seed(1));
-        // Endpoint 0 is believed to hold the first 39,000 bytes.
-        ctx.prefix = Some(PrefixMatchInfo {
-            hashed_bytes: 40_000,
-            matched: vec![(0, 39_000)],
-        });
-        let refs: Vec<_> = cs.iter().collect();
-        let mut scores = vec![0.0; 2];
-        PrefillCostScorer::default().score(&ctx, &refs, &mut scores);
-        assert_eq!(scores[1], 1.0, "{scores:?}");
+        // Endpoint 0 is believed to hold 39,000 of the 40,000 bytes.
+        let s = scores(&PrefillCostScorer::default(), &cs, 40_000, 39_000);
+        assert_eq!(s[1], 1.0, "{s:?}");
         drop(waiting);
     }
 }
