@@ -49,6 +49,27 @@ fn long_prompt(tag: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_prefix_caching_the_same_prompt_is_computed_whole_again() {
+    let (_sim, addr) = start_sim_with("s0", &["--no-enable-prefix-caching"]);
+    let c = client();
+    let url = format!("http://{addr}/v1/completions");
+    let body =
+        serde_json::json!({"model": "model", "prompt": long_prompt("same"), "max_tokens": 2});
+    for _ in 0..2 {
+        let (status, _, text) = call(&c, "POST", &url, &body.to_string()).await;
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    }
+    let (_, _, metrics) = call(&c, "GET", &format!("http://{addr}/metrics"), "").await;
+    let hits = metrics
+        .lines()
+        .find(|l| l.starts_with("vllm:prefix_cache_hits_total"))
+        .unwrap_or_else(|| panic!("no prefix hits line in\n{metrics}"));
+    assert!(hits.ends_with(" 0"), "{hits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_json_reports_usage_and_prefix_hits() {
     let (_sim, addr) = start_sim("s0");
     let c = client();
