@@ -174,19 +174,11 @@ pub struct LoadAmount {
 pub struct Reservation {
     endpoint: Arc<Endpoint>,
     amount: LoadAmount,
-    /// What the endpoint had in flight before this request.
-    ahead: Ahead,
+    /// The request and what the endpoint had in flight before it, as the pool's first-token
+    /// fit sees them (each counter read in the same atomic step as the request's add to it).
+    observation: Observation,
     prefill_held: bool,
     held: bool,
-}
-
-/// An endpoint's load just before a request was added to it (each counter read in the same
-/// atomic step as the request's add to it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ahead {
-    pub requests: u64,
-    pub pending_prefill: u64,
-    pub prefilling: u64,
 }
 
 impl Reservation {
@@ -206,10 +198,11 @@ impl Reservation {
         Self {
             endpoint,
             amount,
-            ahead: Ahead {
-                requests,
-                pending_prefill,
-                prefilling,
+            observation: Observation {
+                uncached: amount.uncached_tokens,
+                queued: pending_prefill,
+                inflight: requests,
+                waiting: prefilling,
             },
             prefill_held: true,
             held: true,
@@ -224,19 +217,10 @@ impl Reservation {
         self.amount
     }
 
-    /// What the endpoint had in flight before this request: what it waited behind.
-    pub fn ahead(&self) -> Ahead {
-        self.ahead
-    }
-
-    /// The request as the pool's first-token fit sees it.
-    pub fn observation(&self) -> Observation {
-        Observation {
-            uncached: self.amount.uncached_tokens,
-            queued: self.ahead.pending_prefill,
-            inflight: self.ahead.requests,
-            waiting: self.ahead.prefilling,
-        }
+    /// Its first token came `seconds` after the routing decision: one observation for its
+    /// pool's first-token fit.
+    pub fn observe_first_token(&self, seconds: f64) {
+        self.endpoint.ttft.observe(self.observation, seconds);
     }
 
     /// The first response byte arrived: the prompt has been computed, so its prefill work
@@ -311,16 +295,20 @@ mod tests {
         );
         assert_eq!(s.tokens(), 67);
         assert_eq!(s.prefilling, 1);
-        assert_eq!(r.ahead(), Ahead::default());
+        let alone = Observation {
+            uncached: 60,
+            ..Observation::default()
+        };
+        assert_eq!(r.observation, alone);
         let second = Reservation::new(ep.clone(), AMOUNT);
-        let ahead = Ahead {
-            requests: 1,
-            pending_prefill: 60,
-            prefilling: 1,
+        let behind_one = Observation {
+            uncached: 60,
+            queued: 60,
+            inflight: 1,
+            waiting: 1,
         };
         assert_eq!(
-            second.ahead(),
-            ahead,
+            second.observation, behind_one,
             "what the second request waits behind"
         );
         drop(second);

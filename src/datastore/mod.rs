@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 pub use endpoint::{
     Endpoint, EndpointId, EndpointMetrics, EndpointSpec, EngineType, ScrapeFailure,
 };
-pub use load::{Ahead, EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
+pub use load::{EndpointLoad, LoadAmount, LoadSnapshot, Reservation, SampleClock};
 pub use outlier::{Moment, OutlierDetector, OutlierPolicy, Verdict};
 
 /// Nanoseconds from the first instant ever passed here to `t` (0 for earlier instants): the

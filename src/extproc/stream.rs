@@ -776,9 +776,7 @@ impl StreamHandler {
         };
         r.prefill_done();
         if routed.request.stream && routed.succeeded {
-            r.endpoint()
-                .ttft
-                .observe(r.observation(), routed.at.elapsed().as_secs_f64());
+            r.observe_first_token(routed.at.elapsed().as_secs_f64());
         }
     }
 

@@ -733,9 +733,7 @@ impl<'w> Sim<'w> {
         if let Some(r) = l.reservation.as_mut() {
             r.prefill_done();
             // Every simulated response streams and succeeds.
-            r.endpoint()
-                .ttft
-                .observe(r.observation(), now - l.outcome.arrival);
+            r.observe_first_token(now - l.outcome.arrival);
         }
         if let (Router::Dynamo(d), Some(r)) = (&mut self.router, l.dynamo.as_mut()) {
             d.first_token(r);
