@@ -427,14 +427,15 @@ async fn epp_fits_its_cost_weights_to_streamed_first_token_times_only() {
     let url = format!("http://127.0.0.1:{}/v1/completions", stack.gateway);
     let page_url = format!("http://127.0.0.1:{}/metrics", stack.metrics_port);
     let c = client();
-    // Unstreamed responses start when they end: not first-token times.
-    send_four_at_a_time(&url, 280, 1, false).await;
+    // Unstreamed responses start when they end: not first-token times. (80 would be enough
+    // observations for the fit.)
+    send_four_at_a_time(&url, 80, 1, false).await;
     let page = call(&c, "GET", &page_url, "").await.2;
     assert!(!page.contains("epp_prefill_cost_weight"), "{page}");
-    // 280 observations weigh 262 after forgetting: past the fit's 256. The fit also waits for
-    // a clear per-token trend, so on a loaded machine it may take a few more.
+    // 80 observations weigh 78.5 after forgetting: past the fit's 64. The fit also waits for a
+    // slope clear of the noise, so on a loaded machine it may take a few more.
     let mut page = String::new();
-    for count in [280, 140, 140, 140] {
+    for count in [80, 140, 140, 140] {
         send_four_at_a_time(&url, count, 10, true).await;
         page = call(&c, "GET", &page_url, "").await.2;
         if page.contains("epp_prefill_cost_weight") {
