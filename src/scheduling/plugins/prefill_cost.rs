@@ -53,10 +53,10 @@
 //! (thousands of tokens' worth), and the scorer spreads by them; on one that prefills requests
 //! in parallel, queued tokens cost nothing; on one that reuses no cached prefix (or answers
 //! after a fixed delay), a request costs the same wherever it goes, the prices of requests
-//! reach their clamps, and the scorer spreads by load whichever endpoints hold the prefix. `w_n` is never below `decodeTokensPerRequest`, so
-//! a fit misled by noisy timings cannot make the scorer blind to load. Until the fit has
-//! enough observations, and with `learnWeights: false`, `w_q = 1`,
-//! `w_n = decodeTokensPerRequest` and `w_w = 0`.
+//! reach their clamps, and the scorer spreads by load whichever endpoints hold the prefix.
+//! `w_n` is never below `decodeTokensPerRequest`, so a fit misled by noisy timings cannot make
+//! the scorer blind to load. Until the fit has enough observations, and with
+//! `learnWeights: false`, `w_q = 1`, `w_n = decodeTokensPerRequest` and `w_w = 0`.
 //!
 //! With no prefix plugin in the profile every endpoint has `uncached = prompt`, and the scorer
 //! balances the queued prefill work and the decode load. Near-equal costs are ties for the
