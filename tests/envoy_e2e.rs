@@ -35,6 +35,28 @@ async fn shared_prefix_sticks_to_one_backend() {
     }
 }
 
+/// Backends whose engines report prefix caching off (vLLM's `--no-enable-prefix-caching`)
+/// gain nothing from a prefix they were sent before: a shared prefix is spread like any load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_spreads_over_backends_that_report_prefix_caching_off() {
+    let stack = Stack::start(3, BodyMode::Streamed, &[]).await;
+    for b in &stack.backends {
+        b.set_prefix_caching(false);
+    }
+    for b in &stack.backends {
+        b.scraped_again(2).await;
+    }
+    let sys = system_prompt("acme support bot");
+    let mut seen = HashSet::new();
+    for i in 0..12 {
+        let r = stack.complete(&format!("{sys} question {i}: why?")).await;
+        assert_eq!(r.status, 200);
+        seen.insert(r.backend());
+    }
+    // All 12 on one of 3 backends by chance: 3 × 3^-12 ≈ 6e-6.
+    assert!(seen.len() > 1, "the prefix stuck to {seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_prefixes_spread_across_backends() {
     let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;
@@ -58,10 +80,7 @@ async fn deep_queue_backend_stops_receiving_new_work() {
     let busy = &stack.backends[0];
     busy.set_queue(50);
     // Let epp scrape the new queue depth (every 20 ms in tests).
-    let before = busy.scrapes();
-    while busy.scrapes() < before + 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    busy.scraped_again(3).await;
     for i in 0..30 {
         let r = stack.complete(&format!("fresh prompt number {i}")).await;
         assert_ne!(

@@ -67,6 +67,10 @@ async fn without_prefix_caching_the_same_prompt_is_computed_whole_again() {
         .find(|l| l.starts_with("vllm:prefix_cache_hits_total"))
         .unwrap_or_else(|| panic!("no prefix hits line in\n{metrics}"));
     assert!(hits.ends_with(" 0"), "{hits}");
+    assert!(
+        metrics.contains("enable_prefix_caching=\"False\""),
+        "the cache config says so, as vLLM's does:\n{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -609,7 +609,8 @@ async fn metrics(State(s): State<St>) -> Response {
         .get_or_create(&CacheConfigLabels {
             block_size: m.block_tokens.to_string(),
             num_gpu_blocks: m.num_blocks.to_string(),
-            enable_prefix_caching: "True".into(),
+            // As vLLM prints a Python bool.
+            enable_prefix_caching: if m.prefix_caching { "True" } else { "False" }.into(),
         })
         .set(1);
     mm.lora

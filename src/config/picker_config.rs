@@ -559,7 +559,7 @@ mod tests {
     #[test]
     fn parameters_reach_the_plugins() {
         let s = build_scheduler(
-            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 10, lruCapacityPerServer: 99, autoTune: false}\n- {name: pick, type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}\nschedulingProfiles:\n- name: p\n  plugins: [{pluginRef: prefix-cache-scorer, weight: 5}, {pluginRef: pick}]\n",
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 10, lruCapacityPerServer: 99, autoTune: false, respectEnablePrefixCaching: false}\n- {name: pick, type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}\nschedulingProfiles:\n- name: p\n  plugins: [{pluginRef: prefix-cache-scorer, weight: 5}, {pluginRef: pick}]\n",
             None,
         )
         .unwrap();
@@ -574,6 +574,11 @@ mod tests {
         );
         assert_eq!(cfg.lru_capacity_per_server, 99);
         assert!(!cfg.auto_tune);
+        assert!(!cfg.respect_enable_prefix_caching);
+        assert!(
+            crate::scheduling::plugins::prefix::PrefixConfig::default()
+                .respect_enable_prefix_caching
+        );
         assert_eq!(names(&s), vec![("prefix-cache-scorer".to_owned(), 5.0)]);
     }
 

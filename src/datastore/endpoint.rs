@@ -179,6 +179,10 @@ pub struct EndpointMetrics {
     pub block_size_tokens: Option<u32>,
     /// Number of KV blocks on the device, from the engine's cache config.
     pub num_gpu_blocks: Option<u64>,
+    /// Whether the engine reuses cached prompt prefixes, from its cache config's
+    /// `enable_prefix_caching` label (vLLM's `--[no-]enable-prefix-caching`); `None` when the
+    /// page does not say.
+    pub prefix_caching: Option<bool>,
     /// When the values above were scraped.
     pub updated: Option<Instant>,
     /// The endpoint's [`EndpointLoad::dispatched`] count when that scrape started: requests

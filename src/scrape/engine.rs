@@ -29,6 +29,21 @@ fn label<'a>(s: &'a Sample, key: &str) -> Option<&'a str> {
         .map(|l| l.value.as_str())
 }
 
+/// The cache-config label saying whether the engine reuses cached prefixes (vLLM exports every
+/// field of its `CacheConfig` as a label of `vllm:cache_config_info`).
+const PREFIX_CACHING_LABEL: &str = "enable_prefix_caching";
+
+/// A boolean as Python prints it (`True`/`False`), or in any case.
+fn python_bool(v: &str) -> Option<bool> {
+    if v.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if v.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 fn value(s: &Sample) -> Option<f64> {
     s.value.value.parse::<f64>().ok().filter(|v| v.is_finite())
 }
@@ -172,6 +187,7 @@ fn read_cache_info(page: &Page, cache: &CacheInfo, out: &mut EndpointMetrics) {
             if let Some(s) = page.samples(spec).and_then(|mut it| it.next()) {
                 out.block_size_tokens = label(s, block_size_label).and_then(|v| v.parse().ok());
                 out.num_gpu_blocks = label(s, blocks_label).and_then(|v| v.parse().ok());
+                out.prefix_caching = label(s, PREFIX_CACHING_LABEL).and_then(python_bool);
             }
         }
         CacheInfo::Gauges { block_size, blocks } => {
@@ -241,7 +257,34 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
         assert_eq!(m.max_lora, 2);
         assert_eq!(m.block_size_tokens, Some(16));
         assert_eq!(m.num_gpu_blocks, Some(1000));
+        assert_eq!(m.prefix_caching, Some(true));
         assert_eq!(m.updated, Some(now));
+    }
+
+    #[test]
+    fn the_cache_config_says_whether_prefixes_are_reused() {
+        let page = |flag: &str| {
+            format!(
+                "vllm:cache_config_info{{block_size=\"16\",enable_prefix_caching=\"{flag}\",num_gpu_blocks=\"9\"}} 1.0\n"
+            )
+        };
+        let read = |text: &str| {
+            parse_metrics(&engine("vllm"), text, Instant::now())
+                .unwrap()
+                .prefix_caching
+        };
+        assert_eq!(read(&page("False")), Some(false));
+        assert_eq!(read(&page("true")), Some(true));
+        assert_eq!(
+            read(&page("maybe")),
+            None,
+            "a value that is no boolean says nothing"
+        );
+        assert_eq!(
+            read("vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"9\"} 1.0\n"),
+            None,
+            "without the label (the llm-d inference simulator) nothing is known"
+        );
     }
 
     #[test]

@@ -215,6 +215,8 @@ struct ScrapeState {
     failure: Option<ScrapeFailure>,
     /// Families the page lacked (absent values), by name.
     absent: Vec<String>,
+    /// Whether the engine's cache config last said prefix caching is off.
+    prefix_caching_off: bool,
 }
 
 impl ScrapeState {
@@ -250,6 +252,19 @@ impl ScrapeState {
                 );
             }
             self.absent = absent;
+            changed = true;
+        }
+        let reuse_off = m.prefix_caching == Some(false);
+        if reuse_off != self.prefix_caching_off {
+            if reuse_off {
+                tracing::info!(
+                    endpoint = %endpoint.name,
+                    "engine reports prefix caching off; prefix matches on it count as nothing"
+                );
+            } else {
+                tracing::info!(endpoint = %endpoint.name, "engine no longer reports prefix caching off");
+            }
+            self.prefix_caching_off = reuse_off;
             changed = true;
         }
         changed
@@ -368,6 +383,15 @@ mod tests {
         assert_eq!(status.failure(), ScrapeFailure::BadStatus);
         assert!(s.on_success(&ep, &vllm, &full), "recovered: logged");
         assert!(!s.on_success(&ep, &vllm, &full));
+        let no_reuse = EndpointMetrics {
+            prefix_caching: Some(false),
+            ..full.clone()
+        };
+        assert!(
+            s.on_success(&ep, &vllm, &no_reuse),
+            "prefix caching off: logged"
+        );
+        assert!(!s.on_success(&ep, &vllm, &no_reuse));
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub struct EngineMetrics {
     /// Blocks claimed (see [`EngineConfig::reported_blocks`]).
     pub num_blocks: usize,
     pub block_tokens: usize,
+    /// [`EngineConfig::prefix_caching`], as vLLM's cache config reports it.
+    pub prefix_caching: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -346,6 +348,7 @@ impl Engine {
             prefix_hit_tokens: self.prefix_hit_tokens,
             num_blocks: self.cfg.reported_blocks.unwrap_or(self.cfg.num_blocks),
             block_tokens: self.cfg.block_tokens,
+            prefix_caching: self.cfg.prefix_caching,
         }
     }
 
@@ -461,6 +464,9 @@ impl Engine {
         seq.computed = hits * bt;
         if !seq.first_emitted {
             seq.cached_tokens = hits * bt;
+        }
+        // As in vLLM, an engine without prefix caching does not look its cache up at all.
+        if !seq.first_emitted && self.cfg.prefix_caching {
             self.prefix_query_tokens += seq.req.prompt.len() as u64;
             self.prefix_hit_tokens += (hits * bt) as u64;
         }
@@ -764,7 +770,9 @@ mod tests {
         let ev = run(&mut e);
         assert_eq!(cached(&ev, 2), 0);
         assert_eq!(e.cached_prefix_blocks(&e.hashes_of(&tokens(&[1, 2], 0))), 0);
-        assert_eq!(e.metrics().prefix_hit_tokens, 0);
+        let m = e.metrics();
+        assert_eq!((m.prefix_hit_tokens, m.prefix_query_tokens), (0, 0));
+        assert!(!m.prefix_caching, "reported as vLLM's cache config does");
     }
 
     #[test]

@@ -52,9 +52,11 @@ pub enum Policy {
     Config {
         name: String,
         text: Arc<str>,
-        /// Whether the pods' usage reports teach it their bytes per token (epp does; the Go
-        /// EPP, whose GIE and llm-d configurations the peers stand for, counts 4).
-        learns_tokenization: bool,
+        /// Whether it reads what only epp reads: the pods' usage reports (their bytes per
+        /// token) and the cache config's `enable_prefix_caching` label. The Go EPP, whose GIE
+        /// and llm-d configurations the peers stand for, counts 4 bytes per token and reads
+        /// neither.
+        epp_signals: bool,
     },
     /// sglang-router `cache_aware` ([`SglangCacheAware`]).
     Sglang,
@@ -101,10 +103,10 @@ impl Policy {
     /// Parses a CLI name: round-robin, random, least-loaded, v1, gie, llm-d, epp, sglang,
     /// dynamo, oracle-hits, oracle-balance, or `config:<path>` (an EndpointPickerConfig file).
     pub fn parse(s: &str) -> Result<Policy, String> {
-        let config = |name: &str, text: &str, learns_tokenization| Policy::Config {
+        let config = |name: &str, text: &str, epp_signals| Policy::Config {
             name: name.into(),
             text: Arc::from(text),
-            learns_tokenization,
+            epp_signals,
         };
         Ok(match s {
             "round-robin" | "rr" => Policy::RoundRobin,
@@ -425,8 +427,9 @@ struct Sim<'w> {
     finished: usize,
     /// The instant simulated time 0 maps to (epp's scheduler reads the time).
     clock: Instant,
-    /// Feed each response's usage to its endpoint's tokenization (see [`Policy::Config`]).
-    learns_tokenization: bool,
+    /// Feed each response's usage to its endpoint's tokenization and report the engines'
+    /// prefix-caching flag (see [`Policy::Config`]).
+    epp_signals: bool,
 }
 
 /// Runs `workload` through a fleet routed by `policy`. `prepared` must be [`prepare`]d from
@@ -523,10 +526,10 @@ impl<'w> Sim<'w> {
             answers: vec![Vec::new(); workload.sessions.len()],
             finished: 0,
             clock: Instant::now(),
-            learns_tokenization: matches!(
+            epp_signals: matches!(
                 policy,
                 Policy::Config {
-                    learns_tokenization: true,
+                    epp_signals: true,
                     ..
                 }
             ),
@@ -756,7 +759,7 @@ impl<'w> Sim<'w> {
         let l = &mut self.live[id];
         l.outcome.finished = now;
         l.reservation = None;
-        if self.learns_tokenization {
+        if self.epp_signals {
             // The response's usage, as epp reads it at the end of a response.
             self.endpoints[pod]
                 .tokenization
@@ -801,6 +804,9 @@ impl<'w> Sim<'w> {
             snap.kv_cache_usage = Some(m.kv_usage);
             snap.num_gpu_blocks = Some(m.num_blocks as u64);
             snap.block_size_tokens = Some(m.block_tokens as u32);
+            if self.epp_signals {
+                snap.prefix_caching = Some(m.prefix_caching);
+            }
         }
         p.in_flight = Some(snap);
         self.push(now + s.latency, EventKind::ScrapeDone(pod));

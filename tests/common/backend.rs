@@ -32,6 +32,9 @@ pub struct Counters {
     pub requests: AtomicUsize,
     /// Answer every completion with 500 (a dead engine behind a live API server).
     pub failing: std::sync::atomic::AtomicBool,
+    /// Report prefix caching off in `vllm:cache_config_info` (vLLM's
+    /// `--no-enable-prefix-caching`).
+    pub no_prefix_caching: std::sync::atomic::AtomicBool,
 }
 
 pub struct Backend {
@@ -84,6 +87,18 @@ impl Backend {
         self.counters.failing.store(failing, Ordering::SeqCst);
     }
 
+    pub fn set_prefix_caching(&self, on: bool) {
+        self.counters.no_prefix_caching.store(!on, Ordering::SeqCst);
+    }
+
+    /// Returns once epp has scraped this backend `n` more times.
+    pub async fn scraped_again(&self, n: usize) {
+        let before = self.scrapes();
+        while self.scrapes() < before + n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn scrapes(&self) -> usize {
         self.counters.scrapes.load(Ordering::SeqCst)
     }
@@ -109,10 +124,17 @@ async fn metrics(State((_, c)): State<St>) -> Response {
         _ => {}
     }
     let q = c.queue.load(Ordering::SeqCst);
+    let caching = if c.no_prefix_caching.load(Ordering::SeqCst) {
+        "False"
+    } else {
+        "True"
+    };
     format!(
         "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {q}\n\
          # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} 0\n\
-         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.1\n"
+         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.1\n\
+         # TYPE vllm:cache_config_info gauge\n\
+         vllm:cache_config_info{{block_size=\"16\",enable_prefix_caching=\"{caching}\",num_gpu_blocks=\"100000\"}} 1\n"
     )
     .into_response()
 }

@@ -17,6 +17,13 @@
 //! tokens, in epp blocks: tokens × the endpoint's bytes per token, learned from its responses'
 //! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough).
 //! Endpoints leaving the datastore are purged from the index.
+//!
+//! With `respectEnablePrefixCaching` (default true) an endpoint whose engine reports prefix
+//! caching off (`enable_prefix_caching="False"` in `vllm:cache_config_info`, vLLM's
+//! `--no-enable-prefix-caching`) matches nothing and is not recorded: it computes every prompt
+//! whole, so a prefix it was sent before buys nothing there. Turn it off for engines that reuse
+//! prefixes outside their own cache (a KV connector such as LMCache behind a vLLM whose own
+//! prefix cache is off).
 //! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
 use std::sync::{Arc, OnceLock};
@@ -38,6 +45,8 @@ pub struct PrefixConfig {
     pub hasher: BlockHasher,
     pub lru_capacity_per_server: usize,
     pub auto_tune: bool,
+    /// Endpoints reporting prefix caching off match nothing (see the module docs).
+    pub respect_enable_prefix_caching: bool,
 }
 
 impl Default for PrefixConfig {
@@ -46,6 +55,7 @@ impl Default for PrefixConfig {
             hasher: BlockHasher::default(),
             lru_capacity_per_server: crate::index::DEFAULT_LRU_CAPACITY_PER_SERVER,
             auto_tune: true,
+            respect_enable_prefix_caching: true,
         }
     }
 }
@@ -158,6 +168,12 @@ impl PrefixCachePlugin {
     fn state<'c>(&self, ctx: &'c SchedulingContext<'_>) -> Option<&'c PrefixState> {
         ctx.state.get::<PrefixState>(self.id)
     }
+
+    /// Whether `metrics` say the endpoint computes every prompt whole (and this plugin
+    /// believes it).
+    fn reuses_nothing(&self, metrics: &crate::datastore::EndpointMetrics) -> bool {
+        self.config.respect_enable_prefix_caching && metrics.prefix_caching == Some(false)
+    }
 }
 
 impl PreSchedule for PrefixCachePlugin {
@@ -165,7 +181,7 @@ impl PreSchedule for PrefixCachePlugin {
         TYPE
     }
 
-    fn pre_schedule(&self, ctx: &mut SchedulingContext<'_>, _: &[Candidate]) {
+    fn pre_schedule(&self, ctx: &mut SchedulingContext<'_>, candidates: &[Candidate]) {
         let req = ctx.request;
         let hasher = &self.config.hasher;
         let seed = BlockHasher::seed(&req.target_model, req.cache_salt.as_deref());
@@ -179,11 +195,20 @@ impl PreSchedule for PrefixCachePlugin {
         }
         let matched = self.index.match_prefix(&hashes);
         let len = req.prompt_len();
+        // Usually empty, and then without an allocation.
+        let mut no_reuse: Vec<_> = candidates
+            .iter()
+            .filter(|c| self.reuses_nothing(&c.metrics))
+            .map(|c| c.endpoint.id)
+            .collect();
+        no_reuse.sort_unstable();
+        let reuses_nothing = |pod| no_reuse.binary_search(&pod).is_ok();
         let info = PrefixMatchInfo {
             hashed_bytes: hasher.covered_bytes(hashes.len(), len),
             matched: matched
                 .pods
                 .iter()
+                .filter(|&&(pod, _)| !reuses_nothing(pod))
                 .map(|&(pod, blocks)| (pod, hasher.covered_bytes(blocks, len)))
                 .collect(),
         };
@@ -236,9 +261,11 @@ impl PostSchedule for PrefixCachePlugin {
                 self.index.set_capacity(pod, want);
             }
         }
-        match self.recorder.get() {
-            Some(r) => r.record(pod, state.hashes.clone()),
-            None => self.index.record(pod, &state.hashes),
+        if !self.reuses_nothing(&target.metrics) {
+            match self.recorder.get() {
+                Some(r) => r.record(pod, state.hashes.clone()),
+                None => self.index.record(pod, &state.hashes),
+            }
         }
         if let Some(o) = &self.observer {
             o.observe_match(state.info.matched_bytes(pod), state.info.hashed_bytes);
@@ -358,5 +385,47 @@ mod tests {
         assert!(!p.index().is_empty());
         p.endpoint_removed(&cs[0].endpoint);
         assert!(p.index().is_empty());
+    }
+
+    #[test]
+    fn an_engine_reporting_prefix_caching_off_matches_nothing_and_is_not_recorded() {
+        let off = EndpointMetrics {
+            prefix_caching: Some(false),
+            ..Default::default()
+        };
+        let on = EndpointMetrics {
+            prefix_caching: Some(true),
+            ..Default::default()
+        };
+        let prompt = req(&"p".repeat(64 * 4));
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = candidates(&[off.clone(), on]);
+        run(&p, &prompt, &cs, 0);
+        assert_eq!(p.index().pod_len(cs[0].endpoint.id), 0, "not recorded");
+        run(&p, &prompt, &cs, 1);
+        assert_eq!(run(&p, &prompt, &cs, 1), vec![0.0, 1.0]);
+
+        // The same endpoint, before it reported the flag: its entries stop counting once it does.
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let unknown = candidates(&[EndpointMetrics::default()]);
+        run(&p, &prompt, &unknown, 0);
+        assert_eq!(run(&p, &prompt, &unknown, 0), vec![1.0]);
+        let reported = vec![Candidate {
+            metrics: std::sync::Arc::new(off.clone()),
+            ..unknown[0].clone()
+        }];
+        assert_eq!(run(&p, &prompt, &reported, 0), vec![0.0]);
+        let mut ctx = SchedulingContext::new(&prompt, fastrand::Rng::with_seed(1));
+        p.pre_schedule(&mut ctx, &reported);
+        assert_eq!(ctx.prefix.unwrap().longest(), 0, "the published match, too");
+
+        // respectEnablePrefixCaching: false (reuse outside the engine's own cache).
+        let p = PrefixCachePlugin::new(PrefixConfig {
+            respect_enable_prefix_caching: false,
+            ..PrefixConfig::default()
+        });
+        let cs = candidates(&[off]);
+        run(&p, &prompt, &cs, 0);
+        assert_eq!(run(&p, &prompt, &cs, 0), vec![1.0]);
     }
 }
