@@ -21,6 +21,8 @@
 #   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
 #   MAX_NUM_SEQS= (sequences each pod runs at once; default epp-sim's 256, vLLM's default)
 #   PREFIX_CACHING=1 (0: the pods reuse no cached prefix, vLLM's --no-enable-prefix-caching)
+#   STREAM=1 (0: clients ask for whole responses, "stream": false; the TTFT columns are then
+#     the end-to-end time)
 #   EPP_ARGS= (extra flags for every epp system, e.g. "--refresh-metrics-interval 250ms")
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
@@ -48,6 +50,7 @@ CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
 KV_BLOCKS=${KV_BLOCKS:-}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-}
 PREFIX_CACHING=${PREFIX_CACHING:-1}
+STREAM=${STREAM:-1}
 read -r -a EPP_EXTRA <<<"${EPP_ARGS:-}"
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
@@ -162,6 +165,7 @@ BENCH=("$BIN/epp-bench" run --url "http://127.0.0.1:$GATEWAY_PORT" --workload "$
        --rate "$RATE" --max-requests "$REQUESTS" --groups "$PREFIX_GROUPS"
        --prompts-per-group "$PROMPTS_PER_GROUP" --pods "$PODS" --results "$RESULTS"
        --timeout "$CLIENT_TIMEOUT" --tolerate-failures)
+if [ "$STREAM" = 0 ]; then BENCH+=(--no-stream); fi
 
 for system in $SYSTEMS; do
   start_sims

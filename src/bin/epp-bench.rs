@@ -99,6 +99,10 @@ struct RunArgs {
     /// model servers are made to fail.
     #[arg(long)]
     tolerate_failures: bool,
+    /// Ask for whole responses (`"stream": false`): the client sees no first token, so the
+    /// table's TTFT columns are the end-to-end time.
+    #[arg(long)]
+    no_stream: bool,
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -119,6 +123,28 @@ struct Driver {
     timeout: Duration,
     t0: Instant,
     bar: ProgressBar,
+    stream: bool,
+}
+
+/// Reads a whole JSON response: usage and generated text.
+async fn read_whole(
+    body: hyper::body::Incoming,
+) -> anyhow::Result<((usize, usize, usize), String)> {
+    let bytes = body.collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+    let c = &v["choices"][0];
+    let answer = c["message"]["content"].as_str().or(c["text"].as_str());
+    Ok((usage_of(&v["usage"]), answer.unwrap_or_default().to_owned()))
+}
+
+/// (prompt, cached prompt, completion) tokens of an OpenAI `usage` object.
+fn usage_of(u: &serde_json::Value) -> (usize, usize, usize) {
+    let n = |p: &str| u.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0) as usize;
+    (
+        n("/prompt_tokens"),
+        n("/prompt_tokens_details/cached_tokens"),
+        n("/completion_tokens"),
+    )
 }
 
 /// Reads an SSE body: first content time, usage, generated text.
@@ -151,12 +177,7 @@ async fn read_stream(
                 answer.push_str(piece.unwrap_or_default());
             }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                let n = |p: &str| u.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0) as usize;
-                usage = (
-                    n("/prompt_tokens"),
-                    n("/prompt_tokens_details/cached_tokens"),
-                    n("/completion_tokens"),
-                );
+                usage = usage_of(u);
             }
         }
     }
@@ -170,7 +191,7 @@ impl Driver {
         prompt: &Prompt,
         max_tokens: usize,
     ) -> anyhow::Result<Measured> {
-        let body = prompt.body(model, max_tokens, true);
+        let body = prompt.body(model, max_tokens, self.stream);
         let req = hyper::Request::post(format!("{}{}", self.url, prompt.path()))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))?;
@@ -189,7 +210,12 @@ impl Driver {
                 let text = resp.into_body().collect().await?.to_bytes();
                 bail!("status {status}: {}", String::from_utf8_lossy(&text));
             }
-            let (first, usage, answer) = read_stream(resp.into_body(), t0).await?;
+            let (first, usage, answer) = if self.stream {
+                read_stream(resp.into_body(), t0).await?
+            } else {
+                let (usage, answer) = read_whole(resp.into_body()).await?;
+                (None, usage, answer)
+            };
             let done = t0.elapsed().as_secs_f64();
             Ok(Measured {
                 outcome: RequestOutcome {
@@ -295,6 +321,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         t0: Instant::now(),
         bar: progress(w.len(), &args.label, args.quiet),
+        stream: !args.no_stream,
     };
     let results = drive(&driver, w.clone()).await;
     driver.bar.finish_and_clear();

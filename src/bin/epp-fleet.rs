@@ -65,6 +65,10 @@ struct Cli {
     /// Pods compute every prompt whole, reusing no cached prefix (vLLM's flag of the same name).
     #[arg(long)]
     no_enable_prefix_caching: bool,
+    /// Clients ask for whole responses (`"stream": false`): epp sees each response only at
+    /// its end.
+    #[arg(long)]
+    no_stream: bool,
     /// Seconds between scrapes.
     #[arg(long, default_value_t = 0.05)]
     scrape_interval: f64,
@@ -142,6 +146,7 @@ fn fleet_config(cli: &Cli) -> anyhow::Result<FleetConfig> {
         },
         slow_pods: cli.slow_pods.min(cli.pods),
         slow_speed: cli.slow_speed,
+        unstreamed: cli.no_stream,
         ..Default::default()
     })
 }

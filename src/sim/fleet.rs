@@ -172,6 +172,10 @@ pub struct FleetConfig {
     /// fleet; their metrics do not say so).
     pub slow_pods: usize,
     pub slow_speed: f64,
+    /// Clients ask for whole responses (`"stream": false`): the engine answers at the end, so
+    /// epp sees no first token, only the response (routers in the data path, sglang-router
+    /// and Dynamo's, still see the engine's tokens).
+    pub unstreamed: bool,
 }
 
 impl Default for FleetConfig {
@@ -184,6 +188,7 @@ impl Default for FleetConfig {
             seed: 1,
             slow_pods: 0,
             slow_speed: 1.0,
+            unstreamed: false,
         }
     }
 }
@@ -733,9 +738,9 @@ impl<'w> Sim<'w> {
     fn first_token(&mut self, now: f64, id: usize, token: TokenId) {
         let l = &mut self.live[id];
         l.outcome.first_token = now;
-        if let Some(r) = l.reservation.as_mut() {
+        if let Some(r) = l.reservation.as_mut().filter(|_| !self.cfg.unstreamed) {
             r.prefill_done();
-            // Every simulated response streams and succeeds.
+            // Every simulated response succeeds; a streamed one shows epp its first token.
             r.observe_first_token(now - l.outcome.arrival);
         }
         if let (Router::Dynamo(d), Some(r)) = (&mut self.router, l.dynamo.as_mut()) {
@@ -888,6 +893,29 @@ mod tests {
             rr.hit_rate
         );
         assert!(epp.ttft_mean < rr.ttft_mean);
+    }
+
+    #[test]
+    fn unstreamed_responses_show_epp_no_first_token() {
+        let (w, cfg) = small();
+        let prepared = prepare(&w);
+        let epp = Policy::parse("epp").unwrap();
+        let streamed = simulate(&epp, &w, &prepared, &cfg, |_| {}).summary();
+        let cfg = FleetConfig {
+            unstreamed: true,
+            ..cfg
+        };
+        let whole = simulate(&epp, &w, &prepared, &cfg, |_| {}).summary();
+        let rr = simulate(&Policy::RoundRobin, &w, &prepared, &cfg, |_| {}).summary();
+        // The prefill epp reserved stays queued until each response ends, so it decides
+        // otherwise; prefix routing still works.
+        assert_ne!(whole.ttft_mean, streamed.ttft_mean);
+        assert!(
+            whole.hit_rate > rr.hit_rate + 0.1,
+            "{} vs {}",
+            whole.hit_rate,
+            rr.hit_rate
+        );
     }
 
     #[test]
