@@ -24,6 +24,7 @@
 //! whole, so a prefix it was sent before buys nothing there. Turn it off for engines that reuse
 //! prefixes outside their own cache (a KV connector such as LMCache behind a vLLM whose own
 //! prefix cache is off).
+//!
 //! `approx-prefix-cache-producer` is the same plugin without the scorer role.
 
 use std::sync::{Arc, OnceLock};
