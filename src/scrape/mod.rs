@@ -227,47 +227,69 @@ impl ScrapeState {
         mapping: &EngineMapping,
         m: &EndpointMetrics,
     ) -> bool {
-        let mut changed = false;
-        if let Some(f) = self.failure.take() {
-            tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
-            // Only a server that was down is back: a slow or erroring page says nothing about
-            // the engine that was ejected for its answers.
-            if f == ScrapeFailure::Unreachable && endpoint.outlier.reachable_again(Instant::now()) {
-                tracing::info!(endpoint = %endpoint.name, "reachable again: ejection lifted, on probation");
-            }
-            changed = true;
+        let recovered = self.note_recovery(endpoint);
+        let families = self.note_families(endpoint, mapping, m);
+        let caching = self.note_prefix_caching(endpoint, m);
+        recovered || families || caching
+    }
+
+    /// A scrape succeeded after failing; true when it had been failing.
+    fn note_recovery(&mut self, endpoint: &Endpoint) -> bool {
+        let Some(f) = self.failure.take() else {
+            return false;
+        };
+        tracing::info!(endpoint = %endpoint.name, previous = f.as_str(), "metrics scrape recovered");
+        // Only a server that was down is back: a slow or erroring page says nothing about the
+        // engine that was ejected for its answers.
+        if f == ScrapeFailure::Unreachable && endpoint.outlier.reachable_again(Instant::now()) {
+            tracing::info!(endpoint = %endpoint.name, "reachable again: ejection lifted, on probation");
         }
+        true
+    }
+
+    /// The families the page lacks; true when they changed.
+    fn note_families(
+        &mut self,
+        endpoint: &Endpoint,
+        mapping: &EngineMapping,
+        m: &EndpointMetrics,
+    ) -> bool {
         let absent: Vec<String> = engine::absent_families(mapping, m)
             .into_iter()
             .map(str::to_owned)
             .collect();
-        if absent != self.absent {
-            if absent.is_empty() {
-                tracing::info!(endpoint = %endpoint.name, "metrics page now has every family epp reads");
-            } else {
-                tracing::info!(
-                    endpoint = %endpoint.name,
-                    absent = ?absent,
-                    "metrics page lacks families; their values are taken from epp's own load accounting"
-                );
-            }
-            self.absent = absent;
-            changed = true;
+        if absent == self.absent {
+            return false;
         }
-        let reuse_off = m.prefix_caching == Some(false);
-        if reuse_off != self.prefix_caching_off {
-            if reuse_off {
-                tracing::info!(
-                    endpoint = %endpoint.name,
-                    "engine reports prefix caching off; prefix matches on it count as nothing"
-                );
-            } else {
-                tracing::info!(endpoint = %endpoint.name, "engine no longer reports prefix caching off");
-            }
-            self.prefix_caching_off = reuse_off;
-            changed = true;
+        if absent.is_empty() {
+            tracing::info!(endpoint = %endpoint.name, "metrics page now has every family epp reads");
+        } else {
+            tracing::info!(
+                endpoint = %endpoint.name,
+                absent = ?absent,
+                "metrics page lacks families; their values are taken from epp's own load accounting"
+            );
         }
-        changed
+        self.absent = absent;
+        true
+    }
+
+    /// Whether the engine says it reuses no cached prefix; true when that changed.
+    fn note_prefix_caching(&mut self, endpoint: &Endpoint, m: &EndpointMetrics) -> bool {
+        let off = m.prefix_caching == Some(false);
+        if off == self.prefix_caching_off {
+            return false;
+        }
+        if off {
+            tracing::info!(
+                endpoint = %endpoint.name,
+                "engine reports prefix caching off; prefix matches on it count as nothing"
+            );
+        } else {
+            tracing::info!(endpoint = %endpoint.name, "engine no longer reports prefix caching off");
+        }
+        self.prefix_caching_off = off;
+        true
     }
 
     /// Notes a failed scrape; true when that changed the state (and was logged).
