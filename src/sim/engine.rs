@@ -464,11 +464,11 @@ impl Engine {
         seq.computed = hits * bt;
         if !seq.first_emitted {
             seq.cached_tokens = hits * bt;
-        }
-        // As in vLLM, an engine without prefix caching does not look its cache up at all.
-        if !seq.first_emitted && self.cfg.prefix_caching {
-            self.prefix_query_tokens += seq.req.prompt.len() as u64;
-            self.prefix_hit_tokens += (hits * bt) as u64;
+            // As in vLLM, an engine without prefix caching does not look its cache up at all.
+            if self.cfg.prefix_caching {
+                self.prefix_query_tokens += seq.req.prompt.len() as u64;
+                self.prefix_hit_tokens += (hits * bt) as u64;
+            }
         }
         self.running.push(seq);
         true

@@ -203,13 +203,12 @@ impl PreSchedule for PrefixCachePlugin {
             .map(|c| c.endpoint.id)
             .collect();
         no_reuse.sort_unstable();
-        let reuses_nothing = |pod| no_reuse.binary_search(&pod).is_ok();
         let info = PrefixMatchInfo {
             hashed_bytes: hasher.covered_bytes(hashes.len(), len),
             matched: matched
                 .pods
                 .iter()
-                .filter(|&&(pod, _)| !reuses_nothing(pod))
+                .filter(|(pod, _)| no_reuse.binary_search(pod).is_err())
                 .map(|&(pod, blocks)| (pod, hasher.covered_bytes(blocks, len)))
                 .collect(),
         };
