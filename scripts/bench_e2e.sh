@@ -24,6 +24,7 @@
 #   STREAM=1 (0: clients ask for whole responses, "stream": false; the TTFT columns are then
 #     the end-to-end time)
 #   EPP_ARGS= (extra flags for every epp system, e.g. "--refresh-metrics-interval 250ms")
+#   ENVOY_EPP=deploy/envoy/envoy.yaml (the Envoy config in front of every epp system)
 # The model servers leave the vllm:* families off /metrics until their first request
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
@@ -52,6 +53,7 @@ MAX_NUM_SEQS=${MAX_NUM_SEQS:-}
 PREFIX_CACHING=${PREFIX_CACHING:-1}
 STREAM=${STREAM:-1}
 read -r -a EPP_EXTRA <<<"${EPP_ARGS:-}"
+ENVOY_EPP=${ENVOY_EPP:-deploy/envoy/envoy.yaml}
 BASE_PORT=${BASE_PORT:-18000}
 OUT=${OUT:-bench-results/e2e}
 
@@ -133,7 +135,7 @@ start_epp() { # plugins config file, then extra epp flags
       -e "s/port_value: 19000/port_value: $ADMIN_PORT/" \
       -e "s/port_value: 9002/port_value: $EPP_GRPC_PORT/" \
       -e "s/address: 0.0.0.0/address: 127.0.0.1/" -e "s|/etc/epp-tls|$WORK/tls|g" \
-      deploy/envoy/envoy.yaml >"$WORK/envoy-epp.yaml"
+      "$ENVOY_EPP" >"$WORK/envoy-epp.yaml"
   start_envoy "$WORK/envoy-epp.yaml"
 }
 

@@ -57,6 +57,54 @@ async fn a_shared_prefix_spreads_over_backends_that_report_prefix_caching_off() 
     assert!(seen.len() > 1, "the prefix stuck to {seen:?}");
 }
 
+/// A gateway that sends epp no response bodies (`response_body_mode: NONE`) closes the
+/// ext_proc stream at the response headers, while the event stream goes on: epp keeps the
+/// request counted on its backend until the backend's metrics show it finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_gateway_hides_stays_counted_until_the_engine_reports_it_done() {
+    let options = common::EnvoyOptions {
+        no_response_body: true,
+        ..common::EnvoyOptions::new(BodyMode::Streamed)
+    };
+    let stack = Stack::start_with(1, options, &[]).await;
+    let backend = &stack.backends[0];
+    backend.report_running();
+    // 60 events, 30 ms apart: about 1.8 s of streaming.
+    let body = serde_json::json!({"model": "m", "prompt": "tell me more", "stream": true, "max_tokens": 60});
+    let request = stack.send(
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().into_bytes(),
+    );
+    let while_streaming = async {
+        while backend.streaming() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        backend.scraped_again(3).await;
+        let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
+        assert_eq!(backend.streaming(), 1, "the stream should still be going");
+        assert_eq!(
+            metric_sum(&page, "llm_d_epp_inflight_requests"),
+            1.0,
+            "while streaming"
+        );
+        assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 1.0);
+    };
+    let (reply, ()) = tokio::join!(request, while_streaming);
+    assert_eq!(reply.status, 200);
+    assert!(String::from_utf8_lossy(&reply.body).ends_with("data: [DONE]\n\n"));
+    let page = stack
+        .metrics_when(250, |p| metric_sum(p, "llm_d_epp_inflight_requests") == 0.0)
+        .await;
+    assert_eq!(
+        metric_sum(&page, "llm_d_epp_inflight_requests"),
+        0.0,
+        "after it ended"
+    );
+    assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_prefixes_spread_across_backends() {
     let stack = Stack::start(3, BodyMode::FullDuplex, &[]).await;

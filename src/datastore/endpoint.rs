@@ -191,3 +191,16 @@ pub struct EndpointMetrics {
     /// Set when the most recent scrape attempt failed (the values above are then older).
     pub failure: Option<ScrapeFailure>,
 }
+
+impl EndpointMetrics {
+    /// The engine's request counts as parked requests are reconciled with
+    /// ([`super::load::EngineCounts`]); the total needs the running count.
+    pub fn engine_counts(&self) -> super::load::EngineCounts {
+        super::load::EngineCounts {
+            requests: self
+                .running
+                .map(|r| u64::from(r) + u64::from(self.waiting_queue.unwrap_or(0))),
+            waiting: self.waiting_queue.map(u64::from),
+        }
+    }
+}

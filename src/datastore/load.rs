@@ -18,10 +18,29 @@
 //! ([`Reservation::prefill_done`]), and everything else on [`Reservation::release`] or when it
 //! is dropped — a stream that ends in any way, a panic unwinding through its handler included,
 //! cannot leak load.
+//!
+//! **Ends epp cannot see.** A gateway that does not send response bodies to epp (Envoy's
+//! `response_body_mode: NONE`) closes the ext_proc stream while a streamed response is still
+//! being generated. Such a request is *parked* ([`Reservation::park`]): it stays counted on its
+//! endpoint until the endpoint's own metrics show it gone. Each successful scrape reconciles
+//! the parked requests with the engine's counts ([`EndpointLoad::reconcile_parked`]), looking
+//! only at those parked before the scrape started:
+//!
+//! * at most (the engine's running + waiting − epp's requests there on open streams) stay
+//!   parked; the oldest of the others are released;
+//! * at most (the engine's waiting − epp's open requests there still prefilling) keep their
+//!   prefill; the oldest of the others give it up (the engine has scheduled them).
+//!
+//! A page without a count releases what that count would bound; a failed scrape changes
+//! nothing. At most [`PARKED_CAP`] requests stay parked per endpoint (the oldest go first), and
+//! an endpoint leaving the pool releases its own.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::Endpoint;
 use super::ttft_fit::Observation;
@@ -36,6 +55,35 @@ pub struct EndpointLoad {
     output_tokens: AtomicU64,
     dispatched: AtomicU64,
     smoothed: SmoothedRequests,
+    /// Requests whose end epp cannot see, oldest first (see the module docs).
+    parked: Mutex<VecDeque<Parked>>,
+}
+
+/// Most requests kept parked on one endpoint; past it the oldest is released.
+pub const PARKED_CAP: usize = 16_384;
+
+/// A parked request: what it still holds of its endpoint's load.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    amount: LoadAmount,
+    /// Its place in the endpoint's dispatch order ([`EndpointLoad::dispatched`] before it).
+    seq: u64,
+    prefill_held: bool,
+}
+
+/// What one scrape says the engine holds; `None` where the page did not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineCounts {
+    /// Running plus waiting requests.
+    pub requests: Option<u64>,
+    /// Requests not yet scheduled (their prompts not yet computed).
+    pub waiting: Option<u64>,
+}
+
+/// How many of `old` parked entries the engine cannot be holding: it holds at most `engine`
+/// requests of the kind, `attached` of which are epp's requests on open streams.
+fn beyond_engine(old: u64, engine: Option<u64>, attached: u64) -> u64 {
+    old.saturating_sub(engine.map_or(0, |n| n.saturating_sub(attached)))
 }
 
 /// A consistent-enough reading of [`EndpointLoad`] (each field is read once).
@@ -87,6 +135,109 @@ impl EndpointLoad {
     /// [`SmoothedRequests`]), sampled now.
     pub fn smoothed_requests(&self, clock: &SampleClock) -> f64 {
         self.smoothed.sample(self.requests(), clock)
+    }
+
+    /// Requests parked now (see the module docs).
+    pub fn parked(&self) -> usize {
+        self.parked.lock().len()
+    }
+
+    /// Reconciles the parked requests with a scrape of the endpoint that started when
+    /// [`Self::dispatched`] was `dispatched_at_scrape` (see the module docs). Returns how many
+    /// requests were released.
+    pub fn reconcile_parked(&self, engine: EngineCounts, dispatched_at_scrape: u64) -> usize {
+        let mut parked = self.parked.lock();
+        let before = |p: &Parked| p.seq < dispatched_at_scrape;
+        let released = self.release_beyond(&mut parked, engine.requests, before);
+        self.end_prefill_beyond(&mut parked, engine.waiting, before);
+        released
+    }
+
+    /// Releases the oldest of the parked requests `before` a scrape that the engine's
+    /// `requests` count leaves no room for; returns how many.
+    fn release_beyond(
+        &self,
+        parked: &mut VecDeque<Parked>,
+        requests: Option<u64>,
+        before: impl Fn(&Parked) -> bool,
+    ) -> usize {
+        let old = parked.iter().filter(|p| before(p)).count() as u64;
+        let attached = self.requests().saturating_sub(parked.len() as u64);
+        let mut excess = beyond_engine(old, requests, attached);
+        let released = excess as usize;
+        parked.retain(|p| {
+            if excess == 0 || !before(p) {
+                return true;
+            }
+            excess -= 1;
+            self.take_back(p);
+            false
+        });
+        released
+    }
+
+    /// Ends the prefill of the oldest parked requests `before` a scrape that the engine's
+    /// `waiting` count leaves no room for.
+    fn end_prefill_beyond(
+        &self,
+        parked: &mut VecDeque<Parked>,
+        waiting: Option<u64>,
+        before: impl Fn(&Parked) -> bool,
+    ) {
+        let prefilling = parked.iter().filter(|p| p.prefill_held);
+        let (old, all) = prefilling.fold((0, 0), |(o, a), p| (o + u64::from(before(p)), a + 1));
+        let attached = self.prefilling().saturating_sub(all);
+        let excess = beyond_engine(old, waiting, attached) as usize;
+        let old_prefilling = parked.iter_mut().filter(|p| p.prefill_held && before(p));
+        for p in old_prefilling.take(excess) {
+            p.prefill_held = false;
+            self.end_prefill(p.amount);
+        }
+    }
+
+    /// Releases every parked request (the endpoint left the pool).
+    pub fn release_parked(&self) {
+        for p in self.parked.lock().drain(..) {
+            self.take_back(&p);
+        }
+    }
+
+    fn park(&self, p: Parked) {
+        let mut parked = self.parked.lock();
+        if parked.len() >= PARKED_CAP
+            && let Some(oldest) = parked.pop_front()
+        {
+            self.take_back(&oldest);
+        }
+        parked.push_back(p);
+    }
+
+    fn prefilling(&self) -> u64 {
+        self.prefilling.load(Ordering::Relaxed)
+    }
+
+    /// Subtracts what a parked request holds.
+    fn take_back(&self, p: &Parked) {
+        if p.prefill_held {
+            self.end_prefill(p.amount);
+        }
+        self.end_request(p.amount);
+    }
+
+    /// Subtracts a request's prefill.
+    fn end_prefill(&self, amount: LoadAmount) {
+        self.pending_prefill
+            .fetch_sub(amount.uncached_tokens, Ordering::Relaxed);
+        self.prefilling.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts what a request holds after its prefill.
+    fn end_request(&self, amount: LoadAmount) {
+        self.requests.fetch_sub(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_sub(amount.prompt_tokens, Ordering::Relaxed);
+        self.output_tokens
+            .fetch_sub(amount.output_tokens, Ordering::Relaxed);
     }
 
     /// True when nothing is in flight.
@@ -179,6 +330,8 @@ pub struct Reservation {
     observation: Observation,
     prefill_held: bool,
     held: bool,
+    /// Its place in the endpoint's dispatch order.
+    seq: u64,
 }
 
 impl Reservation {
@@ -194,7 +347,7 @@ impl Reservation {
         let prefilling = load.prefilling.fetch_add(1, Ordering::Relaxed);
         load.output_tokens
             .fetch_add(amount.output_tokens, Ordering::Relaxed);
-        load.dispatched.fetch_add(1, Ordering::Relaxed);
+        let seq = load.dispatched.fetch_add(1, Ordering::Relaxed);
         Self {
             endpoint,
             amount,
@@ -206,6 +359,7 @@ impl Reservation {
             },
             prefill_held: true,
             held: true,
+            seq,
         }
     }
 
@@ -226,16 +380,8 @@ impl Reservation {
     /// The first response byte arrived: the prompt has been computed, so its prefill work
     /// leaves the endpoint's queue. Later calls do nothing.
     pub fn prefill_done(&mut self) {
-        if self.prefill_held {
-            self.prefill_held = false;
-            self.endpoint
-                .load
-                .pending_prefill
-                .fetch_sub(self.amount.uncached_tokens, Ordering::Relaxed);
-            self.endpoint
-                .load
-                .prefilling
-                .fetch_sub(1, Ordering::Relaxed);
+        if std::mem::take(&mut self.prefill_held) {
+            self.endpoint.load.end_prefill(self.amount);
         }
     }
 
@@ -245,12 +391,20 @@ impl Reservation {
         self.prefill_done();
         if self.held {
             self.held = false;
-            let load = &self.endpoint.load;
-            load.requests.fetch_sub(1, Ordering::Relaxed);
-            load.prompt_tokens
-                .fetch_sub(self.amount.prompt_tokens, Ordering::Relaxed);
-            load.output_tokens
-                .fetch_sub(self.amount.output_tokens, Ordering::Relaxed);
+            self.endpoint.load.end_request(self.amount);
+        }
+    }
+
+    /// The request goes on at its endpoint where epp cannot see its end: what it holds stays
+    /// counted until scrapes show it gone, its prefill until one shows it scheduled (see the
+    /// module docs).
+    pub fn park(mut self) {
+        if std::mem::take(&mut self.held) {
+            self.endpoint.load.park(Parked {
+                amount: self.amount,
+                seq: self.seq,
+                prefill_held: std::mem::take(&mut self.prefill_held),
+            });
         }
     }
 }
@@ -340,11 +494,92 @@ mod tests {
     fn panicking_holder_still_releases() {
         let ep = endpoint();
         let ep2 = ep.clone();
-        let result = std::panic::catch_unwind(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let _r = Reservation::new(ep2, AMOUNT);
             panic!("handler bug");
-        });
+        }));
         assert!(result.is_err());
+        assert!(ep.load.is_idle());
+    }
+
+    fn counts(requests: u64, waiting: u64) -> EngineCounts {
+        EngineCounts {
+            requests: Some(requests),
+            waiting: Some(waiting),
+        }
+    }
+
+    #[test]
+    fn parked_requests_stay_until_the_engine_counts_show_them_gone() {
+        let ep = endpoint();
+        let load = &ep.load;
+        for _ in 0..3 {
+            Reservation::new(ep.clone(), AMOUNT).park();
+        }
+        let open = Reservation::new(ep.clone(), AMOUNT);
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.prompt_tokens, s.output_tokens), (4, 400, 28));
+        assert_eq!(
+            (s.pending_prefill, s.prefilling),
+            (240, 4),
+            "parked prefill stays"
+        );
+        assert_eq!(load.parked(), 3);
+        // A scrape that started after all four: the engine holds 3 (the open one among them),
+        // 2 waiting (the open one and one parked).
+        assert_eq!(load.reconcile_parked(counts(3, 2), 4), 1);
+        let s = load.snapshot();
+        assert_eq!((s.requests, load.parked()), (3, 2));
+        assert_eq!(
+            (s.pending_prefill, s.prefilling),
+            (120, 2),
+            "one parked still waits"
+        );
+        // The engine holds more than epp sent (another router's): nothing more goes.
+        assert_eq!(load.reconcile_parked(counts(10, 10), 4), 0);
+        assert_eq!(load.snapshot().prefilling, 2);
+        // Idle engine: every parked request goes; the open one stays counted.
+        assert_eq!(load.reconcile_parked(counts(0, 0), 4), 2);
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.prefilling, load.parked()), (1, 1, 0));
+        drop(open);
+        assert!(load.is_idle());
+    }
+
+    #[test]
+    fn a_scrape_older_than_a_parking_does_not_release_it() {
+        let ep = endpoint();
+        let load = &ep.load;
+        Reservation::new(ep.clone(), AMOUNT).park();
+        let scrape_started_at = load.dispatched();
+        Reservation::new(ep.clone(), AMOUNT).park();
+        // The engine reports nothing, but only the first was sent before the scrape.
+        assert_eq!(load.reconcile_parked(counts(0, 0), scrape_started_at), 1);
+        assert_eq!((load.parked(), load.snapshot().prefilling), (1, 1));
+        // A page with a running count but no waiting one: the prefill goes, the request stays.
+        let running_only = EngineCounts {
+            requests: Some(1),
+            waiting: None,
+        };
+        assert_eq!(load.reconcile_parked(running_only, load.dispatched()), 0);
+        assert_eq!((load.parked(), load.snapshot().prefilling), (1, 0));
+        // A page without either count releases what was parked before it.
+        assert_eq!(
+            load.reconcile_parked(EngineCounts::default(), load.dispatched()),
+            1
+        );
+        assert!(load.is_idle());
+    }
+
+    #[test]
+    fn parking_is_bounded_and_an_endpoint_leaving_releases_its_own() {
+        let ep = endpoint();
+        for _ in 0..PARKED_CAP + 5 {
+            Reservation::new(ep.clone(), AMOUNT).park();
+        }
+        assert_eq!(ep.load.parked(), PARKED_CAP);
+        assert_eq!(ep.load.requests(), PARKED_CAP as u64);
+        ep.load.release_parked();
         assert!(ep.load.is_idle());
     }
 

@@ -401,6 +401,10 @@ impl Datastore {
         if removed.is_empty() {
             return;
         }
+        // No scrape will reconcile a removed endpoint's parked requests.
+        for ep in removed {
+            ep.load.release_parked();
+        }
         self.draining
             .lock()
             .extend(removed.iter().filter(|e| !e.load.is_idle()).cloned());

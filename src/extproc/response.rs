@@ -26,6 +26,8 @@ pub struct ResponseState {
     pub bytes: usize,
     pub first_byte: Option<Instant>,
     pub complete: bool,
+    /// Whether the response is an event stream (`None` until its headers arrive).
+    pub event_stream: Option<bool>,
     /// `("model":"target")` → `("model":"original")` when the model was rewritten.
     model_swap: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -33,6 +35,11 @@ pub struct ResponseState {
 impl ResponseState {
     /// Response headers arrived.
     pub fn headers(&mut self, content_type: Option<&str>) {
+        self.event_stream = Some(content_type.is_some_and(|t| {
+            t.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        }));
         self.usage = Some(UsageParser::new(content_type));
     }
 
@@ -109,7 +116,9 @@ mod tests {
     #[test]
     fn chunks_pass_through_and_first_bytes_are_noticed() {
         let mut r = ResponseState::default();
-        r.headers(Some("text/event-stream"));
+        assert_eq!(r.event_stream, None);
+        r.headers(Some("Text/Event-Stream; charset=utf-8"));
+        assert_eq!(r.event_stream, Some(true));
         r.swap_model("served", "asked");
         let out = r.chunk(Bytes::from_static(b"data: {\"model\":\"served\"}\n\n"));
         assert!(out.first && out.rewritten);

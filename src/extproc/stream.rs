@@ -27,7 +27,10 @@
 //! config's `STREAMED`: Envoy keeps the chunk, so nothing is sent back but a few bytes), or
 //! replaced when the model name was swapped back; usage is parsed for metrics; trailers
 //! continue. The first response bytes release the request's prefill from the endpoint's load;
-//! the end of the response (or of the stream, however it ends) releases the rest.
+//! the end of the response (or of the stream, however it ends) releases the rest — except
+//! where Envoy sends no response body (`NONE`) and closes the stream while an event stream
+//! goes on: that request is parked on its endpoint until a scrape shows it gone
+//! ([`crate::datastore::load`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -177,6 +180,18 @@ fn warn_once_about(mode: BodySendMode) {
             "Envoy's request body mode hides the body until after routing: requests are routed on \
              load alone; use STREAMED with send_body_without_waiting_for_header_response, \
              FULL_DUPLEX_STREAMED or BUFFERED for prefix-aware routing"
+        );
+    }
+}
+
+/// Logs once per process that Envoy sends epp no response bodies.
+fn note_unseen_ends_once() {
+    static NOTED: AtomicBool = AtomicBool::new(false);
+    if !NOTED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            "Envoy's response body mode is NONE: epp cannot see when a streamed response ends, \
+             so each stays counted on its endpoint until the endpoint's metrics show it done, \
+             and first-token times are not learned; STREAMED response bodies give both exactly"
         );
     }
 }
@@ -360,6 +375,9 @@ impl StreamHandler {
                 BodySendMode::try_from(pc.response_body_mode).unwrap_or(BodySendMode::None);
             self.body_without_waiting = pc.send_body_without_waiting_for_header_response;
             self.mode_known = true;
+            if self.response_mode == BodySendMode::None {
+                note_unseen_ends_once();
+            }
         }
         if self.subset.is_none() && !self.shared.ignore_subset_hint {
             self.subset = subset_hint(&req.metadata_context);
@@ -787,6 +805,11 @@ impl StreamHandler {
             return;
         };
         if !self.response.complete {
+            if self.end_unseen(&routed)
+                && let Some(r) = routed.reservation
+            {
+                r.park();
+            }
             return;
         }
         let usage = self.response.usage();
@@ -800,6 +823,19 @@ impl StreamHandler {
             self.observe_finished(&m, &routed.request, usage);
         }
         tracing::trace!(request_id = %routed.request.request_id, destination = %routed.destination, "request finished");
+    }
+
+    /// Envoy closed the stream before the response's end and would never have shown it
+    /// (response body mode `NONE`): the request goes on at its endpoint unless its response
+    /// started as something other than a successful event stream (a whole JSON answer, an
+    /// error).
+    fn end_unseen(&self, routed: &Routed) -> bool {
+        self.mode_known
+            && self.response_mode == BodySendMode::None
+            && self
+                .response
+                .event_stream
+                .is_none_or(|sse| sse && routed.succeeded)
     }
 
     /// The finished request's latency, size and token histograms.
@@ -1020,6 +1056,72 @@ mod tests {
             ..Default::default()
         });
         req
+    }
+
+    fn response_headers(status: &str, content_type: &str) -> ProcessingRequest {
+        let header = |key: &str, value: &str| HeaderValue {
+            key: key.into(),
+            raw_value: value.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        ProcessingRequest {
+            request: Some(Request::ResponseHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![
+                        header(":status", status),
+                        header("content-type", content_type),
+                    ],
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Envoy sends no response body (`NONE`) and ends the stream after the response headers
+    /// (or, with those skipped too, after routing): a request whose response goes on as a
+    /// successful event stream stays counted (parked); a whole JSON answer or an error is over.
+    #[test]
+    fn a_request_whose_end_envoy_hides_stays_counted_only_while_it_can_go_on() {
+        let cases = [
+            (Some(("200", "text/event-stream")), 1),
+            (None, 1),
+            (Some(("200", "application/json")), 0),
+            (Some(("503", "text/event-stream")), 0),
+        ];
+        for (response, counted) in cases {
+            let mut h = handler(1);
+            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
+            req.protocol_config.as_mut().unwrap().response_body_mode = BodySendMode::None as i32;
+            h.handle(req);
+            h.handle(body(BODY, true));
+            if let Some((status, content_type)) = response {
+                h.handle(response_headers(status, content_type));
+            }
+            let endpoint = h.shared.director.datastore.endpoints()[0].clone();
+            drop(h);
+            let load = &endpoint.load;
+            assert_eq!(load.requests(), counted, "{response:?}");
+            assert_eq!(load.parked() as u64, counted, "{response:?}");
+            let prefilling = load.snapshot().prefilling;
+            assert_eq!(
+                prefilling, counted,
+                "{response:?}: a parked prompt waits for a scrape"
+            );
+        }
+    }
+
+    /// With response bodies sent, a stream that ends early is a reset: nothing is parked.
+    #[test]
+    fn a_stream_reset_mid_response_releases_when_envoy_sends_response_bodies() {
+        let mut h = handler(1);
+        h.handle(headers("/v1/completions", false, BodySendMode::Buffered));
+        h.handle(body(BODY, true));
+        h.handle(response_headers("200", "text/event-stream"));
+        let endpoint = h.shared.director.datastore.endpoints()[0].clone();
+        drop(h);
+        assert!(endpoint.load.is_idle());
+        assert_eq!(endpoint.load.parked(), 0);
     }
 
     #[test]

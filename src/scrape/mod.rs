@@ -328,6 +328,12 @@ async fn scrape_loop(
         match scrape_once(&client, &endpoint, &mapping, &cfg.target, cfg.timeout).await {
             Ok(mut m) => {
                 let _ = state.on_success(&endpoint, &mapping, &m);
+                let released = endpoint
+                    .load
+                    .reconcile_parked(m.engine_counts(), dispatched);
+                if released > 0 {
+                    tracing::trace!(endpoint = %endpoint.name, released, "parked requests ended");
+                }
                 m.dispatched_at_scrape = dispatched;
                 datastore.update_metrics(endpoint.id, m);
             }

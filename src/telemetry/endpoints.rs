@@ -6,6 +6,7 @@
 //! | `llm_d_epp_inflight_requests` | `endpoint_name` | requests routed there and not finished (llm-d's name) |
 //! | `llm_d_epp_inflight_tokens` | `endpoint_name` | uncached prompt tokens still prefilling + estimated output tokens (llm-d's name) |
 //! | `epp_inflight_prompt_tokens` | `endpoint_name` | prompt tokens of the in-flight requests |
+//! | `epp_inflight_parked_requests` | `endpoint_name` | of those, requests whose end epp cannot see (the gateway sends no response bodies; [`crate::datastore::load`]) |
 //! | `epp_endpoint_health` | `endpoint_name`, `state` | 1 for the endpoint's current state (fresh, degraded, unreachable) |
 //! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
 //! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
@@ -140,6 +141,49 @@ fn cost_weights_family(
     Ok(())
 }
 
+/// epp's own load accounting, per endpoint.
+fn load_families(
+    encoder: &mut DescriptorEncoder,
+    endpoints: &[Arc<Endpoint>],
+) -> Result<(), std::fmt::Error> {
+    let loads: Vec<_> = endpoints
+        .iter()
+        .map(|e| (e.name.clone(), e.load.snapshot()))
+        .collect();
+    let column = |f: fn(&crate::datastore::LoadSnapshot) -> u64| -> Vec<(String, u64)> {
+        loads.iter().map(|(n, l)| (n.clone(), f(l))).collect()
+    };
+    let parked: Vec<_> = endpoints
+        .iter()
+        .map(|e| (e.name.clone(), e.load.parked() as u64))
+        .collect();
+    gauge_family(
+        encoder,
+        "llm_d_epp_inflight_requests",
+        "Requests epp routed to the endpoint that have not finished",
+        &column(|l| l.requests),
+    )?;
+    gauge_family(
+        encoder,
+        "llm_d_epp_inflight_tokens",
+        "Uncached prompt tokens still prefilling plus estimated output tokens, per endpoint",
+        &column(|l| l.tokens()),
+    )?;
+    gauge_family(
+        encoder,
+        "epp_inflight_prompt_tokens",
+        "Prompt tokens of the requests in flight, per endpoint",
+        &column(|l| l.prompt_tokens),
+    )?;
+    gauge_family(
+        encoder,
+        "epp_inflight_parked_requests",
+        "In-flight requests whose end epp cannot see (the gateway sends no response bodies), \
+         counted until the endpoint's metrics show them done",
+        &parked,
+    )
+}
+
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.datastore.snapshot();
@@ -150,31 +194,7 @@ impl Collector for EndpointCollector {
             .map(|c| c.endpoint.clone())
             .collect();
         endpoints.extend(self.datastore.draining());
-        let loads: Vec<_> = endpoints
-            .iter()
-            .map(|e| (e.name.clone(), e.load.snapshot()))
-            .collect();
-        let column = |f: fn(&crate::datastore::LoadSnapshot) -> u64| -> Vec<(String, u64)> {
-            loads.iter().map(|(n, l)| (n.clone(), f(l))).collect()
-        };
-        gauge_family(
-            &mut encoder,
-            "llm_d_epp_inflight_requests",
-            "Requests epp routed to the endpoint that have not finished",
-            &column(|l| l.requests),
-        )?;
-        gauge_family(
-            &mut encoder,
-            "llm_d_epp_inflight_tokens",
-            "Uncached prompt tokens still prefilling plus estimated output tokens, per endpoint",
-            &column(|l| l.tokens()),
-        )?;
-        gauge_family(
-            &mut encoder,
-            "epp_inflight_prompt_tokens",
-            "Prompt tokens of the requests in flight, per endpoint",
-            &column(|l| l.prompt_tokens),
-        )?;
+        load_families(&mut encoder, &endpoints)?;
         let ejected: Vec<_> = endpoints
             .iter()
             .map(|e| (e.name.clone(), u64::from(e.outlier.is_ejected(now))))

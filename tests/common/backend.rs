@@ -35,6 +35,10 @@ pub struct Counters {
     /// Report prefix caching off in `vllm:cache_config_info` (vLLM's
     /// `--no-enable-prefix-caching`).
     pub no_prefix_caching: std::sync::atomic::AtomicBool,
+    /// Event streams being sent now.
+    pub streaming: AtomicU32,
+    /// Report `streaming` as `vllm:num_requests_running` (otherwise 0).
+    pub report_running: std::sync::atomic::AtomicBool,
 }
 
 pub struct Backend {
@@ -91,6 +95,15 @@ impl Backend {
         self.counters.no_prefix_caching.store(!on, Ordering::SeqCst);
     }
 
+    /// Report the event streams being sent as the engine's running requests.
+    pub fn report_running(&self) {
+        self.counters.report_running.store(true, Ordering::SeqCst);
+    }
+
+    pub fn streaming(&self) -> u32 {
+        self.counters.streaming.load(Ordering::SeqCst)
+    }
+
     /// Returns once epp has scraped this backend `n` more times.
     pub async fn scraped_again(&self, n: usize) {
         let before = self.scrapes();
@@ -124,6 +137,11 @@ async fn metrics(State((_, c)): State<St>) -> Response {
         _ => {}
     }
     let q = c.queue.load(Ordering::SeqCst);
+    let running = if c.report_running.load(Ordering::SeqCst) {
+        c.streaming.load(Ordering::SeqCst)
+    } else {
+        0
+    };
     let caching = if c.no_prefix_caching.load(Ordering::SeqCst) {
         "False"
     } else {
@@ -131,7 +149,7 @@ async fn metrics(State((_, c)): State<St>) -> Response {
     };
     format!(
         "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {q}\n\
-         # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} 0\n\
+         # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {running}\n\
          # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.1\n\
          # TYPE vllm:cache_config_info gauge\n\
          vllm:cache_config_info{{block_size=\"16\",enable_prefix_caching=\"{caching}\",num_gpu_blocks=\"100000\"}} 1\n"
@@ -163,6 +181,7 @@ async fn generate(State((id, c)): State<St>, headers: HeaderMap, body: Bytes) ->
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(8);
         // One event per 30 ms: 5, or `max_tokens` (up to 100) to hold the stream longer.
         let events = req["max_tokens"].as_u64().map_or(5, |n| n.clamp(1, 100));
+        c.streaming.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             for i in 0..events {
                 let ev = serde_json::json!({"backend": id, "model": model, "choices": [{"index": 0, "text": format!("tok{i} ")}]});
@@ -172,6 +191,7 @@ async fn generate(State((id, c)): State<St>, headers: HeaderMap, body: Bytes) ->
             let usage = serde_json::json!({"backend": id, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
             let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
             let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            c.streaming.fetch_sub(1, Ordering::SeqCst);
         });
         return Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")

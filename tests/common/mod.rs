@@ -262,6 +262,9 @@ pub struct EnvoyOptions {
     /// Response bodies in FULL_DUPLEX_STREAMED (epp echoes every chunk), as the Go EPP's
     /// gateways configure them, instead of the shipped STREAMED.
     pub duplex_response: bool,
+    /// No response bodies to epp (`response_body_mode: NONE`, trailers skipped), as a
+    /// gateway that routes with ext_proc but does not stream responses through it.
+    pub no_response_body: bool,
 }
 
 impl EnvoyOptions {
@@ -271,6 +274,7 @@ impl EnvoyOptions {
             tls: EnvoyTls::Off,
             strip_client_headers: true,
             duplex_response: false,
+            no_response_body: false,
         }
     }
 }
@@ -327,6 +331,11 @@ pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
             "response_body_mode: STREAMED",
             "response_body_mode: FULL_DUPLEX_STREAMED",
         );
+    }
+    if options.no_response_body {
+        text = text
+            .replace("response_body_mode: STREAMED", "response_body_mode: NONE")
+            .replace("response_trailer_mode: SEND", "response_trailer_mode: SKIP");
     }
     text.replace(
         "request_body_mode: STREAMED",
