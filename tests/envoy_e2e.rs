@@ -58,18 +58,46 @@ async fn a_shared_prefix_spreads_over_backends_that_report_prefix_caching_off() 
 }
 
 /// A gateway that sends epp no response bodies (`response_body_mode: NONE`) closes the
-/// ext_proc stream at the response headers, while the event stream goes on: epp keeps the
-/// request counted on its backend until the backend's metrics show it finished.
+/// ext_proc stream at the response headers, or right after routing when it skips those too,
+/// while the event stream goes on: epp keeps the request counted on its backend until the
+/// backend's metrics show it finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_the_gateway_hides_stays_counted_until_the_engine_reports_it_done() {
-    let options = common::EnvoyOptions {
-        no_response_body: true,
-        ..common::EnvoyOptions::new(BodyMode::Streamed)
-    };
-    let stack = Stack::start_with(1, options, &[]).await;
+    for skip_response_headers in [false, true] {
+        let options = common::EnvoyOptions {
+            no_response_body: true,
+            skip_response_headers,
+            ..common::EnvoyOptions::new(BodyMode::Streamed)
+        };
+        let stack = Stack::start_with(1, options, &[]).await;
+        let backend = &stack.backends[0];
+        backend.report_running();
+        let context = format!("response headers skipped: {skip_response_headers}");
+        let page = metrics_while_streaming(&stack).await;
+        let inflight = metric_sum(&page, "llm_d_epp_inflight_requests");
+        assert_eq!(inflight, 1.0, "while streaming; {context}");
+        assert_eq!(
+            metric_sum(&page, "epp_inflight_parked_requests"),
+            1.0,
+            "{context}"
+        );
+        let page = stack
+            .metrics_when(250, |p| metric_sum(p, "llm_d_epp_inflight_requests") == 0.0)
+            .await;
+        let inflight = metric_sum(&page, "llm_d_epp_inflight_requests");
+        assert_eq!(inflight, 0.0, "after it ended; {context}");
+        assert_eq!(
+            metric_sum(&page, "epp_inflight_parked_requests"),
+            0.0,
+            "{context}"
+        );
+    }
+}
+
+/// Streams about 1.8 s from the stack's only backend; returns epp's metrics page taken three
+/// scrapes into the stream, once the whole stream has arrived intact.
+async fn metrics_while_streaming(stack: &Stack) -> String {
     let backend = &stack.backends[0];
-    backend.report_running();
-    // 60 events, 30 ms apart: about 1.8 s of streaming.
     let body = serde_json::json!({"model": "m", "prompt": "tell me more", "stream": true, "max_tokens": 60});
     let request = stack.send(
         "POST",
@@ -77,32 +105,19 @@ async fn a_stream_the_gateway_hides_stays_counted_until_the_engine_reports_it_do
         &[],
         body.to_string().into_bytes(),
     );
-    let while_streaming = async {
+    let page = async {
         while backend.streaming() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         backend.scraped_again(3).await;
         let page = stack.get_epp(stack.epp_metrics_port, "/metrics").await;
         assert_eq!(backend.streaming(), 1, "the stream should still be going");
-        assert_eq!(
-            metric_sum(&page, "llm_d_epp_inflight_requests"),
-            1.0,
-            "while streaming"
-        );
-        assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 1.0);
+        page
     };
-    let (reply, ()) = tokio::join!(request, while_streaming);
+    let (reply, page) = tokio::join!(request, page);
     assert_eq!(reply.status, 200);
     assert!(String::from_utf8_lossy(&reply.body).ends_with("data: [DONE]\n\n"));
-    let page = stack
-        .metrics_when(250, |p| metric_sum(p, "llm_d_epp_inflight_requests") == 0.0)
-        .await;
-    assert_eq!(
-        metric_sum(&page, "llm_d_epp_inflight_requests"),
-        0.0,
-        "after it ended"
-    );
-    assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 0.0);
+    page
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

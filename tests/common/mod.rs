@@ -265,6 +265,8 @@ pub struct EnvoyOptions {
     /// No response bodies to epp (`response_body_mode: NONE`, trailers skipped), as a
     /// gateway that routes with ext_proc but does not stream responses through it.
     pub no_response_body: bool,
+    /// No response headers to epp either (`response_header_mode: SKIP`).
+    pub skip_response_headers: bool,
 }
 
 impl EnvoyOptions {
@@ -275,6 +277,7 @@ impl EnvoyOptions {
             strip_client_headers: true,
             duplex_response: false,
             no_response_body: false,
+            skip_response_headers: false,
         }
     }
 }
@@ -336,6 +339,9 @@ pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
         text = text
             .replace("response_body_mode: STREAMED", "response_body_mode: NONE")
             .replace("response_trailer_mode: SEND", "response_trailer_mode: SKIP");
+    }
+    if options.skip_response_headers {
+        text = text.replace("response_header_mode: SEND", "response_header_mode: SKIP");
     }
     text.replace(
         "request_body_mode: STREAMED",
