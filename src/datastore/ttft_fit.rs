@@ -160,6 +160,11 @@ impl TtftFit {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// How many observations the fit holds (decayed).
+    pub fn observations(&self) -> f64 {
+        self.sums.lock().unwrap_or_else(|e| e.into_inner()).count
+    }
+
     /// The learned weights, once there are enough observations for them.
     pub fn weights(&self) -> Option<CostWeights> {
         if !self.ready.load(Ordering::Acquire) {

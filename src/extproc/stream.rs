@@ -784,8 +784,14 @@ impl StreamHandler {
     }
 
     /// The model server's first bytes mean the prompt was computed: its prefill leaves the
-    /// endpoint's queue, and a streamed success times the pool's first-token fit.
+    /// endpoint's queue, and a streamed success times the pool's first-token fit — where
+    /// Envoy passes response chunks on as they come (in `BUFFERED` and `BUFFERED_PARTIAL`
+    /// the first bytes epp sees may have waited for the rest).
     fn first_response_byte(&mut self) {
+        let chunks_as_they_come = matches!(
+            self.response_mode,
+            BodySendMode::Streamed | BodySendMode::FullDuplexStreamed
+        );
         let Some(routed) = self.routed.as_mut() else {
             return;
         };
@@ -793,7 +799,7 @@ impl StreamHandler {
             return;
         };
         r.prefill_done();
-        if routed.request.stream && routed.succeeded {
+        if routed.request.stream && routed.succeeded && chunks_as_they_come {
             r.observe_first_token(routed.at.elapsed().as_secs_f64());
         }
     }
@@ -1108,6 +1114,36 @@ mod tests {
                 prefilling, counted,
                 "{response:?}: a parked prompt waits for a scrape"
             );
+        }
+    }
+
+    /// A streamed response's first bytes time the first-token fit only where Envoy passes
+    /// chunks on as they come: in BUFFERED the first bytes epp sees come with the last.
+    #[test]
+    fn only_chunks_passed_on_as_they_come_time_the_first_token() {
+        for (mode, observed) in [
+            (BodySendMode::Streamed, 1.0),
+            (BodySendMode::FullDuplexStreamed, 1.0),
+            (BodySendMode::Buffered, 0.0),
+            (BodySendMode::BufferedPartial, 0.0),
+        ] {
+            let mut h = handler(1);
+            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
+            req.protocol_config.as_mut().unwrap().response_body_mode = mode as i32;
+            h.handle(req);
+            h.handle(body(br#"{"model":"m","prompt":"hi","stream":true}"#, true));
+            h.handle(response_headers("200", "text/event-stream"));
+            h.handle(ProcessingRequest {
+                request: Some(Request::ResponseBody(HttpBody {
+                    body: Bytes::from_static(b"data: {}\n\ndata: [DONE]\n\n"),
+                    end_of_stream: true,
+                })),
+                ..Default::default()
+            });
+            let endpoint = h.shared.director.datastore.endpoints()[0].clone();
+            assert_eq!(endpoint.ttft.observations(), observed, "{mode:?}");
+            drop(h);
+            assert!(endpoint.load.is_idle(), "{mode:?}");
         }
     }
 
