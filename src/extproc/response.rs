@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::request::usage::{Usage, UsageParser};
+use crate::request::usage::{Usage, UsageParser, is_event_stream};
 
 /// One response chunk as it is to be sent on.
 #[derive(Debug)]
@@ -35,11 +35,7 @@ pub struct ResponseState {
 impl ResponseState {
     /// Response headers arrived.
     pub fn headers(&mut self, content_type: Option<&str>) {
-        self.event_stream = Some(content_type.is_some_and(|t| {
-            t.trim_start()
-                .get(..17)
-                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
-        }));
+        self.event_stream = Some(content_type.is_some_and(is_event_stream));
         self.usage = Some(UsageParser::new(content_type));
     }
 

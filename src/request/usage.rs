@@ -74,6 +74,15 @@ fn find_usage(json: &[u8]) -> Option<Usage> {
     usage_value(rest[colon + 1..].trim_ascii_start())
 }
 
+/// Whether a response's `content-type` is an event stream (SSE); media types match in any
+/// case.
+pub fn is_event_stream(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .get(..17)
+        .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+}
+
 /// Incremental usage parser for one response body.
 #[derive(Debug, Default)]
 pub struct UsageParser {
@@ -86,7 +95,7 @@ impl UsageParser {
     /// `content_type` of the response decides between SSE and plain JSON.
     pub fn new(content_type: Option<&str>) -> Self {
         Self {
-            sse: content_type.is_some_and(|c| c.starts_with("text/event-stream")),
+            sse: content_type.is_some_and(is_event_stream),
             ..Self::default()
         }
     }
@@ -242,6 +251,17 @@ mod tests {
         let u = p.finish().unwrap();
         assert_eq!(u.total_tokens, u64::MAX);
         assert_eq!(u.completion_tokens, 5);
+    }
+
+    #[test]
+    fn event_streams_are_told_by_their_media_type_in_any_case() {
+        assert!(is_event_stream("text/event-stream"));
+        assert!(is_event_stream(" Text/Event-Stream; charset=utf-8"));
+        assert!(!is_event_stream("application/json"));
+        assert!(!is_event_stream("text/event"));
+        let mut p = UsageParser::new(Some("TEXT/EVENT-STREAM"));
+        p.push(b"data: {\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n");
+        assert_eq!(p.finish().unwrap().prompt_tokens, 3);
     }
 
     #[test]
