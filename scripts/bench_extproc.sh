@@ -16,6 +16,8 @@
 #                 before): Envoy's one worker opens several connections, dealt across epp's
 #                 serving threads
 #   epp-buffered  epp with request_body_mode BUFFERED
+#   epp-routeonly epp behind deploy/envoy/envoy-route-only.yaml: response headers sent,
+#                 response bodies and trailers not (no per-chunk messages)
 #   epp-tls       epp with its default TLS
 #   epp-base      as epp, but the epp binary at $BASE_EPP (an A/B against another build)
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request
@@ -177,6 +179,9 @@ start_setup() { # setup [epp binary]
       start_epp "$epp_bin" false
       sed -e '/^ *# tls:begin$/,/^ *# tls:end$/d' -e "$DUPLEX_REQUEST" -e "$DUPLEX_RESPONSE" \
         deploy/envoy/envoy.yaml | local_envoy >"$WORK/envoy.yaml" ;;
+    epp-routeonly)
+      start_epp "$epp_bin" false
+      sed '/^ *# tls:begin$/,/^ *# tls:end$/d' deploy/envoy/envoy-route-only.yaml | local_envoy >"$WORK/envoy.yaml" ;;
     epp-tls)
       [ -d "$WORK/tls" ] || "$BIN/epp" --write-certs "$WORK/tls" >/dev/null
       start_epp "$epp_bin" true

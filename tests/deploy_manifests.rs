@@ -107,13 +107,19 @@ fn envoy_configs_carry_what_epp_relies_on() {
     ] {
         assert!(text.contains(needle), "envoy.yaml lacks {needle}");
     }
-    // The buffered variant differs in the request body mode only.
-    let mut buffered = yaml_docs(&read("deploy/envoy/envoy-buffered.yaml")).remove(0);
-    let mode = &mut buffered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"][1]["typed_config"]["processing_mode"]["request_body_mode"];
-    assert_eq!(*mode, "BUFFERED");
-    *mode = "STREAMED".into();
-    assert_eq!(buffered, epp, "envoy-buffered.yaml drifted from envoy.yaml");
+    // The buffered variant differs in the request body mode only, the route-only one in the
+    // response body mode only.
+    for (file, field, value) in [
+        ("envoy-buffered.yaml", "request_body_mode", "BUFFERED"),
+        ("envoy-route-only.yaml", "response_body_mode", "NONE"),
+    ] {
+        let mut variant = yaml_docs(&read(format!("deploy/envoy/{file}"))).remove(0);
+        let mode = &mut variant["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"]["http_filters"][1]["typed_config"]["processing_mode"][field];
+        assert_eq!(*mode, value, "{file}");
+        *mode = "STREAMED".into();
+        assert_eq!(variant, epp, "{file} drifted from envoy.yaml");
+    }
     let rr = yaml_docs(&read("deploy/envoy/envoy-round-robin.yaml")).remove(0);
     assert_eq!(
         rr["static_resources"]["clusters"][0]["lb_policy"],

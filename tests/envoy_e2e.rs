@@ -94,6 +94,37 @@ async fn a_stream_the_gateway_hides_stays_counted_until_the_engine_reports_it_do
     }
 }
 
+/// deploy/envoy/envoy-route-only.yaml sends epp no response chunks, and Envoy keeps epp's
+/// stream open until the response ends (it waits for response trailers): a streamed request
+/// is counted on its open stream, not parked, for as long as it streams. At its end the
+/// stream closes without a message, like one a gateway closes early, so epp parks the request
+/// until a scrape shows the backend done. The stream costs the messages of a one-chunk
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_only_config_counts_a_stream_while_it_runs_without_its_chunks() {
+    let options = common::EnvoyOptions {
+        config: "envoy-route-only.yaml",
+        ..common::EnvoyOptions::new(BodyMode::Streamed)
+    };
+    let stack = Stack::start_with(1, options, &[]).await;
+    stack.backends[0].report_running();
+    let sent = "http.gateway.ext_proc.stream_msgs_sent";
+    let before = stack.envoy_counter(sent);
+    let page = metrics_while_streaming(&stack).await;
+    assert_eq!(metric_sum(&page, "llm_d_epp_inflight_requests"), 1.0);
+    assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 0.0);
+    let page = stack
+        .metrics_when(250, |p| metric_sum(p, "llm_d_epp_inflight_requests") == 0.0)
+        .await;
+    assert_eq!(metric_sum(&page, "llm_d_epp_inflight_requests"), 0.0);
+    assert_eq!(metric_sum(&page, "epp_inflight_parked_requests"), 0.0);
+    // Request headers, body and (empty) trailers, response headers; a 60-event stream in
+    // STREAMED adds one message per chunk.
+    let messages = stack.envoy_counter(sent) - before;
+    assert!(messages <= 5, "{messages} ext_proc messages for one stream");
+    assert_still_serving(&stack).await;
+}
+
 /// Streams about 1.8 s from the stack's only backend; returns epp's metrics page taken three
 /// scrapes into the stream, once the whole stream has arrived intact.
 async fn metrics_while_streaming(stack: &Stack) -> String {

@@ -31,6 +31,11 @@
 //! * at most (the engine's waiting − epp's open requests there still prefilling) keep their
 //!   prefill; the oldest of the others give it up (the engine has scheduled them).
 //!
+//! Without response bodies epp sees no first byte either, even while Envoy keeps the stream
+//! open to the response's end (waiting for response trailers): an event stream's prefill is
+//! parked at the response headers ([`Reservation::park_prefill`]) and ends by the second
+//! rule, or with its request.
+//!
 //! A page without a count releases what that count would bound; a failed scrape changes
 //! nothing. At most [`PARKED_CAP`] requests stay parked per endpoint (the oldest go first), and
 //! an endpoint leaving the pool releases its own.
@@ -62,13 +67,15 @@ pub struct EndpointLoad {
 /// Most requests kept parked on one endpoint; past it the oldest is released.
 pub const PARKED_CAP: usize = 16_384;
 
-/// A parked request: what it still holds of its endpoint's load.
+/// A parked request: what it still holds of its endpoint's load. An entry that holds only
+/// the prefill belongs to a request still on an open stream ([`Reservation::park_prefill`]).
 #[derive(Debug, Clone, Copy)]
 struct Parked {
     amount: LoadAmount,
     /// Its place in the endpoint's dispatch order ([`EndpointLoad::dispatched`] before it).
     seq: u64,
     prefill_held: bool,
+    request_held: bool,
 }
 
 /// What one scrape says the engine holds; `None` where the page did not say.
@@ -137,9 +144,10 @@ impl EndpointLoad {
         self.smoothed.sample(self.requests(), clock)
     }
 
-    /// Requests parked now (see the module docs).
+    /// Requests parked now (see the module docs); parked prefills of open requests not
+    /// counted.
     pub fn parked(&self) -> usize {
-        self.parked.lock().len()
+        self.parked.lock().iter().filter(|p| p.request_held).count()
     }
 
     /// Reconciles the parked requests with a scrape of the endpoint that started when
@@ -150,6 +158,7 @@ impl EndpointLoad {
         let before = |p: &Parked| p.seq < dispatched_at_scrape;
         let released = self.release_beyond(&mut parked, engine.requests, before);
         self.end_prefill_beyond(&mut parked, engine.waiting, before);
+        parked.retain(|p| p.request_held || p.prefill_held);
         released
     }
 
@@ -161,12 +170,13 @@ impl EndpointLoad {
         requests: Option<u64>,
         before: impl Fn(&Parked) -> bool,
     ) -> usize {
-        let old = parked.iter().filter(|p| before(p)).count() as u64;
-        let attached = self.requests().saturating_sub(parked.len() as u64);
+        let held = parked.iter().filter(|p| p.request_held);
+        let (old, all) = held.fold((0, 0), |(o, a), p| (o + u64::from(before(p)), a + 1));
+        let attached = self.requests().saturating_sub(all);
         let mut excess = beyond_engine(old, requests, attached);
         let released = excess as usize;
         parked.retain(|p| {
-            if excess == 0 || !before(p) {
+            if excess == 0 || !p.request_held || !before(p) {
                 return true;
             }
             excess -= 1;
@@ -216,12 +226,24 @@ impl EndpointLoad {
         self.prefilling.load(Ordering::Relaxed)
     }
 
-    /// Subtracts what a parked request holds.
+    /// The prefill parked for the request dispatched as `seq`, if still parked, ends (the
+    /// request itself has ended).
+    fn unpark_prefill(&self, seq: u64) {
+        let mut parked = self.parked.lock();
+        let found = parked.iter().position(|p| p.seq == seq && !p.request_held);
+        if let Some(p) = found.and_then(|i| parked.remove(i)) {
+            self.take_back(&p);
+        }
+    }
+
+    /// Subtracts what a parked entry holds.
     fn take_back(&self, p: &Parked) {
         if p.prefill_held {
             self.end_prefill(p.amount);
         }
-        self.end_request(p.amount);
+        if p.request_held {
+            self.end_request(p.amount);
+        }
     }
 
     /// Subtracts a request's prefill.
@@ -329,6 +351,8 @@ pub struct Reservation {
     /// fit sees them (each counter read in the same atomic step as the request's add to it).
     observation: Observation,
     prefill_held: bool,
+    /// Its prefill waits in the endpoint's parked entries ([`Self::park_prefill`]).
+    prefill_parked: bool,
     held: bool,
     /// Its place in the endpoint's dispatch order.
     seq: u64,
@@ -358,6 +382,7 @@ impl Reservation {
                 waiting: prefilling,
             },
             prefill_held: true,
+            prefill_parked: false,
             held: true,
             seq,
         }
@@ -385,10 +410,28 @@ impl Reservation {
         }
     }
 
+    /// The response goes on where epp sees no first token (Envoy sends no response bodies):
+    /// the prefill stays counted until a scrape shows the engine has scheduled it, as a
+    /// parked request's does (see the module docs), or until the request ends.
+    pub fn park_prefill(&mut self) {
+        if std::mem::take(&mut self.prefill_held) {
+            self.prefill_parked = true;
+            self.endpoint.load.park(Parked {
+                amount: self.amount,
+                seq: self.seq,
+                prefill_held: true,
+                request_held: false,
+            });
+        }
+    }
+
     /// The request is over (completed, failed or reset). Later calls, and the drop, do
     /// nothing.
     pub fn release(&mut self) {
         self.prefill_done();
+        if std::mem::take(&mut self.prefill_parked) {
+            self.endpoint.load.unpark_prefill(self.seq);
+        }
         if self.held {
             self.held = false;
             self.endpoint.load.end_request(self.amount);
@@ -400,10 +443,12 @@ impl Reservation {
     /// module docs).
     pub fn park(mut self) {
         if std::mem::take(&mut self.held) {
+            self.prefill_parked = false;
             self.endpoint.load.park(Parked {
                 amount: self.amount,
                 seq: self.seq,
                 prefill_held: std::mem::take(&mut self.prefill_held),
+                request_held: true,
             });
         }
     }
@@ -543,6 +588,38 @@ mod tests {
         let s = load.snapshot();
         assert_eq!((s.requests, s.prefilling, load.parked()), (1, 1, 0));
         drop(open);
+        assert!(load.is_idle());
+    }
+
+    #[test]
+    fn a_parked_prefill_waits_for_a_scrape_or_its_requests_end() {
+        let ep = endpoint();
+        let load = &ep.load;
+        let mut a = Reservation::new(ep.clone(), AMOUNT);
+        let mut b = Reservation::new(ep.clone(), AMOUNT);
+        a.park_prefill();
+        b.park_prefill();
+        let unanswered = Reservation::new(ep.clone(), AMOUNT);
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.pending_prefill, s.prefilling), (3, 180, 3));
+        assert_eq!(load.parked(), 0, "no request is parked, only prefills");
+        // 2 waiting: the unanswered one and one more; the oldest parked prefill (a's) ends.
+        assert_eq!(load.reconcile_parked(counts(3, 2), 3), 0);
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.pending_prefill, s.prefilling), (3, 120, 2));
+        // b ends before any scrape shows its prefill scheduled: the prefill goes with it.
+        drop(b);
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.pending_prefill, s.prefilling), (2, 60, 1));
+        drop(a);
+        drop(unanswered);
+        assert!(load.is_idle());
+        // Trailers skipped as well: the request parks after its prefill did.
+        let mut c = Reservation::new(ep.clone(), AMOUNT);
+        c.park_prefill();
+        c.park();
+        assert_eq!((load.parked(), load.snapshot().prefilling), (1, 1));
+        assert_eq!(load.reconcile_parked(counts(0, 0), 4), 1);
         assert!(load.is_idle());
     }
 

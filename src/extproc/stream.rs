@@ -27,9 +27,12 @@
 //! config's `STREAMED`: Envoy keeps the chunk, so nothing is sent back but a few bytes), or
 //! replaced when the model name was swapped back; usage is parsed for metrics; trailers
 //! continue. The first response bytes release the request's prefill from the endpoint's load;
-//! the end of the response (or of the stream, however it ends) releases the rest — except
-//! where Envoy sends no response body (`NONE`) and closes the stream while an event stream
-//! goes on: that request is parked on its endpoint until a scrape shows it gone
+//! the end of the response (or of the stream, however it ends) releases the rest. Where Envoy
+//! sends no response body (`NONE`), no first byte comes: an event stream's prefill is parked
+//! at its headers until a scrape shows it scheduled or the request ends; and as the stream
+//! then closes without showing the response's end (at the response headers when Envoy skips
+//! response trailers, at the response's end when it waits for them), an event stream's
+//! request is parked on its endpoint until a scrape shows it gone
 //! ([`crate::datastore::load`]).
 
 use std::net::{IpAddr, SocketAddr};
@@ -184,14 +187,24 @@ fn warn_once_about(mode: BodySendMode) {
     }
 }
 
+/// Whether a response goes on after its headers, for a gateway that shows epp no response
+/// bodies: a successful event stream, or a response of unknown type (`event_stream` is
+/// `None` before any headers or without a content type), but not a whole JSON answer or an
+/// error.
+fn goes_on_after_headers(event_stream: Option<bool>, succeeded: bool) -> bool {
+    event_stream.is_none_or(|sse| sse && succeeded)
+}
+
 /// Logs once per process that Envoy sends epp no response bodies.
 fn note_unseen_ends_once() {
     static NOTED: AtomicBool = AtomicBool::new(false);
     if !NOTED.swap(true, Ordering::Relaxed) {
         tracing::info!(
-            "Envoy's response body mode is NONE: epp cannot see when a streamed response ends, \
-             so each stays counted on its endpoint until the endpoint's metrics show it done, \
-             and first-token times are not learned; STREAMED response bodies give both exactly"
+            "Envoy's response body mode is NONE: epp sees no response chunks, so it learns no \
+             first-token times or tokens per byte, and cannot see when a streamed response \
+             ends: each stays counted on its endpoint, and its prompt queued, until the \
+             endpoint's metrics show it done and scheduled; STREAMED response bodies give \
+             both exactly"
         );
     }
 }
@@ -736,8 +749,28 @@ impl StreamHandler {
         self.response.headers(content_type.as_deref());
         if h.end_of_stream {
             self.response_ended();
+        } else if self.mode_known && self.response_mode == BodySendMode::None {
+            self.prefill_unseen();
         }
         msg::continue_response_headers()
+    }
+
+    /// Envoy sends no response bodies, so no first byte will tell epp the prompt was
+    /// computed: a response that goes on (an event stream, or one of unknown type) parks its
+    /// prefill until a scrape shows it scheduled; any other answer is complete (a whole JSON
+    /// answer comes after its generation) or an error.
+    fn prefill_unseen(&mut self) {
+        let Some(routed) = self.routed.as_mut() else {
+            return;
+        };
+        let goes_on = goes_on_after_headers(self.response.event_stream, routed.succeeded);
+        if let Some(r) = routed.reservation.as_mut() {
+            if goes_on {
+                r.park_prefill();
+            } else {
+                r.prefill_done();
+            }
+        }
     }
 
     /// Tells the outlier detector how the endpoint that served the request answered.
@@ -838,10 +871,7 @@ impl StreamHandler {
     fn end_unseen(&self, routed: &Routed) -> bool {
         self.mode_known
             && self.response_mode == BodySendMode::None
-            && self
-                .response
-                .event_stream
-                .is_none_or(|sse| sse && routed.succeeded)
+            && goes_on_after_headers(self.response.event_stream, routed.succeeded)
     }
 
     /// The finished request's latency, size and token histograms.
@@ -1114,6 +1144,43 @@ mod tests {
                 prefilling, counted,
                 "{response:?}: a parked prompt waits for a scrape"
             );
+        }
+    }
+
+    /// Envoy sends no response body (`NONE`), so no first byte comes: an event stream's
+    /// prompt is parked at its headers, while the request stays on its open stream (Envoy
+    /// keeps it open to the response's end when it waits for response trailers), until a
+    /// scrape shows it scheduled. A whole JSON answer's or an error's prompt was computed
+    /// before its headers.
+    #[test]
+    fn without_response_bodies_a_streams_prompt_is_parked_at_its_headers() {
+        let cases = [
+            ("200", "text/event-stream", 1),
+            ("200", "application/json", 0),
+            ("503", "text/event-stream", 0),
+        ];
+        for (status, content_type, queued) in cases {
+            let mut h = handler(1);
+            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
+            req.protocol_config.as_mut().unwrap().response_body_mode = BodySendMode::None as i32;
+            h.handle(req);
+            h.handle(body(BODY, true));
+            h.handle(response_headers(status, content_type));
+            let endpoint = h.shared.director.datastore.endpoints()[0].clone();
+            let load = &endpoint.load;
+            let s = load.snapshot();
+            let context = format!("{status} {content_type}");
+            assert_eq!((s.requests, s.prefilling), (1, queued), "{context}");
+            assert_eq!(load.parked(), 0, "{context}: the request is on its stream");
+            // A scrape shows the request running, none waiting: its prompt was scheduled.
+            let engine = crate::datastore::load::EngineCounts {
+                requests: Some(1),
+                waiting: Some(0),
+            };
+            load.reconcile_parked(engine, 1);
+            let s = load.snapshot();
+            assert_eq!((s.requests, s.prefilling), (1, 0), "{context}");
+            drop(h);
         }
     }
 

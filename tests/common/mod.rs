@@ -254,6 +254,8 @@ impl EnvoyTls {
 /// How a test renders deploy/envoy/envoy.yaml.
 #[derive(Debug, Clone)]
 pub struct EnvoyOptions {
+    /// The shipped config to render, a file in deploy/envoy (default `envoy.yaml`).
+    pub config: &'static str,
     pub mode: BodyMode,
     pub tls: EnvoyTls,
     /// Keep the filter that strips client-sent routing headers before ext_proc (shipped
@@ -272,6 +274,7 @@ pub struct EnvoyOptions {
 impl EnvoyOptions {
     pub fn new(mode: BodyMode) -> Self {
         Self {
+            config: "envoy.yaml",
             mode,
             tls: EnvoyTls::Off,
             strip_client_headers: true,
@@ -303,10 +306,12 @@ fn cut_section(text: &mut String, name: &str) {
     text.replace_range(start..stop + end.len(), "");
 }
 
-/// Renders deploy/envoy/envoy.yaml with `options`.
+/// Renders `options.config` (a file in deploy/envoy) with `options`.
 pub fn envoy_config_with(epp_port: u16, options: EnvoyOptions) -> String {
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/envoy")
+            .join(options.config),
     )
     .unwrap();
     let mut text = text
@@ -392,17 +397,23 @@ pub fn start_envoy(dir: &std::path::Path, config: &str) -> (Proc, u16) {
     }
 }
 
-/// Asks Envoy's admin API for the gateway listener's bound port.
-fn gateway_port(admin: &str) -> Option<u16> {
+/// GETs `path` from Envoy's admin API at `admin`; returns the response (head and body).
+fn admin_get(admin: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).ok()?;
     write!(
         s,
-        "GET /listeners?format=json HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Asks Envoy's admin API for the gateway listener's bound port.
+fn gateway_port(admin: &str) -> Option<u16> {
+    let out = admin_get(admin, "/listeners?format=json")?;
     // The body may be chunked: the JSON document is everything from the first '{' to the last '}'.
     let body = &out[out.find('{')?..=out.rfind('}')?];
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
@@ -510,6 +521,19 @@ impl Stack {
         };
         stack.wait_for_metrics().await;
         stack
+    }
+
+    /// One of Envoy's counters (a full stat name, e.g. `http.gateway.ext_proc.stream_msgs_sent`).
+    pub fn envoy_counter(&self, name: &str) -> u64 {
+        let admin = std::fs::read_to_string(self.dir.path().join("admin.txt")).unwrap();
+        let out = admin_get(admin.trim(), &format!("/stats?filter=^{name}$")).unwrap();
+        let prefix = format!("{name}: ");
+        out.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("Envoy has no counter {name}:\n{out}"))
+            .trim()
+            .parse()
+            .unwrap()
     }
 
     /// Waits until epp has scraped every backend at least twice.
