@@ -17,6 +17,7 @@
 #
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
+#   FAIL_METRICS=0 BLIND_PODS=0
 #   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
 #   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
 #   MAX_NUM_SEQS= (sequences each pod runs at once; default epp-sim's 256, vLLM's default)
@@ -29,6 +30,8 @@
 # (LATE_METRICS=1), as the simulator of the last external trial did. FAILING_PODS=N: the
 # first N pods answer every request at once with 500 (a dead engine behind a live API
 # server, its /metrics still showing an idle engine); failed requests get their own column.
+# FAIL_METRICS=share: every pod answers that share of /metrics requests with 503 (a flaky
+# exporter); BLIND_PODS=N: the first N pods answer every one so (metrics never readable).
 # SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a
 # tiny SLOW_SPEED such as 0.00001 makes a hung engine). CLIENT_TIMEOUT: how long the load
 # client waits for a request before giving up (and counting it failed).
@@ -45,6 +48,8 @@ PROMPTS_PER_GROUP=${PROMPTS_PER_GROUP:-30}
 SPEED=${SPEED:-1}
 LATE_METRICS=${LATE_METRICS:-1}
 FAILING_PODS=${FAILING_PODS:-0}
+FAIL_METRICS=${FAIL_METRICS:-0}
+BLIND_PODS=${BLIND_PODS:-0}
 SLOW_PODS=${SLOW_PODS:-0}
 SLOW_SPEED=${SLOW_SPEED:-0.25}
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
@@ -99,11 +104,12 @@ start_sims() {
   if [ -n "$MAX_NUM_SEQS" ]; then sim_args+=(--max-num-seqs "$MAX_NUM_SEQS"); fi
   if [ "$PREFIX_CACHING" = 0 ]; then sim_args+=(--no-enable-prefix-caching); fi
   for i in $(seq 0 $((PODS - 1))); do
-    local fail=0 speed=$SPEED
+    local fail=0 speed=$SPEED fail_metrics=$FAIL_METRICS
     if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi
+    if [ "$i" -lt "$BLIND_PODS" ]; then fail_metrics=1; fi
     if [ "$i" -ge $((PODS - SLOW_PODS)) ]; then speed=$(python3 -c "print($SPEED * $SLOW_SPEED)"); fi
     "$BIN/epp-sim" --port $((BASE_PORT + i)) --name "sim-$i" --speed "$speed" "${sim_args[@]}" \
-      --fail-requests "$fail" >"$WORK/sim-$i.log" 2>&1 &
+      --fail-requests "$fail" --fail-metrics "$fail_metrics" >"$WORK/sim-$i.log" 2>&1 &
     SIM_PIDS+=($!)
   done
   for i in $(seq 0 $((PODS - 1))); do wait_http "http://127.0.0.1:$((BASE_PORT + i))/health" "epp-sim $i"; done

@@ -16,8 +16,8 @@
 #                 before): Envoy's one worker opens several connections, dealt across epp's
 #                 serving threads
 #   epp-buffered  epp with request_body_mode BUFFERED
-#   epp-routeonly epp behind deploy/envoy/envoy-route-only.yaml: response headers sent,
-#                 response bodies and trailers not (no per-chunk messages)
+#   epp-routeonly epp behind deploy/envoy/envoy-route-only.yaml: no response bodies to epp
+#                 (no per-chunk messages)
 #   epp-tls       epp with its default TLS
 #   epp-base      as epp, but the epp binary at $BASE_EPP (an A/B against another build)
 # For each body size: req/s at CONNECTIONS, the path time (first request byte sent → request

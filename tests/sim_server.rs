@@ -232,8 +232,38 @@ fn metric_sum(page: &str, family: &str) -> f64 {
 async fn pods_that_export_metrics_late_still_get_traffic_and_load_drains() {
     // Regression (issue 7): pods whose /metrics lack the vllm:* families until their first
     // request were treated as failing, and one pod took every request.
-    let sims: Vec<(Proc, String)> = (0..4)
-        .map(|i| start_sim_with(&format!("sim-{i}"), &["--metrics-after-first-request"]))
+    let late = ["--metrics-after-first-request"];
+    let (per_pod, page) = forty_streams_through_epp(&[&late, &late, &late, &late]).await;
+    assert!(per_pod.values().all(|n| *n >= 5), "{per_pod:?}");
+    assert!(
+        page.contains("epp_endpoint_health{endpoint_name=\"sim-0\",state=\"fresh\"} 1"),
+        "{page}"
+    );
+}
+
+/// A pod whose /metrics always fails (`--fail-metrics 1`) is routed by epp's own count of
+/// what it sent there: it loses ties but still serves its share of a burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_metrics_never_answer_still_gets_traffic_and_load_drains() {
+    let (per_pod, page) =
+        forty_streams_through_epp(&[&["--fail-metrics", "1"], &[], &[], &[]]).await;
+    assert!(per_pod["sim-0"] >= 5, "{per_pod:?}");
+    assert!(
+        page.contains("epp_endpoint_health{endpoint_name=\"sim-0\",state=\"degraded\"} 1"),
+        "{page}"
+    );
+}
+
+/// Sends 40 concurrent streamed chats with distinct prompts through Envoy + epp over one
+/// epp-sim per `pod_args`; asserts every pod served and epp's load counters drained. Returns
+/// the requests each pod served and epp's metrics page.
+async fn forty_streams_through_epp(
+    pod_args: &[&[&str]],
+) -> (std::collections::HashMap<String, usize>, String) {
+    let sims: Vec<(Proc, String)> = pod_args
+        .iter()
+        .enumerate()
+        .map(|(i, args)| start_sim_with(&format!("sim-{i}"), args))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let endpoints = dir.path().join("endpoints.yaml");
@@ -264,8 +294,11 @@ async fn pods_that_export_metrics_late_still_get_traffic_and_load_drains() {
     for r in futures::future::join_all(requests).await {
         *per_pod.entry(r.unwrap()).or_insert(0) += 1;
     }
-    assert_eq!(per_pod.len(), 4, "every pod served: {per_pod:?}");
-    assert!(per_pod.values().all(|n| *n >= 5), "{per_pod:?}");
+    assert_eq!(
+        per_pod.len(),
+        pod_args.len(),
+        "every pod served: {per_pod:?}"
+    );
     let page_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let mut page = String::new();
     for _ in 0..100 {
@@ -275,24 +308,37 @@ async fn pods_that_export_metrics_late_still_get_traffic_and_load_drains() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        metric_sum(&page, "llm_d_epp_inflight_requests"),
-        0.0,
-        "{page}"
-    );
-    assert_eq!(
-        metric_sum(&page, "llm_d_epp_inflight_tokens"),
-        0.0,
-        "{page}"
-    );
-    assert_eq!(
-        metric_sum(&page, "epp_inflight_prompt_tokens"),
-        0.0,
-        "{page}"
-    );
+    for family in [
+        "llm_d_epp_inflight_requests",
+        "llm_d_epp_inflight_tokens",
+        "epp_inflight_prompt_tokens",
+    ] {
+        assert_eq!(metric_sum(&page, family), 0.0, "{family}: {page}");
+    }
+    (per_pod, page)
+}
+
+/// epp-sim's `--fail-metrics` fails /metrics only, and a share outside 0–1 is refused by
+/// name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_metrics_leave_serving_alone_and_bad_shares_are_refused() {
+    let (_sim, addr) = start_sim_with("s0", &["--fail-metrics", "1"]);
+    let c = client();
+    let (status, _, _) = call(&c, "GET", &format!("http://{addr}/metrics"), "").await;
+    assert_eq!(status, 503);
+    let body = serde_json::json!({"model": "model", "prompt": "hi", "max_tokens": 2});
+    let url = format!("http://{addr}/v1/completions");
+    let (status, _, text) = call(&c, "POST", &url, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_epp-sim"))
+        .args(["--port", "0", "--fail-metrics", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        page.contains("epp_endpoint_health{endpoint_name=\"sim-0\",state=\"fresh\"} 1"),
-        "{page}"
+        stderr.contains("--fail-metrics must be between 0 and 1"),
+        "{stderr}"
     );
 }
 

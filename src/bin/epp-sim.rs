@@ -85,6 +85,10 @@ struct Cli {
     /// engine died does; /metrics keeps reporting the (idle) engine.
     #[arg(long, default_value_t = 0.0)]
     fail_requests: f64,
+    /// Share of /metrics requests (0–1) answered at once with 503, as an exporter that fails
+    /// now and then (1: the endpoint's metrics are never readable); serving goes on.
+    #[arg(long, default_value_t = 0.0)]
+    fail_metrics: f64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,6 +219,8 @@ struct Server {
     served_any: std::sync::atomic::AtomicBool,
     /// `--fail-requests`.
     fail_requests: f64,
+    /// `--fail-metrics`.
+    fail_metrics: f64,
 }
 
 type St = Arc<Server>;
@@ -588,6 +594,9 @@ impl Reply {
 }
 
 async fn metrics(State(s): State<St>) -> Response {
+    if s.fail_metrics > 0.0 && fastrand::f64() < s.fail_metrics {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metrics unavailable\n").into_response();
+    }
     if s.late_metrics && !s.served_any.load(Ordering::Relaxed) {
         // No engine families yet: only a process-level line, as some exporters start.
         return (
@@ -647,10 +656,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     epp::telemetry::logging::init(&epp::telemetry::logging::LogOptions::default());
     anyhow::ensure!(cli.speed > 0.0, "--speed must be greater than 0");
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&cli.fail_requests),
-        "--fail-requests must be between 0 and 1"
-    );
+    for (flag, share) in [
+        ("--fail-requests", cli.fail_requests),
+        ("--fail-metrics", cli.fail_metrics),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "{flag} must be between 0 and 1"
+        );
+    }
     anyhow::ensure!(
         cli.kv_blocks > 0 && cli.block_size > 0,
         "--kv-blocks and --block-size must be greater than 0"
@@ -681,6 +695,7 @@ async fn main() -> anyhow::Result<()> {
         late_metrics: cli.metrics_after_first_request,
         served_any: false.into(),
         fail_requests: cli.fail_requests,
+        fail_metrics: cli.fail_metrics,
     });
     tokio::spawn(engine_loop(server.clone()));
     let app = Router::new()
