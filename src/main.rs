@@ -194,6 +194,7 @@ fn scrape_config(cli: &Cli, data_layer: DataLayer) -> anyhow::Result<ScrapeConfi
     Ok(ScrapeConfig {
         interval,
         target,
+        staleness: cli.metrics_staleness_threshold,
         mappings: Arc::new(mappings),
         ..ScrapeConfig::default()
     })

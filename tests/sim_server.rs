@@ -254,6 +254,43 @@ async fn a_pod_whose_metrics_never_answer_still_gets_traffic_and_load_drains() {
     );
 }
 
+/// A pod whose exporter fails half the scrapes keeps fresh metrics: one failure among
+/// successes is not a state change, so epp neither de-prioritizes the pod nor logs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_exporter_neither_flips_the_pods_health_nor_fills_the_log() {
+    let (_sim, addr) = start_sim_with("flaky", &["--fail-metrics", "0.5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &endpoints,
+        format!("endpoints:\n  - address: {addr}\n    name: flaky\n"),
+    )
+    .unwrap();
+    let (epp, _grpc, metrics_port) = common::start_epp(&endpoints, &[]);
+    let c = client();
+    let page_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let fresh = "epp_endpoint_health{endpoint_name=\"flaky\",state=\"fresh\"} 1";
+    // Fresh from its first good scrape on.
+    for _ in 0..100 {
+        if call(&c, "GET", &page_url, "").await.2.contains(fresh) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Then 40 reads over about 1 s (20 scrapes, about 10 of them failed): fresh at each.
+    for _ in 0..40 {
+        let page = call(&c, "GET", &page_url, "").await.2;
+        assert!(page.contains(fresh), "{page}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // At most the failures before the first good scrape, when the pod had no metrics.
+    let logs = epp.logs();
+    assert!(
+        logs.matches("metrics scrape failing").count() <= 1,
+        "{logs}"
+    );
+}
+
 /// Sends 40 concurrent streamed chats with distinct prompts through Envoy + epp over one
 /// epp-sim per `pod_args`; asserts every pod served and epp's load counters drained. Returns
 /// the requests each pod served and epp's metrics page.

@@ -38,8 +38,9 @@ fn nanos_since_origin(t: Instant) -> u64 {
 pub enum Health {
     /// Scraped successfully within the staleness threshold.
     Fresh,
-    /// Never scraped yet, stale, or the last scrape failed without proving the server down:
-    /// still routable, but its load is taken from epp's own accounting and it loses ties.
+    /// Never scraped, or its last good metrics are older than the staleness threshold
+    /// (scrapes that fail only stop refreshing them): still routable, but its load is taken
+    /// from epp's own accounting and it loses ties.
     Degraded,
     /// The last scrape could not connect to the serving port: avoided while any other
     /// endpoint is reachable.
@@ -66,10 +67,11 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// A candidate whose health is judged from its metrics alone (scraped and not failing ⇒
-    /// fresh); [`Candidate::assess`] also applies the staleness threshold.
+    /// A candidate whose health is judged from its metrics alone (scraped and not found
+    /// unreachable since ⇒ fresh); [`Candidate::assess`] also applies the staleness threshold.
     pub fn new(endpoint: Arc<Endpoint>, metrics: Arc<EndpointMetrics>) -> Self {
-        let health = if metrics.updated.is_some() && metrics.failure.is_none() {
+        let unreachable = metrics.failure == Some(ScrapeFailure::Unreachable);
+        let health = if metrics.updated.is_some() && !unreachable {
             Health::Fresh
         } else {
             Health::Degraded
@@ -90,15 +92,18 @@ impl Candidate {
         self.assess_age(age, staleness);
     }
 
-    /// Sets [`Candidate::health`] from the age of the metrics (`None`: never scraped); the
-    /// fleet simulator passes virtual ages.
+    /// Sets [`Candidate::health`] from the age of the last good metrics (`None`: never
+    /// scraped); the fleet simulator passes virtual ages. A scrape that fails without proving
+    /// the server down (an error status, a bad page, a timeout) only leaves the last good
+    /// metrics to age: one failure among successes, as a flaky exporter gives, must not flip
+    /// the endpoint between fresh and degraded at every scrape.
     pub fn assess_age(&mut self, age: Option<Duration>, staleness: Duration) {
         let m = &self.metrics;
         self.health = if m.failure == Some(ScrapeFailure::Unreachable)
             && self.endpoint.metrics_address == self.endpoint.address
         {
             Health::Unreachable
-        } else if m.failure.is_some() || age.is_none_or(|a| a > staleness) {
+        } else if age.is_none_or(|a| a > staleness) {
             Health::Degraded
         } else {
             Health::Fresh
@@ -471,6 +476,38 @@ mod tests {
             s1.candidates[0].metrics.waiting_queue, None,
             "old snapshot unchanged"
         );
+    }
+
+    #[test]
+    fn failed_scrapes_degrade_an_endpoint_only_once_its_metrics_are_stale() {
+        let ep = Arc::new(Endpoint::new(0, spec("a", 1)));
+        let staleness = Duration::from_secs(2);
+        let health = |failure, age: Option<u64>| {
+            let m = EndpointMetrics {
+                updated: Some(Instant::now()),
+                failure,
+                ..Default::default()
+            };
+            let mut c = Candidate::new(ep.clone(), Arc::new(m));
+            c.assess_age(age.map(Duration::from_millis), staleness);
+            c.health
+        };
+        let flaky = Some(ScrapeFailure::BadStatus);
+        assert_eq!(health(None, Some(100)), Health::Fresh);
+        assert_eq!(
+            health(flaky, Some(100)),
+            Health::Fresh,
+            "one failure among successes"
+        );
+        assert_eq!(
+            health(flaky, Some(2_100)),
+            Health::Degraded,
+            "failing for longer"
+        );
+        assert_eq!(health(None, Some(2_100)), Health::Degraded, "stale");
+        assert_eq!(health(None, None), Health::Degraded, "never scraped");
+        let down = Some(ScrapeFailure::Unreachable);
+        assert_eq!(health(down, Some(100)), Health::Unreachable, "down at once");
     }
 
     #[test]

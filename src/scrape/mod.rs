@@ -101,6 +101,9 @@ impl MetricsTarget {
 pub struct ScrapeConfig {
     pub interval: Duration,
     pub timeout: Duration,
+    /// Age past which an endpoint's last good metrics no longer count (as the director's
+    /// `--metrics-staleness-threshold`): when a failing scrape de-prioritizes it.
+    pub staleness: Duration,
     pub target: MetricsTarget,
     pub mappings: Arc<Mappings>,
 }
@@ -110,6 +113,7 @@ impl Default for ScrapeConfig {
         Self {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
+            staleness: Duration::from_secs(2),
             target: MetricsTarget::default(),
             mappings: Arc::new(Mappings::default()),
         }
@@ -217,6 +221,8 @@ struct ScrapeState {
     absent: Vec<String>,
     /// Whether the engine's cache config last said prefix caching is off.
     prefix_caching_off: bool,
+    /// When a scrape last succeeded.
+    last_success: Option<Instant>,
 }
 
 impl ScrapeState {
@@ -227,6 +233,7 @@ impl ScrapeState {
         mapping: &EngineMapping,
         m: &EndpointMetrics,
     ) -> bool {
+        self.last_success = Some(Instant::now());
         let recovered = self.note_recovery(endpoint);
         let families = self.note_families(endpoint, mapping, m);
         let caching = self.note_prefix_caching(endpoint, m);
@@ -292,9 +299,26 @@ impl ScrapeState {
         true
     }
 
-    /// Notes a failed scrape; true when that changed the state (and was logged).
-    fn on_failure(&mut self, endpoint: &Endpoint, e: &ScrapeError) -> bool {
+    /// Notes a failed scrape; true when that changed the state (and was logged). A failure
+    /// de-prioritizes the endpoint only once its server is unreachable or its last good
+    /// metrics are older than `staleness` (see [`crate::datastore::Candidate::assess_age`]);
+    /// until then it is logged at debug level.
+    fn on_failure(
+        &mut self,
+        endpoint: &Endpoint,
+        e: &ScrapeError,
+        staleness: Duration,
+        now: Instant,
+    ) -> bool {
         let f = e.failure();
+        let down = f == ScrapeFailure::Unreachable && endpoint.metrics_address == endpoint.address;
+        let stale = self
+            .last_success
+            .is_none_or(|t| now.saturating_duration_since(t) > staleness);
+        if !(down || stale) {
+            tracing::debug!(endpoint = %endpoint.name, error = %e, "metrics scrape failed; the last good metrics still count");
+            return false;
+        }
         if self.failure == Some(f) {
             return false;
         }
@@ -338,7 +362,7 @@ async fn scrape_loop(
                 datastore.update_metrics(endpoint.id, m);
             }
             Err(e) => {
-                let _ = state.on_failure(&endpoint, &e);
+                let _ = state.on_failure(&endpoint, &e, cfg.staleness, Instant::now());
                 datastore.scrape_failed(endpoint.id, e.failure());
             }
         }
@@ -398,15 +422,29 @@ mod tests {
             url: "u".into(),
             reason: "refused".into(),
         };
-        assert!(s.on_failure(&ep, &refused));
-        assert!(!s.on_failure(&ep, &refused), "same failure: quiet");
+        let stale = Duration::from_secs(2);
+        let now = Instant::now();
+        assert!(
+            s.on_failure(&ep, &refused, stale, now),
+            "server down: logged"
+        );
+        assert!(
+            !s.on_failure(&ep, &refused, stale, now),
+            "same failure: quiet"
+        );
+        assert!(s.on_success(&ep, &vllm, &full), "recovered: logged");
         let status = ScrapeError::Status {
             url: "u".into(),
             status: 500,
         };
         assert!(
-            s.on_failure(&ep, &status),
-            "another kind of failure: logged"
+            !s.on_failure(&ep, &status, stale, now),
+            "an error status while the last good metrics are fresh: quiet"
+        );
+        let later = now + Duration::from_secs(3);
+        assert!(
+            s.on_failure(&ep, &status, stale, later),
+            "the failures outlast the last good metrics: logged"
         );
         assert_eq!(status.failure(), ScrapeFailure::BadStatus);
         assert!(s.on_success(&ep, &vllm, &full), "recovered: logged");
@@ -447,12 +485,14 @@ mod tests {
         eject();
         s.on_success(ep, &vllm, &full);
         assert!(ep.outlier.is_ejected(Instant::now()));
-        // A page that was slow once (a busy server, not a dead one): still ejected.
+        // A page slow for longer than the metrics stay fresh (a busy server, not a dead one):
+        // still ejected.
         let slow = ScrapeError::Timeout {
             url: "u".into(),
             timeout: Duration::from_secs(1),
         };
-        s.on_failure(ep, &slow);
+        let stale = Duration::from_secs(2);
+        assert!(s.on_failure(ep, &slow, stale, Instant::now() + 2 * stale));
         s.on_success(ep, &vllm, &full);
         assert!(ep.outlier.is_ejected(Instant::now()));
         // The server went away and came back: routable again.
@@ -460,7 +500,7 @@ mod tests {
             url: "u".into(),
             reason: "refused".into(),
         };
-        s.on_failure(ep, &refused);
+        assert!(s.on_failure(ep, &refused, stale, Instant::now()));
         s.on_success(ep, &vllm, &full);
         assert!(!ep.outlier.is_ejected(Instant::now()));
     }
