@@ -124,6 +124,12 @@ impl Endpoint {
         Self { ttft, ..self }
     }
 
+    /// Whether a scrape's `failure` proves the serving port down: connections refused on a
+    /// metrics port that is the serving port.
+    pub fn proven_down(&self, failure: Option<ScrapeFailure>) -> bool {
+        failure == Some(ScrapeFailure::Unreachable) && self.metrics_address == self.address
+    }
+
     pub fn spec(&self) -> EndpointSpec {
         EndpointSpec {
             name: self.name.clone(),

@@ -93,6 +93,16 @@ fn beyond_engine(old: u64, engine: Option<u64>, attached: u64) -> u64 {
     old.saturating_sub(engine.map_or(0, |n| n.saturating_sub(attached)))
 }
 
+/// How many of `entries` are `before` a scrape, and how many there are.
+fn tally<'a>(
+    entries: impl Iterator<Item = &'a Parked>,
+    before: impl Fn(&Parked) -> bool,
+) -> (u64, u64) {
+    entries.fold((0, 0), |(old, all), p| {
+        (old + u64::from(before(p)), all + 1)
+    })
+}
+
 /// A consistent-enough reading of [`EndpointLoad`] (each field is read once).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadSnapshot {
@@ -170,8 +180,7 @@ impl EndpointLoad {
         requests: Option<u64>,
         before: impl Fn(&Parked) -> bool,
     ) -> usize {
-        let held = parked.iter().filter(|p| p.request_held);
-        let (old, all) = held.fold((0, 0), |(o, a), p| (o + u64::from(before(p)), a + 1));
+        let (old, all) = tally(parked.iter().filter(|p| p.request_held), &before);
         let attached = self.requests().saturating_sub(all);
         let mut excess = beyond_engine(old, requests, attached);
         let released = excess as usize;
@@ -194,8 +203,7 @@ impl EndpointLoad {
         waiting: Option<u64>,
         before: impl Fn(&Parked) -> bool,
     ) {
-        let prefilling = parked.iter().filter(|p| p.prefill_held);
-        let (old, all) = prefilling.fold((0, 0), |(o, a), p| (o + u64::from(before(p)), a + 1));
+        let (old, all) = tally(parked.iter().filter(|p| p.prefill_held), &before);
         let attached = self.prefilling().saturating_sub(all);
         let excess = beyond_engine(old, waiting, attached) as usize;
         let old_prefilling = parked.iter_mut().filter(|p| p.prefill_held && before(p));

@@ -99,9 +99,7 @@ impl Candidate {
     /// the endpoint between fresh and degraded at every scrape.
     pub fn assess_age(&mut self, age: Option<Duration>, staleness: Duration) {
         let m = &self.metrics;
-        self.health = if m.failure == Some(ScrapeFailure::Unreachable)
-            && self.endpoint.metrics_address == self.endpoint.address
-        {
+        self.health = if self.endpoint.proven_down(m.failure) {
             Health::Unreachable
         } else if age.is_none_or(|a| a > staleness) {
             Health::Degraded

@@ -1114,6 +1114,17 @@ mod tests {
         }
     }
 
+    /// A one-endpoint handler that routed a buffered request `body` under Envoy's response
+    /// body mode `mode`.
+    fn routed_with_response_mode(mode: BodySendMode, request_body: &[u8]) -> StreamHandler {
+        let mut h = handler(1);
+        let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
+        req.protocol_config.as_mut().unwrap().response_body_mode = mode as i32;
+        h.handle(req);
+        h.handle(body(request_body, true));
+        h
+    }
+
     /// Envoy sends no response body (`NONE`) and ends the stream after the response headers
     /// (or, with those skipped too, after routing): a request whose response goes on as a
     /// successful event stream stays counted (parked); a whole JSON answer or an error is over.
@@ -1126,11 +1137,7 @@ mod tests {
             (Some(("503", "text/event-stream")), 0),
         ];
         for (response, counted) in cases {
-            let mut h = handler(1);
-            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
-            req.protocol_config.as_mut().unwrap().response_body_mode = BodySendMode::None as i32;
-            h.handle(req);
-            h.handle(body(BODY, true));
+            let mut h = routed_with_response_mode(BodySendMode::None, BODY);
             if let Some((status, content_type)) = response {
                 h.handle(response_headers(status, content_type));
             }
@@ -1160,11 +1167,7 @@ mod tests {
             ("503", "text/event-stream", 0),
         ];
         for (status, content_type, queued) in cases {
-            let mut h = handler(1);
-            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
-            req.protocol_config.as_mut().unwrap().response_body_mode = BodySendMode::None as i32;
-            h.handle(req);
-            h.handle(body(BODY, true));
+            let mut h = routed_with_response_mode(BodySendMode::None, BODY);
             h.handle(response_headers(status, content_type));
             let endpoint = h.shared.director.datastore.endpoints()[0].clone();
             let load = &endpoint.load;
@@ -1194,11 +1197,8 @@ mod tests {
             (BodySendMode::Buffered, 0.0),
             (BodySendMode::BufferedPartial, 0.0),
         ] {
-            let mut h = handler(1);
-            let mut req = headers("/v1/completions", false, BodySendMode::Buffered);
-            req.protocol_config.as_mut().unwrap().response_body_mode = mode as i32;
-            h.handle(req);
-            h.handle(body(br#"{"model":"m","prompt":"hi","stream":true}"#, true));
+            let mut h =
+                routed_with_response_mode(mode, br#"{"model":"m","prompt":"hi","stream":true}"#);
             h.handle(response_headers("200", "text/event-stream"));
             h.handle(ProcessingRequest {
                 request: Some(Request::ResponseBody(HttpBody {

@@ -311,7 +311,7 @@ impl ScrapeState {
         now: Instant,
     ) -> bool {
         let f = e.failure();
-        let down = f == ScrapeFailure::Unreachable && endpoint.metrics_address == endpoint.address;
+        let down = endpoint.proven_down(Some(f));
         let stale = self
             .last_success
             .is_none_or(|t| now.saturating_duration_since(t) > staleness);
