@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::objectives::{GROUP, Objects, Policy, VERSION, add_object, for_pool, parse_file};
 
 /// Rebuilds the policy from every object seen.
-fn install(policy: &Policy, objects: &BTreeMap<(String, String), Value>, pool: Option<&str>) {
+fn install(policy: &Policy, objects: &Keyed, pool: Option<&str>) {
     let mut parsed = Objects::default();
     for ((kind, name), obj) in objects {
         if !for_pool(obj, pool) {
@@ -59,7 +59,7 @@ pub async fn watch(
         stream_of("InferenceObjective", "inferenceobjectives"),
         stream_of("InferenceModelRewrite", "inferencemodelrewrites"),
     ));
-    let mut objects: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut seen = Seen::default();
     let mut reported_failure = false;
     while let Some((kind, event)) = events.next().await {
         let event = match event {
@@ -72,6 +72,28 @@ pub async fn watch(
                 continue;
             }
         };
+        if let Some(objects) = seen.apply(kind, event) {
+            install(&policy, objects, pool.as_deref());
+        }
+    }
+}
+
+type Keyed = BTreeMap<(String, String), Value>;
+
+/// The objects of both kinds as the watch events leave them, and what the policy was last
+/// built from.
+#[derive(Debug, Default)]
+struct Seen {
+    objects: Keyed,
+    installed: Option<Keyed>,
+}
+
+impl Seen {
+    /// Folds in one event of `kind`; returns the objects to build the policy from when they
+    /// differ from the last build. A (re)list replaces that kind's objects once it is done,
+    /// so the policy never lacks them halfway through, and a relist that finds the same
+    /// objects (watches restart every few minutes) builds and logs nothing.
+    fn apply(&mut self, kind: &str, event: watcher::Event<DynamicObject>) -> Option<&Keyed> {
         let key =
             |o: &DynamicObject| (kind.to_owned(), o.metadata.name.clone().unwrap_or_default());
         let value = |o: DynamicObject| {
@@ -80,16 +102,27 @@ pub async fn watch(
             v
         };
         match event {
-            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                objects.insert(key(&o), value(o));
+            watcher::Event::Apply(o) => {
+                self.objects.insert(key(&o), value(o));
             }
             watcher::Event::Delete(o) => {
-                objects.remove(&key(&o));
+                self.objects.remove(&key(&o));
             }
-            watcher::Event::Init => objects.retain(|(k, _), _| k != kind),
+            watcher::Event::Init => {
+                self.objects.retain(|(k, _), _| k != kind);
+                return None;
+            }
+            watcher::Event::InitApply(o) => {
+                self.objects.insert(key(&o), value(o));
+                return None;
+            }
             watcher::Event::InitDone => {}
         }
-        install(&policy, &objects, pool.as_deref());
+        if self.installed.as_ref() == Some(&self.objects) {
+            return None;
+        }
+        self.installed = Some(self.objects.clone());
+        self.installed.as_ref()
     }
 }
 
@@ -126,4 +159,72 @@ pub fn watch_file(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(name: &str, priority: i64) -> DynamicObject {
+        let mut o =
+            DynamicObject::new(name, &resource("InferenceObjective", "inferenceobjectives"));
+        o.data = serde_json::json!({"spec": {"priority": priority}});
+        o
+    }
+
+    const KIND: &str = "InferenceObjective";
+
+    fn relist(seen: &mut Seen, objects: &[DynamicObject]) -> Option<usize> {
+        assert!(seen.apply(KIND, watcher::Event::Init).is_none());
+        for o in objects {
+            assert!(
+                seen.apply(KIND, watcher::Event::InitApply(o.clone()))
+                    .is_none(),
+                "no build halfway through a list"
+            );
+        }
+        seen.apply(KIND, watcher::Event::InitDone)
+            .map(BTreeMap::len)
+    }
+
+    #[test]
+    fn the_policy_is_built_once_per_change_not_per_relist() {
+        let mut seen = Seen::default();
+        assert_eq!(
+            relist(&mut seen, &[]),
+            Some(0),
+            "an empty first list builds once"
+        );
+        let (a, b) = (object("a", 1), object("b", 2));
+        assert_eq!(relist(&mut seen, &[a.clone(), b.clone()]), Some(2));
+        assert_eq!(
+            relist(&mut seen, &[a.clone(), b.clone()]),
+            None,
+            "same objects"
+        );
+        assert!(seen.apply(KIND, watcher::Event::Apply(a.clone())).is_none());
+        let changed = object("a", 5);
+        assert_eq!(
+            seen.apply(KIND, watcher::Event::Apply(changed))
+                .map(BTreeMap::len),
+            Some(2)
+        );
+        assert_eq!(
+            seen.apply(KIND, watcher::Event::Delete(b))
+                .map(BTreeMap::len),
+            Some(1)
+        );
+        assert_eq!(
+            relist(&mut seen, &[]),
+            Some(0),
+            "a relist that finds none clears"
+        );
+        // Another kind's objects survive this kind's relist.
+        let rewrite = "InferenceModelRewrite";
+        assert!(
+            seen.apply(rewrite, watcher::Event::Apply(object("r", 0)))
+                .is_some()
+        );
+        assert_eq!(relist(&mut seen, &[a]), Some(2));
+    }
 }
