@@ -17,7 +17,7 @@
 #
 # Settings (environment): SYSTEMS="epp sglang round-robin" PODS=4 WORKLOAD=high RATE=16
 #   REQUESTS=480 PREFIX_GROUPS=16 PROMPTS_PER_GROUP=30 SPEED=1 LATE_METRICS=1 FAILING_PODS=0
-#   FAIL_METRICS=0 BLIND_PODS=0
+#   FAIL_METRICS=0 BLIND_PODS=0 METRIC_NAMES=vllm
 #   SLOW_PODS=0 SLOW_SPEED=0.25 CLIENT_TIMEOUT=120s BASE_PORT=18000 OUT=bench-results/e2e
 #   KV_BLOCKS= (each pod's KV-cache blocks; default epp-sim's, an H100 with Llama-2-7B)
 #   MAX_NUM_SEQS= (sequences each pod runs at once; default epp-sim's 256, vLLM's default)
@@ -32,7 +32,8 @@
 # server, its /metrics still showing an idle engine); failed requests get their own column.
 # FAIL_METRICS=share: every pod answers that share of /metrics requests with 503 (a flaky
 # exporter); BLIND_PODS=N: the first N pods answer every one so (metrics never readable).
-# SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a
+# METRIC_NAMES=sglang: the pods export SGLang's metric names (the endpoints file names no
+# engine, so epp reads them by what the pages show). SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a
 # tiny SLOW_SPEED such as 0.00001 makes a hung engine). CLIENT_TIMEOUT: how long the load
 # client waits for a request before giving up (and counting it failed).
 set -euo pipefail
@@ -50,6 +51,7 @@ LATE_METRICS=${LATE_METRICS:-1}
 FAILING_PODS=${FAILING_PODS:-0}
 FAIL_METRICS=${FAIL_METRICS:-0}
 BLIND_PODS=${BLIND_PODS:-0}
+METRIC_NAMES=${METRIC_NAMES:-vllm}
 SLOW_PODS=${SLOW_PODS:-0}
 SLOW_SPEED=${SLOW_SPEED:-0.25}
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-120s}
@@ -103,6 +105,7 @@ start_sims() {
   if [ -n "$KV_BLOCKS" ]; then sim_args+=(--kv-blocks "$KV_BLOCKS"); fi
   if [ -n "$MAX_NUM_SEQS" ]; then sim_args+=(--max-num-seqs "$MAX_NUM_SEQS"); fi
   if [ "$PREFIX_CACHING" = 0 ]; then sim_args+=(--no-enable-prefix-caching); fi
+  sim_args+=(--metric-names "$METRIC_NAMES")
   for i in $(seq 0 $((PODS - 1))); do
     local fail=0 speed=$SPEED fail_metrics=$FAIL_METRICS
     if [ "$i" -lt "$FAILING_PODS" ]; then fail=1; fi

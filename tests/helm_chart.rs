@@ -349,6 +349,42 @@ fn pod(name: &str, labels: Value, ip: &str) -> Value {
     p
 }
 
+/// The epp container `release` renders, made runnable here: its ConfigMap written under
+/// `dir/config` and a TLS secret (as `epp --write-certs` writes one) under `dir/tls`, the
+/// mount paths in its arguments mapped to them. Returns the arguments, the container and
+/// the TLS directory.
+fn rendered_container(
+    r: &Rendered,
+    release: &str,
+    dir: &Path,
+) -> (Vec<String>, k8s_openapi::api::core::v1::Container, PathBuf) {
+    let d = r.deployment(release);
+    let container = d.spec.unwrap().template.spec.unwrap().containers[0].clone();
+    let cm: ConfigMap = r.typed(&format!("ConfigMap/{release}-epp"));
+    let config_dir = dir.join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for (name, text) in cm.data.unwrap() {
+        std::fs::write(config_dir.join(name), text).unwrap();
+    }
+    let certs = dir.join("tls");
+    let status = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .arg("--write-certs")
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let args = container
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.replace("/config/", &format!("{}/", config_dir.display())))
+        .map(|a| a.replace("/etc/epp-tls", certs.to_str().unwrap()))
+        .collect();
+    (args, container, certs)
+}
+
 /// GIE-shaped values → the real Helm engine → epp started with exactly the rendered args and
 /// env (the config mount path mapped to a temporary directory, the API to a mock) → the
 /// rendered probes answer SERVING → a request is routed through Envoy.
@@ -383,41 +419,22 @@ async fn the_rendered_deployment_runs() {
     .await;
     let kubeconfig = mock.kubeconfig(dir.path());
 
-    // The container as rendered.
-    let d = r.deployment("vllm-pool");
-    let pod_spec = d.spec.unwrap().template.spec.unwrap();
-    let container = pod_spec.containers[0].clone();
-    let secret = pod_spec
-        .volumes
+    let (args, container, certs) = rendered_container(&r, "vllm-pool", dir.path());
+    let secret = r
+        .deployment("vllm-pool")
+        .spec
         .unwrap()
-        .into_iter()
-        .find_map(|v| v.secret)
-        .and_then(|s| s.secret_name);
-    assert_eq!(secret.as_deref(), Some("epp-tls"));
-    let cm: ConfigMap = r.typed("ConfigMap/vllm-pool-epp");
-    let config_dir = dir.path().join("config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for (name, text) in cm.data.unwrap() {
-        std::fs::write(config_dir.join(name), text).unwrap();
-    }
-    // The TLS secret the values name, as `epp --write-certs` writes one.
-    let certs = dir.path().join("tls");
-    let status = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .arg("--write-certs")
-        .arg(&certs)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+        .template
+        .spec
+        .unwrap()
+        .volumes;
+    let secret = secret.unwrap().into_iter().find_map(|v| v.secret);
+    assert_eq!(
+        secret.and_then(|s| s.secret_name).as_deref(),
+        Some("epp-tls")
+    );
     let mounts = container.volume_mounts.clone().unwrap();
     assert!(mounts.iter().any(|m| m.mount_path == "/etc/epp-tls"));
-    let args: Vec<String> = container
-        .args
-        .unwrap()
-        .into_iter()
-        .map(|a| a.replace("/config/", &format!("{}/", config_dir.display())))
-        .map(|a| a.replace("/etc/epp-tls", certs.to_str().unwrap()))
-        .collect();
     assert!(args.iter().any(|a| a == "--enable-cert-reload=true"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
     cmd.args(&args)
@@ -486,4 +503,90 @@ async fn the_rendered_deployment_runs() {
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200, "{}", epp.logs());
     assert_eq!(b0.requests() + b1.requests(), 1);
+}
+
+/// `modelServerType: sglang` renders `defaultEngine: sglang`, so pods without an engine label
+/// are read by SGLang's metric names from their first scrape. Regression: a pod without the
+/// label was always read by vLLM's names, so an SGLang pool's load families never showed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sglang_pool_is_read_by_sglangs_metric_names() {
+    let (_sim, addr) = common::start_sim("sglang-0", 0, &["--metric-names", "sglang"]);
+    let port = addr.rsplit(':').next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "inferencePool:\n  targetPorts:\n  - number: {port}\n  modelServerType: sglang\n  modelServers:\n    matchLabels:\n      app: sglang\n"
+        ),
+    )
+    .unwrap();
+    let r = render_values(&values, "sglang-pool").unwrap();
+    let cm: ConfigMap = r.typed("ConfigMap/sglang-pool-epp");
+    let config = cm.data.unwrap().into_values().collect::<String>();
+    assert!(config.contains("defaultEngine: \"sglang\""), "{config}");
+    let mut pool = r.get("InferencePool/sglang-pool").clone();
+    pool["metadata"]["resourceVersion"] = json!("1");
+    let (mock, _) = common::kube_mock::Mock::start(
+        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
+        pool,
+        vec![pod("sglang-0", json!({"app": "sglang"}), "127.0.0.1")],
+    )
+    .await;
+    let (args, _, _) = rendered_container(&r, "sglang-pool", dir.path());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
+    cmd.args(&args)
+        .args([
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args([
+            "--refresh-metrics-interval",
+            "20ms",
+            "--bind-address",
+            "127.0.0.1",
+        ])
+        .env("NAMESPACE", "ns")
+        .env("POD_NAME", "sglang-pool-epp-0")
+        .env("KUBECONFIG", mock.kubeconfig(dir.path()))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    // The chart logs JSON: {"fields":{"message":"metrics server listening","address":"…"}}.
+    let (epp, metrics_addr) = common::spawn_and_wait("epp", cmd, |l| {
+        let v: Value = serde_json::from_str(l).ok()?;
+        let fields = &v["fields"];
+        (fields["message"] == "metrics server listening")
+            .then(|| fields["address"].as_str().map(str::to_owned))
+            .flatten()
+    });
+    // Once the pod is fresh, a scrape has read its page (a page read by the wrong names
+    // logs the families it lacks before the scrape counts).
+    let page_url = format!("http://{metrics_addr}/metrics");
+    let fresh = "epp_endpoint_health{endpoint_name=\"sglang-0-rank-0\",state=\"fresh\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !get_text(&page_url).await.contains(fresh) {
+        assert!(Instant::now() < deadline, "never fresh:\n{}", epp.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = epp.logs();
+    assert!(!logs.contains("metrics page lacks families"), "{logs}");
+    assert!(!logs.contains("reading its names"), "{logs}");
+}
+
+/// The body of a GET (empty when it fails).
+async fn get_text(url: &str) -> String {
+    let client: common::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let Ok(resp) = client.get(url.parse().unwrap()).await else {
+        return String::new();
+    };
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+    body.map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }

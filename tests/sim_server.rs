@@ -355,6 +355,88 @@ async fn forty_streams_through_epp(
     (per_pod, page)
 }
 
+/// Waits up to 5 s for `pred` to hold on epp's log.
+async fn wait_for_log(epp: &Proc, pred: impl Fn(&str) -> bool) -> String {
+    for _ in 0..250 {
+        let logs = epp.logs();
+        if pred(&logs) {
+            return logs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    epp.logs()
+}
+
+/// Pods exporting SGLang's metric names behind an endpoints file that names no engine are
+/// read by SGLang's names once their page shows them (here after the first request, as a
+/// late exporter gives); a pod whose engine is named `vllm` keeps vLLM's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_engine_is_read_by_the_metric_names_its_page_shows() {
+    let sglang = ["--metric-names", "sglang"];
+    let (_late, late_addr) = start_sim_with(
+        "late",
+        &[&sglang[..], &["--metrics-after-first-request"]].concat(),
+    );
+    let (_named, named_addr) = start_sim_with("named", &sglang);
+    let c = client();
+    let (status, _, page) = call(&c, "GET", &format!("http://{named_addr}/metrics"), "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("sglang:num_queue_reqs"), "{page}");
+    assert!(!page.contains("vllm:"), "{page}");
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &endpoints,
+        format!(
+            "endpoints:\n  - address: {late_addr}\n    name: late\n  - address: {named_addr}\n    name: named\n    engine: vllm\n"
+        ),
+    )
+    .unwrap();
+    let (epp, _grpc, _metrics) = common::start_epp(&endpoints, &[]);
+    let lacks = |name: &str| {
+        let needle = format!("endpoint={name}");
+        move |logs: &str| {
+            logs.lines()
+                .any(|l| l.contains(&needle) && l.contains("metrics page lacks families"))
+        }
+    };
+    let logs = wait_for_log(&epp, |l| lacks("late")(l) && lacks("named")(l)).await;
+    assert!(lacks("late")(&logs) && lacks("named")(&logs), "{logs}");
+    assert!(
+        !logs.contains("reading its names"),
+        "no engine's families yet: {logs}"
+    );
+    let body = serde_json::json!({"model": "model", "prompt": "hi", "max_tokens": 2});
+    let (status, _, text) = call(
+        &c,
+        "POST",
+        &format!("http://{late_addr}/v1/completions"),
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let switched = |logs: &str| {
+        logs.lines().any(|l| {
+            l.contains("endpoint=late")
+                && l.contains("engine=sglang")
+                && l.contains("reading its names")
+        })
+    };
+    let logs = wait_for_log(&epp, switched).await;
+    assert!(switched(&logs), "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("endpoint=late") && l.contains("every family epp reads")),
+        "{logs}"
+    );
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("endpoint=named") && l.contains("reading its names")),
+        "a named engine is not second-guessed: {logs}"
+    );
+}
+
 /// epp-sim's `--fail-metrics` fails /metrics only, and a share outside 0–1 is refused by
 /// name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //! simulator's own chat template and tokenizer (`epp::sim::tokenizer`), and the output is the
 //! engine's deterministic prose, one token per step. `--metrics-after-first-request` leaves the
 //! `vllm:*` families off `/metrics` until the first request (as some exporters do);
-//! `--kv-blocks-reported` makes the cache-config metric claim another size than the real one.
+//! `--kv-blocks-reported` makes the cache-config metric claim another size than the real one;
+//! `--metric-names sglang` exports SGLang's names instead of vLLM's.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -59,9 +60,14 @@ struct Cli {
     /// KV-cache blocks claimed in `vllm:cache_config_info` (default: the real number).
     #[arg(long)]
     kv_blocks_reported: Option<usize>,
-    /// Leave the `vllm:*` families off /metrics until the first request arrives.
+    /// Leave the engine families off /metrics until the first request arrives.
     #[arg(long)]
     metrics_after_first_request: bool,
+    /// Whose metric names /metrics uses: vLLM's (`vllm:num_requests_waiting`, …, the cache
+    /// config and LoRA info) or SGLang's (`sglang:num_queue_reqs`, `sglang:num_running_reqs`,
+    /// `sglang:token_usage` and its token counters; no cache config).
+    #[arg(long, value_enum, default_value_t = MetricNames::Vllm)]
+    metric_names: MetricNames,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -89,6 +95,13 @@ struct Cli {
     /// now and then (1: the endpoint's metrics are never readable); serving goes on.
     #[arg(long, default_value_t = 0.0)]
     fail_metrics: f64,
+}
+
+/// An engine whose metric names `/metrics` imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MetricNames {
+    Vllm,
+    Sglang,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,7 +139,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
+    fn new(names: MetricNames) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
@@ -142,7 +155,15 @@ impl Metrics {
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
         };
-        let r = &mut registry;
+        match names {
+            MetricNames::Vllm => m.register_vllm(&mut registry),
+            MetricNames::Sglang => m.register_sglang(&mut registry),
+        }
+        Metrics { registry, ..m }
+    }
+
+    fn register_vllm(&self, registry: &mut Registry) {
+        let (r, m) = (registry, self);
         r.register(
             "vllm:num_requests_waiting",
             "Number of requests waiting to be processed.",
@@ -198,7 +219,35 @@ impl Metrics {
             "Number of generation tokens processed.",
             m.generation_tokens.clone(),
         );
-        Metrics { registry, ..m }
+    }
+
+    fn register_sglang(&self, registry: &mut Registry) {
+        let (r, m) = (registry, self);
+        r.register(
+            "sglang:num_queue_reqs",
+            "The number of requests in the waiting queue.",
+            m.waiting.clone(),
+        );
+        r.register(
+            "sglang:num_running_reqs",
+            "The number of running requests.",
+            m.running.clone(),
+        );
+        r.register(
+            "sglang:token_usage",
+            "The token usage of the KV cache.",
+            m.kv.clone(),
+        );
+        r.register(
+            "sglang:prompt_tokens",
+            "Number of prefill tokens processed.",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "sglang:generation_tokens",
+            "Number of generation tokens processed.",
+            m.generation_tokens.clone(),
+        );
     }
 }
 
@@ -690,7 +739,7 @@ async fn main() -> anyhow::Result<()> {
         name: Mutex::new(cli.name.clone().unwrap_or_default()),
         speed: cli.speed,
         default_max_tokens: cli.default_max_tokens,
-        metrics: Metrics::new(),
+        metrics: Metrics::new(cli.metric_names),
         reported: Mutex::new((0, 0)),
         late_metrics: cli.metrics_after_first_request,
         served_any: false.into(),

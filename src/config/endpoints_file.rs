@@ -5,7 +5,8 @@
 //!   - address: 127.0.0.1:8000          # where requests go (required)
 //!     metricsAddress: 127.0.0.1:9000   # where /metrics is scraped (default: address)
 //!     name: pod-a                      # default: the address
-//!     engine: vllm                     # vllm | sglang | trtllm-serve (default vllm)
+//!     engine: vllm                     # vllm | sglang | trtllm-serve | … (default: the
+//!                                      # defaultEngine, vllm, or the engine the page shows)
 //! ```
 
 use std::net::SocketAddr;
@@ -66,8 +67,7 @@ pub fn parse_file_text(path: &str, text: &str) -> Result<Vec<EndpointSpec>, Conf
         let engine: EngineType = item
             .engine
             .as_deref()
-            .unwrap_or("vllm")
-            .parse()
+            .map_or(Ok(EngineType::default()), str::parse)
             .map_err(|e| field("engine", e))?;
         out.push(EndpointSpec {
             name: item.name.unwrap_or_else(|| address.to_string()),
@@ -123,6 +123,7 @@ mod tests {
         assert_eq!(v[0].engine.as_str(), "sglang");
         assert_eq!(v[1].name, "b");
         assert_eq!(v[1].metrics_address.port(), 8001);
+        assert!(!v[1].engine.is_named(), "no engine: the pool's default");
     }
 
     #[test]

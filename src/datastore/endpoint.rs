@@ -16,29 +16,27 @@ pub type EndpointId = u32;
 
 /// Which model server runs on the endpoint: an engine name (vllm, sglang, trtllm-serve,
 /// triton-tensorrt-llm, triton, or one a config file defines); decides the metric names
-/// scraped. Unknown names scrape with the default engine's names.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EngineType(Arc<str>);
+/// scraped. Unnamed (the default: no engine label, no `engine:` in the endpoints file) means
+/// the pool's `defaultEngine`, until the endpoint's page shows another engine's names (see
+/// [`crate::scrape::engine::recognize`]). Unknown names scrape with the default engine's names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct EngineType(Option<Arc<str>>);
 
 impl EngineType {
-    pub fn vllm() -> Self {
-        Self(Arc::from("vllm"))
-    }
-
+    /// The engine's name; empty when unnamed.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_deref().unwrap_or("")
     }
-}
 
-impl Default for EngineType {
-    fn default() -> Self {
-        Self::vllm()
+    /// Whether discovery named the engine.
+    pub fn is_named(&self) -> bool {
+        self.0.is_some()
     }
 }
 
 impl fmt::Display for EngineType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.0.as_deref().unwrap_or("(default)"))
     }
 }
 
@@ -47,13 +45,13 @@ impl FromStr for EngineType {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let name = s.trim().to_ascii_lowercase();
         match name.as_str() {
-            "" => Ok(Self::vllm()),
-            "trtllm" => Ok(Self(Arc::from("trtllm-serve"))),
+            "" => Ok(Self::default()),
+            "trtllm" => Ok(Self(Some(Arc::from("trtllm-serve")))),
             n if n.len() <= 63
                 && n.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
             {
-                Ok(Self(Arc::from(n)))
+                Ok(Self(Some(Arc::from(n))))
             }
             other => Err(format!("invalid engine name {other:?}")),
         }
@@ -78,7 +76,7 @@ impl EndpointSpec {
             name: name.into(),
             address,
             metrics_address: address,
-            engine: EngineType::vllm(),
+            engine: EngineType::default(),
         }
     }
 }
@@ -199,6 +197,11 @@ pub struct EndpointMetrics {
 }
 
 impl EndpointMetrics {
+    /// Whether the page had any load family (waiting, running or KV use).
+    pub fn has_load(&self) -> bool {
+        self.waiting_queue.is_some() || self.running.is_some() || self.kv_cache_usage.is_some()
+    }
+
     /// The engine's request counts as parked requests are reconciled with
     /// ([`super::load::EngineCounts`]); the total needs the running count.
     pub fn engine_counts(&self) -> super::load::EngineCounts {

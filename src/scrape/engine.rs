@@ -8,11 +8,13 @@
 //! `max_lora` the slot count. Every family is optional: one the page lacks (some engines export
 //! a series only after their first request) leaves that value absent, which is not an error.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use prom_text_format_parser::{Metric, Sample, Scrape};
 
-use super::mapping::{CacheInfo, EngineMapping, MetricSpec};
+use super::mapping::{CacheInfo, EngineMapping, Mappings, MetricSpec};
 use crate::datastore::EndpointMetrics;
 
 /// Why a metrics page could not be used.
@@ -140,6 +142,31 @@ fn relevant_lines(text: &str, wanted: &[&str]) -> String {
         }
     }
     out
+}
+
+/// The engine whose load families a page shows, for an endpoint whose engine nobody named:
+/// `None` while the page shows one of `current`'s (the default engine is right) or no
+/// engine's at all (an engine before its first request), else the engine with the most load
+/// families on the page (ties: the first by name). So an sglang or TensorRT-LLM fleet behind
+/// a config that names no engine is read by its own metric names instead of going unseen.
+pub fn recognize(
+    mappings: &Mappings,
+    current: &EngineMapping,
+    text: &str,
+) -> Option<Arc<EngineMapping>> {
+    let on_page: HashSet<&str> = text.lines().filter_map(line_metric).collect();
+    let shown = |m: &EngineMapping| m.load_names().filter(|n| on_page.contains(n)).count();
+    if shown(current) > 0 {
+        return None;
+    }
+    let mut best: Option<(usize, Arc<EngineMapping>)> = None;
+    for m in mappings.all() {
+        let n = shown(&m);
+        if n > best.as_ref().map_or(0, |(b, _)| *b) {
+            best = Some((n, m));
+        }
+    }
+    best.map(|(_, m)| m)
 }
 
 /// Parses one scrape of a page by `mapping`.
@@ -306,6 +333,33 @@ vllm:time_to_first_token_seconds_count{model_name="m"} 2.0
         assert_eq!(m.waiting_queue, Some(2));
         assert_eq!(m.block_size_tokens, Some(32));
         assert_eq!(m.num_gpu_blocks, Some(900));
+    }
+
+    #[test]
+    fn a_page_is_recognized_by_the_engine_whose_load_families_it_shows() {
+        let all = Mappings::default();
+        let vllm = engine("vllm");
+        let name = |text: &str| recognize(&all, &vllm, text).map(|m| m.name.clone());
+        let sglang = "# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs{model_name=\"m\"} 4\nsglang:token_usage 0.5\n";
+        assert_eq!(name(sglang).as_deref(), Some("sglang"));
+        let trtllm = "trtllm_num_requests_waiting 2\ntrtllm_kv_cache_utilization 0.1\n";
+        assert_eq!(name(trtllm).as_deref(), Some("trtllm-serve"));
+        assert_eq!(name(VLLM), None, "the default engine's page");
+        assert_eq!(
+            name(&format!("{VLLM}{sglang}")),
+            None,
+            "a page with the default engine's families keeps it"
+        );
+        assert_eq!(
+            name("process_start_time_seconds 0\n"),
+            None,
+            "no engine's families yet (before a first request)"
+        );
+        assert_eq!(
+            name("# HELP sglang:num_queue_reqs only described\n"),
+            Some("sglang".into()),
+            "a family's HELP line shows it"
+        );
     }
 
     #[test]

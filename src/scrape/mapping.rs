@@ -103,6 +103,15 @@ pub struct EngineMapping {
 }
 
 impl EngineMapping {
+    /// The names of its load families (waiting, running, KV use).
+    pub fn load_names(&self) -> impl Iterator<Item = &str> {
+        self.queued
+            .iter()
+            .chain(&self.running)
+            .chain(&self.kv_usage)
+            .map(|s| s.name.as_str())
+    }
+
     /// Every metric name this mapping reads.
     pub fn metric_names(&self) -> Vec<&str> {
         let mut out: Vec<&str> = self
@@ -399,6 +408,13 @@ impl Mappings {
 
     pub fn knows(&self, name: &str) -> bool {
         self.engines.contains_key(name)
+    }
+
+    /// Every engine's mapping, in name order.
+    pub fn all(&self) -> Vec<Arc<EngineMapping>> {
+        let mut out: Vec<_> = self.engines.values().cloned().collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The engine a pod's labels name (configured key first), if any.

@@ -160,7 +160,31 @@ pub async fn scrape_once(
     mapping: &EngineMapping,
     target: &MetricsTarget,
     timeout: Duration,
-) -> Result<crate::datastore::EndpointMetrics, ScrapeError> {
+) -> Result<EndpointMetrics, ScrapeError> {
+    let text = fetch_page(client, endpoint, target, timeout).await?;
+    parse_page(endpoint, mapping, target, &text)
+}
+
+/// Reads a fetched page by `mapping`.
+fn parse_page(
+    endpoint: &Endpoint,
+    mapping: &EngineMapping,
+    target: &MetricsTarget,
+    text: &str,
+) -> Result<EndpointMetrics, ScrapeError> {
+    parse_metrics(mapping, text, Instant::now()).map_err(|source| ScrapeError::Metrics {
+        url: target.url(endpoint),
+        source,
+    })
+}
+
+/// Fetches one endpoint's metrics page (at most [`MAX_PAGE_BYTES`], UTF-8).
+async fn fetch_page(
+    client: &HttpClient,
+    endpoint: &Endpoint,
+    target: &MetricsTarget,
+    timeout: Duration,
+) -> Result<String, ScrapeError> {
     let url = target.url(endpoint);
     let http = |reason: String| ScrapeError::Http {
         url: url.clone(),
@@ -191,14 +215,12 @@ pub async fn scrape_once(
             .to_bytes();
         String::from_utf8(body.to_vec()).map_err(|_| http("body is not UTF-8".into()))
     };
-    let text = tokio::time::timeout(timeout, fetch)
+    tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| ScrapeError::Timeout {
             url: url.clone(),
             timeout,
-        })??;
-    parse_metrics(mapping, &text, Instant::now())
-        .map_err(|source| ScrapeError::Metrics { url, source })
+        })?
 }
 
 /// An error and its sources on one line.
@@ -340,18 +362,19 @@ async fn scrape_loop(
     cfg: ScrapeConfig,
 ) {
     let mut state = ScrapeState::default();
-    let mapping = cfg.mappings.get(endpoint.engine.as_str());
-    if !cfg.mappings.knows(endpoint.engine.as_str()) {
-        tracing::warn!(endpoint = %endpoint.name, engine = %endpoint.engine, default = %mapping.name, "unknown engine; scraping the default engine's metric names");
-    }
+    let mut reader = PageReader::new(&endpoint, &cfg.mappings);
     let mut ticker = tokio::time::interval(cfg.interval.max(MIN_INTERVAL));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let dispatched = endpoint.load.dispatched();
-        match scrape_once(&client, &endpoint, &mapping, &cfg.target, cfg.timeout).await {
+        let scraped = match fetch_page(&client, &endpoint, &cfg.target, cfg.timeout).await {
+            Ok(text) => reader.read(&endpoint, &cfg, &text),
+            Err(e) => Err(e),
+        };
+        match scraped {
             Ok(mut m) => {
-                let _ = state.on_success(&endpoint, &mapping, &m);
+                let _ = state.on_success(&endpoint, &reader.mapping, &m);
                 let released = endpoint
                     .load
                     .reconcile_parked(m.engine_counts(), dispatched);
@@ -366,6 +389,49 @@ async fn scrape_loop(
                 datastore.scrape_failed(endpoint.id, e.failure());
             }
         }
+    }
+}
+
+/// Reads an endpoint's pages by its engine's metric names; for an endpoint whose engine
+/// nobody named, by another engine's once a page shows that engine's load families and none
+/// of the default engine's ([`engine::recognize`]).
+struct PageReader {
+    mapping: Arc<EngineMapping>,
+    unnamed: bool,
+}
+
+impl PageReader {
+    fn new(endpoint: &Endpoint, mappings: &Mappings) -> Self {
+        let name = endpoint.engine.as_str();
+        let mapping = mappings.get(name);
+        let unnamed = !endpoint.engine.is_named();
+        if !unnamed && !mappings.knows(name) {
+            tracing::warn!(endpoint = %endpoint.name, engine = %endpoint.engine, default = %mapping.name, "unknown engine; scraping the default engine's metric names");
+        }
+        Self { mapping, unnamed }
+    }
+
+    fn read(
+        &mut self,
+        endpoint: &Endpoint,
+        cfg: &ScrapeConfig,
+        text: &str,
+    ) -> Result<EndpointMetrics, ScrapeError> {
+        let m = parse_page(endpoint, &self.mapping, &cfg.target, text)?;
+        if !self.unnamed || m.has_load() {
+            return Ok(m);
+        }
+        let Some(found) = engine::recognize(&cfg.mappings, &self.mapping, text) else {
+            return Ok(m);
+        };
+        tracing::info!(
+            endpoint = %endpoint.name,
+            engine = %found.name,
+            instead_of = %self.mapping.name,
+            "metrics page shows this engine's families; reading its names"
+        );
+        self.mapping = found;
+        parse_page(endpoint, &self.mapping, &cfg.target, text)
     }
 }
 
@@ -402,6 +468,58 @@ pub fn spawn(datastore: Arc<Datastore>, cfg: ScrapeConfig) -> JoinHandle<()> {
 mod tests {
     use super::*;
     use crate::datastore::EndpointSpec;
+
+    const SGLANG_PAGE: &str =
+        "sglang:num_queue_reqs 4\nsglang:num_running_reqs 1\nsglang:token_usage 0.5\n";
+
+    fn reader_for(engine: &str, cfg: &ScrapeConfig) -> (Endpoint, PageReader) {
+        let mut spec = EndpointSpec::new("a", ([127, 0, 0, 1], 1).into());
+        spec.engine = engine.parse().unwrap();
+        let ep = Endpoint::new(0, spec);
+        let reader = PageReader::new(&ep, &cfg.mappings);
+        (ep, reader)
+    }
+
+    #[test]
+    fn an_unnamed_engine_is_read_by_the_names_its_page_shows() {
+        let cfg = ScrapeConfig::default();
+        let (ep, mut reader) = reader_for("", &cfg);
+        assert_eq!(reader.mapping.name, "vllm", "the default engine first");
+        let empty = reader
+            .read(&ep, &cfg, "process_start_time_seconds 0\n")
+            .unwrap();
+        assert!(!empty.has_load());
+        assert_eq!(reader.mapping.name, "vllm", "no engine's families yet");
+        let m = reader.read(&ep, &cfg, SGLANG_PAGE).unwrap();
+        assert_eq!((m.waiting_queue, m.running), (Some(4), Some(1)));
+        assert_eq!(m.kv_cache_usage, Some(0.5));
+        assert_eq!(reader.mapping.name, "sglang");
+        let m = reader.read(&ep, &cfg, SGLANG_PAGE).unwrap();
+        assert_eq!(m.waiting_queue, Some(4), "and stays with it");
+    }
+
+    #[test]
+    fn a_named_engine_is_read_by_its_own_names_only() {
+        let cfg = ScrapeConfig::default();
+        let (ep, mut reader) = reader_for("vllm", &cfg);
+        let m = reader.read(&ep, &cfg, SGLANG_PAGE).unwrap();
+        assert!(!m.has_load(), "{m:?}");
+        assert_eq!(reader.mapping.name, "vllm");
+    }
+
+    #[test]
+    fn an_unnamed_engine_starts_as_the_configured_default_engine() {
+        let cfg = ScrapeConfig {
+            mappings: Arc::new(Mappings::new(&[], Some("sglang"), None).unwrap()),
+            ..Default::default()
+        };
+        let (ep, mut reader) = reader_for("", &cfg);
+        assert_eq!(reader.mapping.name, "sglang");
+        let m = reader.read(&ep, &cfg, SGLANG_PAGE).unwrap();
+        assert_eq!(m.running, Some(1));
+        let (_, named) = reader_for("vllm", &cfg);
+        assert_eq!(named.mapping.name, "vllm", "a named engine keeps its own");
+    }
 
     #[test]
     fn each_state_change_is_logged_once() {
