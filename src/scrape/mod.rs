@@ -2,7 +2,9 @@
 //! (default `http://<pod ip>:<serving port>/metrics`; `--model-server-metrics-{scheme,path,port}`
 //! or `metrics-data-source` change it) every `--refresh-metrics-interval` (default 50 ms), each
 //! request bounded by a timeout. The page is read by the endpoint's engine mapping
-//! ([`mapping`]).
+//! ([`mapping`]): the named engine's, else the pool's default engine's, else — once the page
+//! shows another engine's load families and none of the default's — that engine's
+//! ([`engine::recognize`]).
 //!
 //! A page that lacks a family is a successful scrape with that value absent. A failed scrape
 //! keeps the previous values and marks the endpoint as failing, with the kind of failure
