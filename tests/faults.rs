@@ -398,3 +398,29 @@ async fn a_stream_reset_mid_body_releases_what_the_request_held() {
     assert_eq!(served, 0, "the partial request reached a backend");
     assert_eq!(stack.complete("after the reset").await.status, 200);
 }
+
+/// Logs written to a pipe (a file, a container runtime) are plain text: no terminal colour
+/// codes, whatever `NO_COLOR` says. Regression: every field name carried escape codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_epp"));
+    cmd.args([
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+    ])
+    .args(["--bind-address", "127.0.0.1", "--endpoints", "127.0.0.1:9"])
+    .args(["--secure-serving=false"])
+    .env_remove("NO_COLOR")
+    .env("RUST_LOG", "info");
+    let (epp, _) = common::spawn_and_wait("epp", cmd, |l| {
+        l.contains("ext_proc server listening")
+            .then(|| l.to_owned())
+    });
+    let logs = epp.logs();
+    assert!(logs.contains("address="), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "{logs:?}");
+}

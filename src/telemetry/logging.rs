@@ -127,12 +127,25 @@ impl FormatTime for EpochTime {
     }
 }
 
+/// Whether text logs get terminal colours: only on a terminal, and not when `NO_COLOR` is
+/// set to anything non-empty (no-color.org). A log file or a container runtime's pipe gets
+/// plain text.
+fn colours(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber (once; later calls do nothing).
 pub fn init(options: &LogOptions) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&options.level));
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match (options.json, options.time) {
         (true, TimeEncoding::Rfc3339) => builder.json().try_init(),
@@ -145,6 +158,17 @@ pub fn init(options: &LogOptions) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(!colours(false, None), "a pipe or a file");
+        assert!(!colours(true, Some("1".into())));
+        assert!(
+            colours(true, Some("".into())),
+            "an empty NO_COLOR does not count"
+        );
+    }
 
     #[test]
     fn flags_map_to_levels_formats_and_times() {
