@@ -349,6 +349,20 @@ fn pod(name: &str, labels: Value, ip: &str) -> Value {
     p
 }
 
+/// A mocked API serving the InferencePool `release` renders and one ready pod `<app>-0` on
+/// loopback, labelled `app: <app>`.
+async fn mock_api(r: &Rendered, release: &str, app: &str) -> common::kube_mock::Mock {
+    let mut pool = r.get(&format!("InferencePool/{release}")).clone();
+    pool["metadata"]["resourceVersion"] = json!("1");
+    let (mock, _) = common::kube_mock::Mock::start(
+        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
+        pool,
+        vec![pod(&format!("{app}-0"), json!({ "app": app }), "127.0.0.1")],
+    )
+    .await;
+    mock
+}
+
 /// The epp container `release` renders, made runnable here: its ConfigMap written under
 /// `dir/config` and a TLS secret (as `epp --write-certs` writes one) under `dir/tls`, the
 /// mount paths in its arguments mapped to them. Returns the arguments, the container and
@@ -408,15 +422,7 @@ async fn the_rendered_deployment_runs() {
     .unwrap();
     let r = render_values(&values, "vllm-pool").unwrap();
 
-    // The mocked API serves the rendered InferencePool and one ready pod.
-    let mut pool = r.get("InferencePool/vllm-pool").clone();
-    pool["metadata"]["resourceVersion"] = json!("1");
-    let (mock, _) = common::kube_mock::Mock::start(
-        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
-        pool,
-        vec![pod("vllm-0", json!({"app": "vllm"}), "127.0.0.1")],
-    )
-    .await;
+    let mock = mock_api(&r, "vllm-pool", "vllm").await;
     let kubeconfig = mock.kubeconfig(dir.path());
 
     let (args, container, certs) = rendered_container(&r, "vllm-pool", dir.path());
@@ -525,14 +531,7 @@ async fn an_sglang_pool_is_read_by_sglangs_metric_names() {
     let cm: ConfigMap = r.typed("ConfigMap/sglang-pool-epp");
     let config = cm.data.unwrap().into_values().collect::<String>();
     assert!(config.contains("defaultEngine: \"sglang\""), "{config}");
-    let mut pool = r.get("InferencePool/sglang-pool").clone();
-    pool["metadata"]["resourceVersion"] = json!("1");
-    let (mock, _) = common::kube_mock::Mock::start(
-        "/apis/inference.networking.k8s.io/v1/namespaces/ns/inferencepools",
-        pool,
-        vec![pod("sglang-0", json!({"app": "sglang"}), "127.0.0.1")],
-    )
-    .await;
+    let mock = mock_api(&r, "sglang-pool", "sglang").await;
     let (args, _, _) = rendered_container(&r, "sglang-pool", dir.path());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
     cmd.args(&args)
