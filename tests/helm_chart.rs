@@ -554,12 +554,11 @@ async fn an_sglang_pool_is_read_by_sglangs_metric_names() {
         .env("KUBECONFIG", mock.kubeconfig(dir.path()))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
-    // The chart logs JSON: {"fields":{"message":"metrics server listening","address":"…"}}.
+    // The chart logs JSON with zap's keys: {"msg":"metrics server listening","address":"…",…}.
     let (epp, metrics_addr) = common::spawn_and_wait("epp", cmd, |l| {
         let v: Value = serde_json::from_str(l).ok()?;
-        let fields = &v["fields"];
-        (fields["message"] == "metrics server listening")
-            .then(|| fields["address"].as_str().map(str::to_owned))
+        (v["msg"] == "metrics server listening")
+            .then(|| v["address"].as_str().map(str::to_owned))
             .flatten()
     });
     // Once the pod is fresh, a scrape has read its page (a page read by the wrong names

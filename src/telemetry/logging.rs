@@ -7,11 +7,13 @@
 //! | `--log-level L` | trace, debug, info, warn, error (overrides `-v`) |
 //! | `--zap-log-level L` | debug, info, warn, error, dpanic, panic, fatal, or a number (zap's: −N is V(N)) |
 //! | `--zap-devel` | debug level unless another flag sets one |
-//! | `--zap-encoder json\|console` | one JSON object per line, or text |
+//! | `--zap-encoder json\|console` | one JSON object per line with zap's keys ([`super::zap_json`]), or text |
 //! | `--zap-time-encoding E` | epoch, millis, nano (numbers); iso8601, rfc3339, rfc3339nano (text) |
 
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+
+use super::zap_json::ZapJson;
 
 /// How to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,8 +150,14 @@ pub fn init(options: &LogOptions) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match (options.json, options.time) {
-        (true, TimeEncoding::Rfc3339) => builder.json().try_init(),
-        (true, t) => builder.json().with_timer(EpochTime(t)).try_init(),
+        (true, TimeEncoding::Rfc3339) => builder
+            .event_format(ZapJson { timer: SystemTime })
+            .try_init(),
+        (true, t) => builder
+            .event_format(ZapJson {
+                timer: EpochTime(t),
+            })
+            .try_init(),
         (false, TimeEncoding::Rfc3339) => builder.try_init(),
         (false, t) => builder.with_timer(EpochTime(t)).try_init(),
     };

@@ -9,6 +9,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod zap_json;
 
 use std::sync::Arc;
 
