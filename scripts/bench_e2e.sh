@@ -33,8 +33,9 @@
 # FAIL_METRICS=share: every pod answers that share of /metrics requests with 503 (a flaky
 # exporter); BLIND_PODS=N: the first N pods answer every one so (metrics never readable).
 # METRIC_NAMES=sglang: the pods export SGLang's metric names (the endpoints file names no
-# engine, so epp reads them by what the pages show). SLOW_PODS=N: the last N pods run at SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a
-# tiny SLOW_SPEED such as 0.00001 makes a hung engine). CLIENT_TIMEOUT: how long the load
+# engine, so epp reads them by what the pages show). SLOW_PODS=N: the last N pods run at
+# SLOW_SPEED × SPEED (a slower GPU in a mixed fleet; a tiny SLOW_SPEED such as 0.00001 makes
+# a hung engine). CLIENT_TIMEOUT: how long the load
 # client waits for a request before giving up (and counting it failed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
