@@ -565,26 +565,15 @@ async fn an_sglang_pool_is_read_by_sglangs_metric_names() {
     // logs the families it lacks before the scrape counts).
     let page_url = format!("http://{metrics_addr}/metrics");
     let fresh = "epp_endpoint_health{endpoint_name=\"sglang-0-rank-0\",state=\"fresh\"} 1";
+    let client: common::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !get_text(&page_url).await.contains(fresh) {
+    while !common::get_text(&client, &page_url).await.contains(fresh) {
         assert!(Instant::now() < deadline, "never fresh:\n{}", epp.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let logs = epp.logs();
     assert!(!logs.contains("metrics page lacks families"), "{logs}");
     assert!(!logs.contains("reading its names"), "{logs}");
-}
-
-/// The body of a GET (empty when it fails).
-async fn get_text(url: &str) -> String {
-    let client: common::HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(hyper_util::client::legacy::connect::HttpConnector::new());
-    let Ok(resp) = client.get(url.parse().unwrap()).await else {
-        return String::new();
-    };
-    use http_body_util::BodyExt;
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-    body.map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }

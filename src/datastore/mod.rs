@@ -67,20 +67,17 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// A candidate whose health is judged from its metrics alone (scraped and not found
-    /// unreachable since ⇒ fresh); [`Candidate::assess`] also applies the staleness threshold.
+    /// A candidate whose health is judged from its metrics alone, as if just scraped;
+    /// [`Candidate::assess`] also applies the staleness threshold.
     pub fn new(endpoint: Arc<Endpoint>, metrics: Arc<EndpointMetrics>) -> Self {
-        let unreachable = metrics.failure == Some(ScrapeFailure::Unreachable);
-        let health = if metrics.updated.is_some() && !unreachable {
-            Health::Fresh
-        } else {
-            Health::Degraded
-        };
-        Self {
+        let age = metrics.updated.map(|_| Duration::ZERO);
+        let mut c = Self {
             endpoint,
             metrics,
-            health,
-        }
+            health: Health::Degraded,
+        };
+        c.assess_age(age, Duration::MAX);
+        c
     }
 
     /// Sets [`Candidate::health`] as of `now`.

@@ -155,18 +155,6 @@ impl ScrapeError {
     }
 }
 
-/// Scrapes one endpoint once.
-pub async fn scrape_once(
-    client: &HttpClient,
-    endpoint: &Endpoint,
-    mapping: &EngineMapping,
-    target: &MetricsTarget,
-    timeout: Duration,
-) -> Result<EndpointMetrics, ScrapeError> {
-    let text = fetch_page(client, endpoint, target, timeout).await?;
-    parse_page(endpoint, mapping, target, &text)
-}
-
 /// Reads a fetched page by `mapping`.
 fn parse_page(
     endpoint: &Endpoint,
@@ -628,14 +616,13 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connection_is_unreachable_and_a_500_is_a_bad_status() {
         let client = client(Duration::from_secs(1), true);
-        let vllm = Mappings::default().get("vllm");
         let target = MetricsTarget::default();
         // A port nobody listens on.
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
         let ep = Endpoint::new(0, EndpointSpec::new("a", addr));
-        let e = scrape_once(&client, &ep, &vllm, &target, Duration::from_secs(1))
+        let e = fetch_page(&client, &ep, &target, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(e.failure(), ScrapeFailure::Unreachable, "{e}");
@@ -647,7 +634,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let ep = Endpoint::new(1, EndpointSpec::new("b", addr));
-        let e = scrape_once(&client, &ep, &vllm, &target, Duration::from_secs(1))
+        let e = fetch_page(&client, &ep, &target, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(e.failure(), ScrapeFailure::BadStatus, "{e}");

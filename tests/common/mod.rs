@@ -190,6 +190,16 @@ fn port_from(line: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// The body of a GET of `url` (panics when the request fails).
+pub async fn get_text(client: &HttpClient, url: &str) -> String {
+    let req = hyper::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.expect("GET failed");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 /// Envoy request body modes (`request_body_mode` in the ext_proc filter).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BodyMode {
@@ -579,12 +589,7 @@ impl Stack {
 
     /// GETs a page from one of epp's own HTTP ports.
     pub async fn get_epp(&self, port: u16, path: &str) -> String {
-        let req = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = self.client.request(req).await.expect("GET failed");
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8(body.to_vec()).unwrap()
+        get_text(&self.client, &format!("http://127.0.0.1:{port}{path}")).await
     }
 
     /// epp's metrics page as soon as `done` holds for it, polling every 20 ms; after `tries`
