@@ -232,3 +232,52 @@ fn load_counters_return_to_zero_after_thousands_of_requests() {
         assert!(e.load.dispatched() > 0);
     }
 }
+
+/// How many requests of a same-prefix burst stay on the prefix's holder, with the shipped
+/// configuration on two endpoints whose caches hold 600 blocks (~38 KB of prompt), after
+/// twelve ~8 KB documents went through them four times (so evicted documents came back).
+fn burst_stay_on_small_caches(price_evictions: bool) -> (usize, Vec<usize>) {
+    let config = DEFAULT
+        .replace("lruCapacityPerServer: 31250", "lruCapacityPerServer: 600")
+        .replace(
+            "priceEvictions: true",
+            &format!("priceEvictions: {price_evictions}"),
+        );
+    assert_ne!(config, DEFAULT);
+    let d = director_with(2, &config);
+    let document = |i: usize| format!("document {i:03} ").repeat(600);
+    for _ in 0..4 {
+        for i in 0..12 {
+            drop(d.route(&request(format!("{} summary", document(i))), None));
+        }
+    }
+    let hot = document(99);
+    let first = d.route(&request(format!("{hot} q0")), None).unwrap();
+    let holder = first.primary().endpoint.id;
+    drop(first);
+    let held: Vec<_> = (1..40)
+        .map(|i| {
+            let question = format!("question {i} ").repeat(60);
+            d.route(&request(format!("{hot}{question}")), None).unwrap()
+        })
+        .collect();
+    let stay = held
+        .iter()
+        .take_while(|r| r.primary().endpoint.id == holder)
+        .count();
+    (stay, counts(&d, &held))
+}
+
+#[test]
+fn where_full_caches_evict_prefixes_that_return_a_burst_keeps_its_holder_longer() {
+    let (priced, per_priced) = burst_stay_on_small_caches(true);
+    let (unpriced, per_unpriced) = burst_stay_on_small_caches(false);
+    assert!(
+        priced > unpriced,
+        "a replica costs the evictions it causes: {priced} ({per_priced:?}) vs {unpriced} ({per_unpriced:?})"
+    );
+    assert!(
+        per_priced.iter().all(|n| *n > 0),
+        "and still spills once the holder's queue is worth both: {per_priced:?}"
+    );
+}

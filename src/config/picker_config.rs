@@ -670,6 +670,10 @@ schedulingProfiles:
                 "plugins[0].parameters.saturationRatio",
             ),
             (
+                "plugins:\n- type: prefill-cost-scorer\n  parameters: {priceEvictions: maybe}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.priceEvictions",
+            ),
+            (
                 "plugins:\n- type: utilization-detector\n  parameters: {kvCacheUtilThreshold: 1.5}\nschedulingProfiles: [{name: a}]\n",
                 "plugins[0].parameters.kvCacheUtilThreshold",
             ),

@@ -100,6 +100,7 @@ pub fn build(
             saturation_window: seconds(p, "saturationWindowSeconds")?
                 .unwrap_or(prefill_cost::DEFAULT_SATURATION_WINDOW),
             learn_weights: p.boolean("learnWeights")?.unwrap_or(true),
+            price_evictions: p.boolean("priceEvictions")?.unwrap_or(true),
         })),
         "load-aware-scorer" => Built::Scorer(Arc::new(LoadAwareScorer {
             threshold: p

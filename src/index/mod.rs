@@ -30,6 +30,7 @@
 //! once. [`recorder::Recorder`] moves recording off the request path.
 
 mod buckets;
+mod ghosts;
 pub mod hash;
 pub mod recorder;
 mod table;
@@ -42,6 +43,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use buckets::PodBuckets;
+use ghosts::{Ghosts, Share};
 pub use hash::{BlockDigests, BlockHash, BlockHasher};
 use table::{EMPTY_SLOT, Table};
 
@@ -141,6 +143,10 @@ pub struct PrefixIndex {
     pods: RwLock<Pods>,
     default_capacity: usize,
     entries: AtomicUsize,
+    /// Evicted blocks and how many came back (taken after any other lock, alone).
+    ghosts: Mutex<Ghosts>,
+    /// `ghosts`' share, published for decisions.
+    returning: Share,
 }
 
 /// How long a prefix each pod holds, in blocks.
@@ -180,6 +186,8 @@ impl PrefixIndex {
             pods: RwLock::new(Pods::default()),
             default_capacity: default_capacity.max(1),
             entries: AtomicUsize::new(0),
+            ghosts: Mutex::default(),
+            returning: Share::default(),
         }
     }
 
@@ -278,6 +286,7 @@ impl PrefixIndex {
         let (slot, cur) = (pc.slot, pc.buckets.current());
         let mut left: Vec<u16> = Vec::new();
         let mut fresh: Vec<BlockHash> = Vec::with_capacity(hashes.len());
+        let mut new: Vec<BlockHash> = Vec::new();
         let (mut added, mut weight) = (0, 0);
         self.for_each_by_shard(hashes, |table, h| {
             if let Some(e) = table.find_mut(h, |e| e.slot == slot) {
@@ -296,8 +305,14 @@ impl PrefixIndex {
                 added += 1;
                 weight += hash::weight(h);
                 fresh.push(h);
+                if ghosts::sampled(h) {
+                    new.push(h);
+                }
             }
         });
+        if !new.is_empty() {
+            self.update_ghosts(|g| g.recorded(new));
+        }
         for g in left {
             pc.buckets.leave(g);
         }
@@ -366,13 +381,20 @@ impl PrefixIndex {
         };
         let slot = pc.slot;
         let (mut removed, mut weight) = (0, 0);
+        let mut gone: Vec<BlockHash> = Vec::new();
         self.for_each_by_shard(&hashes, |table, h| {
             if let Some(i) = table.find(h, |e| e.slot == slot && e.generation == generation) {
                 table.remove_at(i);
                 removed += 1;
                 weight += hash::weight(h);
+                if ghosts::sampled(h) {
+                    gone.push(h);
+                }
             }
         });
+        if !gone.is_empty() {
+            self.update_ghosts(|g| g.evicted(gone));
+        }
         pc.live -= removed;
         pc.weight -= weight;
         self.entries.fetch_sub(removed, Ordering::Relaxed);
@@ -384,6 +406,59 @@ impl PrefixIndex {
             self.evict_oldest(pc);
             pc.buckets.drop_dead_front();
         }
+    }
+
+    fn update_ghosts(&self, f: impl FnOnce(&mut Ghosts)) {
+        let mut g = self.ghosts.lock();
+        f(&mut g);
+        self.returning.set(g.share());
+    }
+
+    /// Share of the blocks evicted lately that the pool asked for again ([`ghosts`]).
+    pub fn returning_share(&self) -> f64 {
+        self.returning.get()
+    }
+
+    /// For each of `pods` whose cache cannot take the blocks of `hashes` it does not hold
+    /// (`held`) without evicting, those blocks' weight (as many cached blocks go) times
+    /// [`Self::returning_share`]: the cached blocks a record there is expected to cost the
+    /// pool. Pods with room for them, and every pod while evicted blocks do not come back,
+    /// are left out (then without an allocation).
+    pub fn displacement(
+        &self,
+        hashes: &[BlockHash],
+        held: &PrefixMatch,
+        pods: impl IntoIterator<Item = PodId>,
+    ) -> Vec<(PodId, f64)> {
+        let share = self.returning_share();
+        if share <= 0.0 || hashes.is_empty() {
+            return Vec::new();
+        }
+        // suffix[i]: the weight of hashes[i..].
+        let mut suffix = vec![0usize; hashes.len() + 1];
+        for (i, &h) in hashes.iter().enumerate().rev() {
+            suffix[i] = suffix[i + 1] + hash::weight(h);
+        }
+        let map = self.pods.read();
+        let mut out = Vec::new();
+        for pod in pods {
+            let need = suffix[held.blocks_for(pod).min(hashes.len())];
+            let over = map.by_id.get(&pod).map_or(0, |p| {
+                let pc = p.lock();
+                // A full cache stays about full, so it evicts as much as it takes; room
+                // left within a generation's granularity is not room.
+                if pc.weight + need > pc.capacity {
+                    need
+                } else {
+                    0
+                }
+            });
+            if over > 0 {
+                out.push((pod, over as f64 * share));
+            }
+        }
+        out.sort_unstable_by_key(|(pod, _)| *pod);
+        out
     }
 
     /// Sets one pod's capacity in blocks (e.g. its `num_gpu_blocks` when autoTune is on),
@@ -718,6 +793,61 @@ mod tests {
         );
         assert_eq!(idx.len(), idx.pod_len(1));
         assert_eq!(idx.capacity(1), 10);
+    }
+
+    /// `docs` documents of 16 blocks, recorded on pod 1 in turn, `rounds` times.
+    fn cycle_documents(idx: &PrefixIndex, docs: u64, rounds: usize) {
+        for _ in 0..rounds {
+            for d in 0..docs {
+                idx.record(1, &hashes(d * 100..d * 100 + 16));
+            }
+        }
+    }
+
+    #[test]
+    fn evictions_that_come_back_are_priced_where_a_cache_is_full() {
+        let idx = PrefixIndex::new(64);
+        let new_doc = hashes(9_000..9_016);
+        let pods = || [1, 2];
+        cycle_documents(&idx, 4, 1);
+        assert_eq!(idx.returning_share(), 0.0);
+        assert!(
+            idx.displacement(&new_doc, &idx.match_prefix(&new_doc), pods())
+                .is_empty()
+        );
+        // 20 documents through a cache of 4: every one is evicted before it comes back.
+        cycle_documents(&idx, 20, 4);
+        let share = idx.returning_share();
+        assert!(share > 0.4, "{share}");
+        let d = idx.displacement(&new_doc, &idx.match_prefix(&new_doc), pods());
+        assert_eq!(d.len(), 1, "pod 2 has room: {d:?}");
+        assert_eq!(d[0].0, 1);
+        assert!((d[0].1 - 16.0 * share).abs() < 1e-9, "{d:?}");
+        // What pod 1 holds costs nothing: only the 4 blocks past it are priced.
+        let held = hashes(1_900..1_916);
+        let mut longer = held[..12].to_vec();
+        longer.extend(hashes(7_000..7_004));
+        let d = idx.displacement(&longer, &idx.match_prefix(&longer), pods());
+        assert!((d[0].1 - 4.0 * share).abs() < 1e-9, "{d:?}");
+        assert!(
+            idx.displacement(&held, &idx.match_prefix(&held), pods())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn evicting_blocks_that_never_come_back_costs_nothing() {
+        let idx = PrefixIndex::new(64);
+        for d in 0..200 {
+            idx.record(1, &hashes(d * 100..d * 100 + 16));
+        }
+        assert!(idx.pod_weight(1) > 48, "the cache is full");
+        assert_eq!(idx.returning_share(), 0.0);
+        let new_doc = hashes(90_000..90_016);
+        assert!(
+            idx.displacement(&new_doc, &PrefixMatch::default(), [1])
+                .is_empty()
+        );
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub struct PrefixMatchInfo {
     pub hashed_bytes: usize,
     /// `(endpoint, matched bytes)`, sorted by endpoint; endpoints absent matched nothing.
     pub matched: Vec<(EndpointId, usize)>,
+    /// `(endpoint, displaced bytes)`, sorted by endpoint: the cached prompt bytes a record of
+    /// this request would cost the endpoint's cache, as far as the pool asks for evicted
+    /// blocks again ([`crate::index::PrefixIndex::displacement`]); endpoints absent have room,
+    /// or their evictions do not come back.
+    pub displaced: Vec<(EndpointId, usize)>,
 }
 
 impl PrefixMatchInfo {
@@ -67,6 +72,12 @@ impl PrefixMatchInfo {
         self.matched
             .binary_search_by_key(&endpoint, |(e, _)| *e)
             .map_or(0, |i| self.matched[i].1)
+    }
+
+    pub fn displaced_bytes(&self, endpoint: EndpointId) -> usize {
+        self.displaced
+            .binary_search_by_key(&endpoint, |(e, _)| *e)
+            .map_or(0, |i| self.displaced[i].1)
     }
 
     /// Matched fraction of the hashed prompt, in `[0, 1]` (0 for an empty prompt).

@@ -39,6 +39,24 @@
 //! idle pool (mean 0.5, holder 1) from counting as imbalanced. `saturationRatio: 0` turns
 //! saturation off.
 //!
+//! Evictions. Where an endpoint's cache is full, the part of the prompt it does not hold
+//! pushes as much cached prompt out of it, and the pool pays for that again when it asks for
+//! the evicted blocks. With `priceEvictions` (default true) the cost adds
+//!
+//! ```text
+//! displaced(e) = uncached(e) × returning     (0 where e's cache has room for it)
+//! ```
+//!
+//! `returning` is the share of the blocks the prefix index evicted lately that the pool has
+//! asked for again ([`crate::index::PrefixIndex::displacement`]). Where prompts are unique
+//! nothing comes back and the term is 0; where caches are too small for the prefixes in use
+//! it approaches the prompt itself: one more copy of a prefix costs its recompute there and
+//! the recompute of what it evicts, so a hot prefix gets a replica only where its holder's
+//! queue is worth both, and the holders keep their hits when every queue is long. A cache
+//! counts as full when the blocks would not fit (room within the index's eviction
+//! granularity is not room), so between full endpoints the term does not pick favourites;
+//! an endpoint with real room (new, or bigger) gets new prefixes first.
+//!
 //! Learned weights. The weights 1 (queued tokens) and `decodeTokensPerRequest` are right
 //! for engines that batch prefill under a per-step token budget. With `learnWeights` (default
 //! true) the scorer uses instead the weights its pool learned from its own streamed
@@ -86,6 +104,8 @@ pub struct PrefillCostScorer {
     pub saturation_window: Duration,
     /// Price queued tokens and requests in flight by the pool's learned first-token cost.
     pub learn_weights: bool,
+    /// Add the cached prompt a request would evict where caches are full.
+    pub price_evictions: bool,
 }
 
 impl Default for PrefillCostScorer {
@@ -96,6 +116,7 @@ impl Default for PrefillCostScorer {
             saturation_margin: DEFAULT_SATURATION_MARGIN,
             saturation_window: DEFAULT_SATURATION_WINDOW,
             learn_weights: true,
+            price_evictions: true,
         }
     }
 }
@@ -144,8 +165,17 @@ impl PrefillCostScorer {
             tokens_of(ctx.matched_bytes(c.endpoint.id)).min(prompt)
         };
         let uncached = prompt - cached;
+        let displaced = if self.price_evictions {
+            let bytes = ctx
+                .prefix
+                .as_ref()
+                .map_or(0, |p| p.displaced_bytes(c.endpoint.id));
+            tokens_of(bytes).min(uncached)
+        } else {
+            0
+        };
         1.0 + w.queued * load.pending_prefill as f64
-            + uncached as f64
+            + (uncached + displaced) as f64
             + w.inflight_tokens * load.requests as f64
             + w.waiting_tokens * load.prefilling as f64
     }
@@ -220,6 +250,7 @@ mod tests {
         ctx.prefix = Some(PrefixMatchInfo {
             hashed_bytes: req.prompt_len(),
             matched,
+            ..Default::default()
         });
         ctx
     }
@@ -258,6 +289,40 @@ mod tests {
         assert_eq!(sc[1], 1.0);
         assert!(sc[0] < 1.0);
         drop(r);
+    }
+
+    #[test]
+    fn a_replica_that_evicts_what_comes_back_costs_its_eviction_too() {
+        let cs = candidates(&vec![EndpointMetrics::default(); 2]);
+        let req = LlmRequest {
+            prompt: vec![b'x'; 4000],
+            ..Default::default()
+        };
+        let mut c = ctx(&req, vec![(0, 3600)]);
+        // Endpoint 1's cache is full and half of what it evicts comes back: 2,000 bytes.
+        c.prefix.as_mut().unwrap().displaced = vec![(1, 2000)];
+        // The holder has 950 tokens queued: 1,051 against 1,001 + 500 ⇒ the holder wins.
+        let queued = LoadAmount {
+            prompt_tokens: 950,
+            uncached_tokens: 950,
+            output_tokens: 0,
+        };
+        let _r = Reservation::new(cs[0].endpoint.clone(), queued);
+        let on = PrefillCostScorer {
+            decode_tokens_per_request: 0.0,
+            ..Default::default()
+        };
+        let sc = score(&on, &c, &cs);
+        assert_eq!(sc[0], 1.0);
+        assert!((sc[1] - 1051.0 / 1501.0).abs() < 1e-9, "{sc:?}");
+        let off = PrefillCostScorer {
+            price_evictions: false,
+            ..on.clone()
+        };
+        assert_eq!(score(&off, &c, &cs)[1], 1.0, "priceEvictions: false");
+        // Never more than the uncached prompt itself.
+        c.prefix.as_mut().unwrap().displaced = vec![(1, 40_000)];
+        assert!((score(&on, &c, &cs)[1] - 1051.0 / 2001.0).abs() < 1e-9);
     }
 
     #[test]
@@ -417,6 +482,7 @@ mod learned_tests {
         ctx.prefix = Some(PrefixMatchInfo {
             hashed_bytes: prompt,
             matched: vec![(0, held)],
+            ..Default::default()
         });
         let refs: Vec<_> = cs.iter().collect();
         let mut scores = vec![0.0; cs.len()];

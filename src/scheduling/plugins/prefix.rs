@@ -18,6 +18,11 @@
 //! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough).
 //! Endpoints leaving the datastore are purged from the index.
 //!
+//! Pre-schedule also publishes, per endpoint whose cache is full, the cached bytes recording
+//! the request there would evict, weighted by the share of evicted blocks the pool has lately
+//! asked for again ([`PrefixIndex::displacement`]; 0 where prompts are unique, so evicting
+//! them costs nothing). `prefill-cost-scorer` prices it.
+//!
 //! With `respectEnablePrefixCaching` (default true) an endpoint whose engine reports prefix
 //! caching off (`enable_prefix_caching="False"` in `vllm:cache_config_info`, vLLM's
 //! `--no-enable-prefix-caching`) matches nothing and is not recorded: it computes every prompt
@@ -203,6 +208,20 @@ impl PreSchedule for PrefixCachePlugin {
             .map(|c| c.endpoint.id)
             .collect();
         no_reuse.sort_unstable();
+        let block_bytes = hasher.block_size as f64;
+        let displaced = self
+            .index
+            .displacement(
+                &hashes,
+                &matched,
+                candidates
+                    .iter()
+                    .map(|c| c.endpoint.id)
+                    .filter(|pod| no_reuse.binary_search(pod).is_err()),
+            )
+            .into_iter()
+            .map(|(pod, blocks)| (pod, (blocks * block_bytes) as usize))
+            .collect();
         let info = PrefixMatchInfo {
             hashed_bytes: hasher.covered_bytes(hashes.len(), len),
             matched: matched
@@ -211,6 +230,7 @@ impl PreSchedule for PrefixCachePlugin {
                 .filter(|(pod, _)| no_reuse.binary_search(pod).is_err())
                 .map(|&(pod, blocks)| (pod, hasher.covered_bytes(blocks, len)))
                 .collect(),
+            displaced,
         };
         if ctx.prefix.is_none() {
             ctx.prefix = Some(info.clone());

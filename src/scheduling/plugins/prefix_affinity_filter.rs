@@ -101,6 +101,7 @@ mod tests {
         ctx.prefix = Some(PrefixMatchInfo {
             hashed_bytes: 100,
             matched,
+            ..Default::default()
         });
         ctx
     }
