@@ -10,7 +10,8 @@
 //! prefixes in use and evict blocks that are soon needed again.
 //!
 //! * Sampled by hash bits (1 in [`SAMPLE`]): both the evictions and the returns are counted
-//!   on the same blocks, so the share is unbiased and the bookkeeping is an eighth.
+//!   on the same blocks, so the share is unbiased and the bookkeeping is a 32nd of the blocks
+//!   a pod records and evicts.
 //! * Bounded: at most [`CAPACITY`] ghosts, oldest forgotten first (a block that returns
 //!   after that long is not counted as a return).
 //! * Recent: both counts are halved whenever [`WINDOW`] sampled evictions have accumulated,
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{BlockHash, IdHasher};
 
 /// One block hash in this many is sampled.
-pub const SAMPLE: u64 = 8;
+pub const SAMPLE: u64 = 32;
 /// Most ghosts remembered.
 pub const CAPACITY: usize = 65_536;
 /// Sampled evictions after which both counts are halved.

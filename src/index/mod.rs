@@ -88,6 +88,25 @@ struct PodCache {
     removed: bool,
 }
 
+/// A pod's cache behind its mutex, and the room it has left, published for decisions.
+#[derive(Debug)]
+struct PodEntry {
+    cache: Mutex<PodCache>,
+    /// KV blocks the pod can take without evicting (`capacity - weight`) as of its last change.
+    room: AtomicUsize,
+}
+
+impl PodEntry {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, PodCache> {
+        self.cache.lock()
+    }
+
+    fn publish_room(&self, pc: &PodCache) {
+        let room = pc.capacity.saturating_sub(pc.weight);
+        self.room.store(room, Ordering::Relaxed);
+    }
+}
+
 /// Identity hasher for small integer ids (pod ids are dense and already distinct).
 #[derive(Default)]
 pub struct IdHasher(u64);
@@ -114,7 +133,7 @@ pub type PodMap<V> = HashMap<PodId, V, BuildHasherDefault<IdHasher>>;
 
 #[derive(Debug, Default)]
 struct Pods {
-    by_id: PodMap<Arc<Mutex<PodCache>>>,
+    by_id: PodMap<Arc<PodEntry>>,
     /// `owner[slot]`: the pod using a slot, if any.
     owner: Vec<Option<PodId>>,
     /// Pods removed since the last reconcile (a late record for them is dropped).
@@ -329,6 +348,7 @@ impl PrefixIndex {
             pc.buckets.advance();
         }
         self.evict_to_capacity(&mut pc);
+        cache.publish_room(&pc);
     }
 
     /// Runs `f` on every hash with its shard's table locked, each shard locked once. Hashes
@@ -434,27 +454,31 @@ impl PrefixIndex {
         if share <= 0.0 || hashes.is_empty() {
             return Vec::new();
         }
-        // suffix[i]: the weight of hashes[i..].
-        let mut suffix = vec![0usize; hashes.len() + 1];
-        for (i, &h) in hashes.iter().enumerate().rev() {
-            suffix[i] = suffix[i + 1] + hash::weight(h);
-        }
+        let total: usize = hashes.iter().map(|&h| hash::weight(h)).sum();
+        // before[k]: the weight of hashes[..k], built only if some pod holds a prefix.
+        let before: Vec<usize> = if held.pods.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(0)
+                .chain(hashes.iter().scan(0, |w, &h| {
+                    *w += hash::weight(h);
+                    Some(*w)
+                }))
+                .collect()
+        };
         let map = self.pods.read();
         let mut out = Vec::new();
         for pod in pods {
-            let need = suffix[held.blocks_for(pod).min(hashes.len())];
-            let over = map.by_id.get(&pod).map_or(0, |p| {
-                let pc = p.lock();
-                // A full cache stays about full, so it evicts as much as it takes; room
-                // left within a generation's granularity is not room.
-                if pc.weight + need > pc.capacity {
-                    need
-                } else {
-                    0
-                }
-            });
-            if over > 0 {
-                out.push((pod, over as f64 * share));
+            let k = held.blocks_for(pod).min(hashes.len());
+            let need = total - if k == 0 { 0 } else { before[k] };
+            // A full cache stays about full, so it evicts as much as it takes; room left
+            // within a generation's granularity is not room.
+            let room = map
+                .by_id
+                .get(&pod)
+                .map_or(self.default_capacity, |p| p.room.load(Ordering::Relaxed));
+            if need > room {
+                out.push((pod, need as f64 * share));
             }
         }
         out.sort_unstable_by_key(|(pod, _)| *pod);
@@ -470,6 +494,7 @@ impl PrefixIndex {
         let mut pc = cache.lock();
         pc.capacity = capacity.max(1);
         self.evict_to_capacity(&mut pc);
+        cache.publish_room(&pc);
     }
 
     /// Capacity of one pod in blocks.
@@ -558,7 +583,7 @@ impl PrefixIndex {
 
     /// The pod's cache, created on first use; `None` for a removed pod or when all 65,535
     /// slots are taken.
-    fn pod_cache(&self, pod: PodId) -> Option<Arc<Mutex<PodCache>>> {
+    fn pod_cache(&self, pod: PodId) -> Option<Arc<PodEntry>> {
         if let Some(p) = self.pods.read().by_id.get(&pod) {
             return Some(p.clone());
         }
@@ -581,14 +606,17 @@ impl PrefixIndex {
             }
         };
         pods.owner[slot] = Some(pod);
-        let cache = Arc::new(Mutex::new(PodCache {
-            slot: slot as Slot,
-            buckets: PodBuckets::default(),
-            live: 0,
-            weight: 0,
-            capacity: self.default_capacity,
-            removed: false,
-        }));
+        let cache = Arc::new(PodEntry {
+            cache: Mutex::new(PodCache {
+                slot: slot as Slot,
+                buckets: PodBuckets::default(),
+                live: 0,
+                weight: 0,
+                capacity: self.default_capacity,
+                removed: false,
+            }),
+            room: AtomicUsize::new(self.default_capacity),
+        });
         pods.by_id.insert(pod, cache.clone());
         Some(cache)
     }
