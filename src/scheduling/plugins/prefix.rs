@@ -34,10 +34,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::datastore::{Candidate, Endpoint, EndpointObserver};
+use crate::datastore::{Candidate, Endpoint, EndpointId, EndpointObserver};
 use crate::index::hash::CHARS_PER_TOKEN;
 use crate::index::recorder::Recorder;
-use crate::index::{BlockHash, BlockHasher, PrefixIndex};
+use crate::index::{BlockHash, BlockHasher, PrefixIndex, PrefixMatch};
 use crate::scheduling::framework::{
     PluginId, PostSchedule, PreSchedule, PrefixMatchInfo, ScheduleResult, SchedulingContext,
     Scorer, next_plugin_id,
@@ -175,6 +175,27 @@ impl PrefixCachePlugin {
         ctx.state.get::<PrefixState>(self.id)
     }
 
+    /// `(endpoint, bytes)` of cached prompt that recording `hashes` would displace on each
+    /// candidate that reuses prefixes ([`PrefixIndex::displacement`], in bytes).
+    fn displaced(
+        &self,
+        hashes: &[BlockHash],
+        matched: &PrefixMatch,
+        candidates: &[Candidate],
+        no_reuse: &[EndpointId],
+    ) -> Vec<(EndpointId, usize)> {
+        let pods = candidates
+            .iter()
+            .map(|c| c.endpoint.id)
+            .filter(|pod| no_reuse.binary_search(pod).is_err());
+        let block_bytes = self.config.hasher.block_size as f64;
+        self.index
+            .displacement(hashes, matched, pods)
+            .into_iter()
+            .map(|(pod, blocks)| (pod, (blocks * block_bytes) as usize))
+            .collect()
+    }
+
     /// Whether `metrics` say the endpoint computes every prompt whole (and this plugin
     /// believes it).
     fn reuses_nothing(&self, metrics: &crate::datastore::EndpointMetrics) -> bool {
@@ -208,20 +229,7 @@ impl PreSchedule for PrefixCachePlugin {
             .map(|c| c.endpoint.id)
             .collect();
         no_reuse.sort_unstable();
-        let block_bytes = hasher.block_size as f64;
-        let displaced = self
-            .index
-            .displacement(
-                &hashes,
-                &matched,
-                candidates
-                    .iter()
-                    .map(|c| c.endpoint.id)
-                    .filter(|pod| no_reuse.binary_search(pod).is_err()),
-            )
-            .into_iter()
-            .map(|(pod, blocks)| (pod, (blocks * block_bytes) as usize))
-            .collect();
+        let displaced = self.displaced(&hashes, &matched, candidates, &no_reuse);
         let info = PrefixMatchInfo {
             hashed_bytes: hasher.covered_bytes(hashes.len(), len),
             matched: matched
