@@ -561,6 +561,58 @@ async fn epp_learns_the_pods_bytes_per_token_from_response_usage() {
     );
 }
 
+/// Reads one gauge from epp's /metrics until `done` holds for it (or 2 s pass).
+async fn gauge_when(page_url: &str, family: &str, done: impl Fn(f64) -> bool) -> (f64, String) {
+    let c = client();
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = call(&c, "GET", page_url, "").await.2;
+        if page.contains(family) && done(metric_sum(&page, family)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (metric_sum(&page, family), page)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_keeps_less_than_its_metrics_claim_is_found_out_by_its_cached_tokens() {
+    // 256 blocks of 16 tokens really (one ~3,000-token prompt fits), 100,000 claimed in
+    // vllm:cache_config_info. Six prompts in turn: from the second round on the index says
+    // the pod holds each one, and every response reports that it did not.
+    let stack = OnePodStack::start(&["--kv-blocks", "256", "--kv-blocks-reported", "100000"]);
+    let url = format!("http://127.0.0.1:{}/v1/completions", stack.gateway);
+    let page_url = format!("http://127.0.0.1:{}/metrics", stack.metrics_port);
+    let family = "epp_endpoint_cache_capacity_scale{endpoint_name=\"sim-0\"}";
+    let c = client();
+    let mut rng = fastrand::Rng::with_seed(3);
+    let prompts: Vec<String> = (0..6)
+        .map(|_| epp::sim::text::prose(&mut rng, 2_500))
+        .collect();
+    let mut cached = Vec::new();
+    for round in 0..3 {
+        for prompt in &prompts {
+            let body = serde_json::json!({"model": "model", "prompt": prompt, "max_tokens": 2});
+            let (status, _, text) = call(&c, "POST", &url, &body.to_string()).await;
+            assert_eq!(status, 200, "{text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            cached.push(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64());
+        }
+        if round == 0 {
+            // Nothing was predicted yet, so nothing was checked.
+            let (scale, page) = gauge_when(&page_url, family, |s| s == 1.0).await;
+            assert_eq!(scale, 1.0, "{page}");
+        }
+    }
+    assert!(cached.iter().all(|c| *c == Some(0)), "{cached:?}");
+    let (scale, page) = gauge_when(&page_url, family, |s| s < 0.05).await;
+    assert!(
+        scale < 0.05,
+        "scale {scale} after 12 predicted hits the pod did not have\n{page}\n{}",
+        stack.epp.logs()
+    );
+}
+
 /// Sends `count` completions of `max_tokens` with prompts of 100 to 1,500 words, four at a
 /// time, and checks each answered 200.
 async fn send_four_at_a_time(url: &str, count: usize, max_tokens: u32, stream: bool) {

@@ -159,6 +159,7 @@ impl SchedulerEnv {
                 lru_capacity_per_server: positive("PREFIX_CACHE_LRU_CAPACITY", lru, lru)?,
                 auto_tune: d.prefix.auto_tune,
                 respect_enable_prefix_caching: d.prefix.respect_enable_prefix_caching,
+                learn_capacity: d.prefix.learn_capacity,
             },
             v1: V1Thresholds {
                 kv_cache_threshold: read(lookup, "KV_CACHE_THRESHOLD", d.v1.kv_cache_threshold)?,

@@ -559,7 +559,7 @@ mod tests {
     #[test]
     fn parameters_reach_the_plugins() {
         let s = build_scheduler(
-            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 10, lruCapacityPerServer: 99, autoTune: false, respectEnablePrefixCaching: false}\n- {name: pick, type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}\nschedulingProfiles:\n- name: p\n  plugins: [{pluginRef: prefix-cache-scorer, weight: 5}, {pluginRef: pick}]\n",
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32, maxPrefixBlocksToMatch: 10, lruCapacityPerServer: 99, autoTune: false, respectEnablePrefixCaching: false, learnCapacity: false}\n- {name: pick, type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}\nschedulingProfiles:\n- name: p\n  plugins: [{pluginRef: prefix-cache-scorer, weight: 5}, {pluginRef: pick}]\n",
             None,
         )
         .unwrap();
@@ -575,10 +575,9 @@ mod tests {
         assert_eq!(cfg.lru_capacity_per_server, 99);
         assert!(!cfg.auto_tune);
         assert!(!cfg.respect_enable_prefix_caching);
-        assert!(
-            crate::scheduling::plugins::prefix::PrefixConfig::default()
-                .respect_enable_prefix_caching
-        );
+        assert!(!cfg.learn_capacity);
+        let defaults = crate::scheduling::plugins::prefix::PrefixConfig::default();
+        assert!(defaults.respect_enable_prefix_caching && defaults.learn_capacity);
         assert_eq!(names(&s), vec![("prefix-cache-scorer".to_owned(), 5.0)]);
     }
 
@@ -672,6 +671,10 @@ schedulingProfiles:
             (
                 "plugins:\n- type: prefill-cost-scorer\n  parameters: {priceEvictions: maybe}\nschedulingProfiles: [{name: a}]\n",
                 "plugins[0].parameters.priceEvictions",
+            ),
+            (
+                "plugins:\n- type: prefix-cache-scorer\n  parameters: {learnCapacity: 2}\nschedulingProfiles: [{name: a}]\n",
+                "plugins[0].parameters.learnCapacity",
             ),
             (
                 "plugins:\n- type: utilization-detector\n  parameters: {kvCacheUtilThreshold: 1.5}\nschedulingProfiles: [{name: a}]\n",

@@ -233,6 +233,9 @@ fn prefix_config(p: &mut Params<'_>) -> Result<PrefixConfig, PickerConfigError> 
     if let Some(b) = p.boolean("respectEnablePrefixCaching")? {
         c.respect_enable_prefix_caching = b;
     }
+    if let Some(b) = p.boolean("learnCapacity")? {
+        c.learn_capacity = b;
+    }
     // llm-d's producer reference: epp has one prefix match per profile.
     p.string("prefixMatchInfoProducerName")?;
     Ok(c)

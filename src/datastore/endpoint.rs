@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::cache_fit::CacheFit;
 use super::load::EndpointLoad;
 use super::outlier::OutlierState;
 use super::tokenization::Tokenization;
@@ -97,6 +98,8 @@ pub struct Endpoint {
     pub outlier: OutlierState,
     /// Prompt bytes per token of its tokenizer, learned from its responses' usage.
     pub tokenization: Tokenization,
+    /// Share of its configured cache capacity the engine keeps, learned from cached tokens.
+    pub cache_fit: CacheFit,
     /// Its pool's learned first-token cost (one shared by every endpoint of a datastore).
     pub ttft: Arc<TtftFit>,
 }
@@ -113,6 +116,7 @@ impl Endpoint {
             load: EndpointLoad::default(),
             outlier: OutlierState::default(),
             tokenization: Tokenization::default(),
+            cache_fit: CacheFit::default(),
             ttft: Arc::default(),
         }
     }

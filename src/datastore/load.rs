@@ -41,13 +41,14 @@
 //! an endpoint leaving the pool releases its own.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::Endpoint;
+use super::cache_fit::CacheCheck;
 use super::ttft_fit::Observation;
 
 /// Live counters of one endpoint (shared by every reservation against it).
@@ -364,6 +365,8 @@ pub struct Reservation {
     held: bool,
     /// Its place in the endpoint's dispatch order.
     seq: u64,
+    /// What the decision predicted the endpoint's cache holds of the prompt, once noted.
+    cache_check: OnceLock<CacheCheck>,
 }
 
 impl Reservation {
@@ -393,6 +396,7 @@ impl Reservation {
             prefill_parked: false,
             held: true,
             seq,
+            cache_check: OnceLock::new(),
         }
     }
 
@@ -402,6 +406,22 @@ impl Reservation {
 
     pub fn amount(&self) -> LoadAmount {
         self.amount
+    }
+
+    /// Notes what the decision predicted of the endpoint's cache (the first note counts).
+    pub fn note_cache_check(&self, check: CacheCheck) {
+        let _ = self.cache_check.set(check);
+    }
+
+    /// The engine reported `cached` of the prompt's `prompt` tokens cached: the noted
+    /// prediction is checked against it ([`crate::datastore::cache_fit`]).
+    pub fn observe_cached(&self, cached: u64, prompt: u64) {
+        if let Some(check) = self.cache_check.get()
+            && prompt > 0
+        {
+            let share = cached.min(prompt) as f64 / prompt as f64;
+            self.endpoint.cache_fit.observe(*check, share);
+        }
     }
 
     /// Its first token came `seconds` after the routing decision: one observation for its

@@ -4,6 +4,7 @@
 //! cached, immutable [`Snapshot`] with a single atomic load. The snapshot is rebuilt lazily by the
 //! first reader after a change, so a busy scrape loop costs nothing until someone schedules.
 
+pub mod cache_fit;
 mod endpoint;
 pub mod load;
 pub mod outlier;

@@ -853,10 +853,13 @@ impl StreamHandler {
         }
         let usage = self.response.usage();
         if let (Some(u), Some(r)) = (usage, &routed.reservation) {
-            // The endpoint's bytes per token, for the prefix index's capacity.
+            // The endpoint's bytes per token and kept share, for the prefix index's capacity.
             r.endpoint()
                 .tokenization
                 .observe(routed.request.prompt_len() as u64, u.prompt_tokens);
+            if let Some(cached) = u.cached_tokens {
+                r.observe_cached(cached, u.prompt_tokens);
+            }
         }
         if let Some(m) = self.shared.metrics.clone() {
             self.observe_finished(&m, &routed.request, usage);
@@ -912,7 +915,7 @@ impl StreamHandler {
             .observe(u.completion_tokens as f64);
         m.cached_tokens
             .get_or_create(&labels)
-            .observe(u.cached_tokens as f64);
+            .observe(u.cached_tokens.unwrap_or(0) as f64);
     }
 }
 

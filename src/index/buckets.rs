@@ -151,6 +151,20 @@ impl PodBuckets {
             + self.buckets.capacity() * std::mem::size_of::<Bucket>()
     }
 
+    /// Live blocks in the generations after `generation` (all of them if it is gone).
+    pub fn live_after(&self, generation: u16) -> usize {
+        let skip = if self.alive(generation) {
+            generation.wrapping_sub(self.oldest) as usize + 1
+        } else {
+            0
+        };
+        self.buckets
+            .iter()
+            .skip(skip)
+            .map(|b| b.live as usize)
+            .sum()
+    }
+
     /// Hashes stored (live and stale).
     pub fn stored(&self) -> usize {
         self.buckets.iter().map(|b| b.hashes.len()).sum()

@@ -485,6 +485,22 @@ impl PrefixIndex {
         out
     }
 
+    /// How deep `hash` lies in `pod`'s recency order, at least: the weight of the blocks
+    /// recorded there in the generations after its own (its place within its own is not kept),
+    /// at the pod's mean weight per block. `None` if the pod does not hold it.
+    pub fn depth(&self, pod: PodId, hash: BlockHash) -> Option<usize> {
+        let cache = self.pods.read().by_id.get(&pod)?.clone();
+        let pc = cache.lock();
+        let slot = pc.slot;
+        let generation = self.shards[shard_of(hash)]
+            .read()
+            .iter_hash(hash)
+            .find(|e| e.slot == slot)?
+            .generation;
+        let after = pc.buckets.live_after(generation);
+        Some(after * pc.weight / pc.live.max(1))
+    }
+
     /// Sets one pod's capacity in blocks (e.g. its `num_gpu_blocks` when autoTune is on),
     /// evicting at once if it shrank.
     pub fn set_capacity(&self, pod: PodId, capacity: usize) {
@@ -805,6 +821,25 @@ mod tests {
         idx.remove_pod(2);
         assert!(idx.is_empty());
         assert!(idx.shards.iter().all(|s| s.read().is_empty()));
+    }
+
+    #[test]
+    fn depth_is_the_weight_recorded_since_a_block_was() {
+        let idx = PrefixIndex::new(10_000);
+        // Four prompts of 300 blocks: each fills a generation of its own.
+        for p in 0..4u64 {
+            idx.record(1, &hashes(p * 1000..p * 1000 + 300));
+        }
+        // The first prompt: three generations after it.
+        assert_eq!(idx.depth(1, hashes(299..300)[0]), Some(900));
+        assert_eq!(idx.depth(1, hashes(3299..3300)[0]), Some(0));
+        // Recorded again, it is the newest.
+        idx.record(1, &hashes(0..300));
+        assert_eq!(idx.depth(1, hashes(299..300)[0]), Some(0));
+        // The second: prompts 2, 3 and 0 since.
+        assert_eq!(idx.depth(1, hashes(1299..1300)[0]), Some(900));
+        assert_eq!(idx.depth(1, hashes(5000..5001)[0]), None);
+        assert_eq!(idx.depth(2, hashes(0..1)[0]), None);
     }
 
     #[test]

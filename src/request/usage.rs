@@ -24,7 +24,9 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
-    pub cached_tokens: u64,
+    /// `None` where the server does not report it (vLLM without
+    /// `--enable-prompt-tokens-details`).
+    pub cached_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -58,8 +60,7 @@ fn usage_value(json: &[u8]) -> Option<Usage> {
         cached_tokens: raw
             .prompt_tokens_details
             .or(raw.input_tokens_details)
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0),
+            .and_then(|d| d.cached_tokens),
     })
 }
 
@@ -192,7 +193,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 total_tokens: 15,
-                cached_tokens: 8
+                cached_tokens: Some(8)
             })
         );
     }

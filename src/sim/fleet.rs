@@ -763,13 +763,20 @@ impl<'w> Sim<'w> {
         let pod = self.live[id].outcome.pod;
         let l = &mut self.live[id];
         l.outcome.finished = now;
-        l.reservation = None;
+        let reservation = l.reservation.take();
         if self.epp_signals {
             // The response's usage, as epp reads it at the end of a response.
             self.endpoints[pod]
                 .tokenization
                 .observe(l.prompt_bytes, l.outcome.prompt_tokens as u64);
+            if let Some(r) = &reservation {
+                r.observe_cached(
+                    l.outcome.cached_tokens as u64,
+                    l.outcome.prompt_tokens as u64,
+                );
+            }
         }
+        drop(reservation);
         match (&mut self.router, l.dynamo.as_mut()) {
             (Router::Dynamo(d), Some(r)) => d.finished(r),
             (Router::Sglang(s), _) => s.finished(pod),

@@ -11,6 +11,7 @@
 //! | `epp_endpoint_ejected` | `endpoint_name` | 1 while the endpoint is ejected for answering with server errors |
 //! | `epp_endpoint_ejections_total` | `endpoint_name` | times it was ejected (counter) |
 //! | `epp_endpoint_prompt_bytes_per_token` | `endpoint_name` | prompt bytes per token of its tokenizer, learned from its responses (once known) |
+//! | `epp_endpoint_cache_capacity_scale` | `endpoint_name` | share of its configured cache capacity the prefix index keeps for it, learned from its responses' cached tokens ([`crate::datastore::cache_fit`]) |
 //! | `epp_prefill_cost_weight` | `term` | the pool's learned first-token cost weights in prompt tokens, as fitted: `queued_token`, `inflight_request` (the scorer uses at least `decodeTokensPerRequest`), `waiting_request` (once known; [`crate::datastore::ttft_fit`]) |
 //!
 //! Endpoints that left the pool with requests still in flight are reported until they drain.
@@ -95,26 +96,45 @@ fn ejections_family(
     Ok(())
 }
 
-fn bytes_per_token_family(
+/// One float gauge per endpoint that has a `value`.
+fn float_family(
     encoder: &mut DescriptorEncoder,
     endpoints: &[Arc<Endpoint>],
+    name: &str,
+    help: &str,
+    value: impl Fn(&Endpoint) -> Option<f64>,
 ) -> Result<(), std::fmt::Error> {
     let gauge_type = ConstGauge::new(0.0f64).metric_type();
-    let mut family = encoder.encode_descriptor(
-        "epp_endpoint_prompt_bytes_per_token",
-        "Prompt bytes per token of the endpoint's tokenizer, learned from its responses' usage",
-        None,
-        gauge_type,
-    )?;
+    let mut family = encoder.encode_descriptor(name, help, None, gauge_type)?;
     for e in endpoints {
-        if let Some(ratio) = e.tokenization.bytes_per_token() {
+        if let Some(v) = value(e) {
             let labels = EndpointLabel {
                 endpoint_name: e.name.clone(),
             };
-            ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
         }
     }
     Ok(())
+}
+
+fn learned_families(
+    encoder: &mut DescriptorEncoder,
+    endpoints: &[Arc<Endpoint>],
+) -> Result<(), std::fmt::Error> {
+    float_family(
+        encoder,
+        endpoints,
+        "epp_endpoint_prompt_bytes_per_token",
+        "Prompt bytes per token of the endpoint's tokenizer, learned from its responses' usage",
+        |e| e.tokenization.bytes_per_token(),
+    )?;
+    float_family(
+        encoder,
+        endpoints,
+        "epp_endpoint_cache_capacity_scale",
+        "Share of its configured cache capacity the prefix index keeps for the endpoint, learned from the cached tokens its responses report",
+        |e| Some(e.cache_fit.scale()),
+    )
 }
 
 fn cost_weights_family(
@@ -206,7 +226,7 @@ impl Collector for EndpointCollector {
             &ejected,
         )?;
         ejections_family(&mut encoder, &endpoints)?;
-        bytes_per_token_family(&mut encoder, &endpoints)?;
+        learned_families(&mut encoder, &endpoints)?;
         cost_weights_family(&mut encoder, &self.datastore)?;
         let gauge_type = ConstGauge::new(0i64).metric_type();
         let mut family = encoder.encode_descriptor(

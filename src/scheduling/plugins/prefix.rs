@@ -16,6 +16,11 @@
 //! that reports its cache size (`vllm:cache_config_info`) gets a capacity of exactly that many
 //! tokens, in epp blocks: tokens × the endpoint's bytes per token, learned from its responses'
 //! `usage.prompt_tokens` ([`crate::datastore::tokenization`]; 4 until it has seen enough).
+//! With `learnCapacity` (default true) that capacity is scaled by the share of it the engine
+//! really keeps, learned from the `cached_tokens` its responses report where the index had
+//! predicted a hit ([`crate::datastore::cache_fit`]; post-schedule notes the prediction on the
+//! load reservation, the response checks it): an engine whose metrics claim more cache than it
+//! has, or name none, is not credited with prefixes it has evicted.
 //! Endpoints leaving the datastore are purged from the index.
 //!
 //! Pre-schedule also publishes, per endpoint whose cache is full, the cached bytes recording
@@ -34,6 +39,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::datastore::cache_fit::{self, CacheCheck};
+use crate::datastore::load::Reservation;
 use crate::datastore::{Candidate, Endpoint, EndpointId, EndpointObserver};
 use crate::index::hash::CHARS_PER_TOKEN;
 use crate::index::recorder::Recorder;
@@ -53,6 +60,8 @@ pub struct PrefixConfig {
     pub auto_tune: bool,
     /// Endpoints reporting prefix caching off match nothing (see the module docs).
     pub respect_enable_prefix_caching: bool,
+    /// Scale each endpoint's capacity by the share its engine keeps (see the module docs).
+    pub learn_capacity: bool,
 }
 
 impl Default for PrefixConfig {
@@ -62,6 +71,7 @@ impl Default for PrefixConfig {
             lru_capacity_per_server: crate::index::DEFAULT_LRU_CAPACITY_PER_SERVER,
             auto_tune: true,
             respect_enable_prefix_caching: true,
+            learn_capacity: true,
         }
     }
 }
@@ -97,6 +107,8 @@ impl std::fmt::Debug for PrefixCachePlugin {
 /// What pre-schedule learned about this request (private to this plugin instance).
 struct PrefixState {
     hashes: Vec<BlockHash>,
+    /// Leading blocks each endpoint holds, as the index matched them.
+    matched: PrefixMatch,
     info: PrefixMatchInfo,
 }
 
@@ -171,6 +183,76 @@ impl PrefixCachePlugin {
         (bytes / self.config.hasher.block_size.max(1) as u64).max(1) as usize
     }
 
+    /// Sets the index's capacity for `target`: its cache size (with `autoTune`, where its
+    /// metrics report one) or `lruCapacityPerServer`, times the share its engine was found to
+    /// keep (with `learnCapacity`). Returns the unscaled capacity.
+    fn tune_capacity(&self, target: &Candidate) -> usize {
+        let base = match (
+            self.config.auto_tune,
+            target.metrics.num_gpu_blocks,
+            target.metrics.block_size_tokens,
+        ) {
+            (true, Some(blocks), Some(size)) => {
+                let bytes_per_token = self.bytes_per_token(&target.endpoint);
+                self.tuned_capacity(blocks, size, bytes_per_token)
+            }
+            _ => self.config.lru_capacity_per_server,
+        };
+        let want = if self.config.learn_capacity {
+            ((base as f64 * target.endpoint.cache_fit.scale()).round() as usize).max(1)
+        } else {
+            base
+        };
+        let pod = target.endpoint.id;
+        if self.index.capacity(pod) != want {
+            self.index.set_capacity(pod, want);
+        }
+        base
+    }
+
+    /// Notes on the reservation what the index predicts the chosen endpoint holds, for its
+    /// response's cached tokens to check ([`crate::datastore::cache_fit`]): the predicted share
+    /// of the prompt and the depth of its last block over `base`. A block recorded since by no
+    /// more than the prompts still waiting for their prefill there is too fresh to check: the
+    /// engine may not have computed it yet.
+    fn note_cache_check(
+        &self,
+        state: &PrefixState,
+        target: &Candidate,
+        reservation: &Reservation,
+        base: usize,
+        prompt_len: usize,
+    ) {
+        let pod = target.endpoint.id;
+        let blocks = state.matched.blocks_for(pod).min(state.hashes.len());
+        if !self.config.learn_capacity || blocks == 0 || prompt_len == 0 {
+            return;
+        }
+        let predicted = state.info.matched_bytes(pod) as f64 / prompt_len as f64;
+        if predicted < cache_fit::MIN_PREDICTED {
+            return;
+        }
+        let Some(depth) = self.index.depth(pod, state.hashes[blocks - 1]) else {
+            return;
+        };
+        let endpoint = &target.endpoint;
+        let waiting_bytes = endpoint.load.pending_prefill() as f64 * self.bytes_per_token(endpoint);
+        if depth as f64 * self.config.hasher.block_size as f64 <= waiting_bytes {
+            return;
+        }
+        reservation.note_cache_check(CacheCheck {
+            predicted: predicted.min(1.0),
+            depth: depth as f64 / base.max(1) as f64,
+        });
+    }
+
+    fn bytes_per_token(&self, endpoint: &Endpoint) -> f64 {
+        endpoint
+            .tokenization
+            .bytes_per_token()
+            .unwrap_or(CHARS_PER_TOKEN as f64)
+    }
+
     fn state<'c>(&self, ctx: &'c SchedulingContext<'_>) -> Option<&'c PrefixState> {
         ctx.state.get::<PrefixState>(self.id)
     }
@@ -243,7 +325,14 @@ impl PreSchedule for PrefixCachePlugin {
         if ctx.prefix.is_none() {
             ctx.prefix = Some(info.clone());
         }
-        ctx.state.insert(self.id, PrefixState { hashes, info });
+        ctx.state.insert(
+            self.id,
+            PrefixState {
+                hashes,
+                matched,
+                info,
+            },
+        );
     }
 }
 
@@ -273,21 +362,9 @@ impl PostSchedule for PrefixCachePlugin {
         };
         let target = result.primary();
         let pod = target.endpoint.id;
-        if self.config.auto_tune
-            && let (Some(blocks), Some(size)) = (
-                target.metrics.num_gpu_blocks,
-                target.metrics.block_size_tokens,
-            )
-        {
-            let bytes_per_token = target
-                .endpoint
-                .tokenization
-                .bytes_per_token()
-                .unwrap_or(CHARS_PER_TOKEN as f64);
-            let want = self.tuned_capacity(blocks, size, bytes_per_token);
-            if self.index.capacity(pod) != want {
-                self.index.set_capacity(pod, want);
-            }
+        let base = self.tune_capacity(target);
+        if let Some(r) = &result.reservation {
+            self.note_cache_check(state, target, r, base, ctx.request.prompt_len());
         }
         if !self.reuses_nothing(&target.metrics) {
             match self.recorder.get() {
@@ -403,6 +480,65 @@ mod tests {
         assert_eq!(p.index().capacity(cs[0].endpoint.id), 125);
         assert_eq!(p.index().pod_len(cs[0].endpoint.id), 120);
         assert_eq!(run(&p, &req(&"q".repeat(64 * 60)), &cs, 0), vec![1.0]);
+    }
+
+    /// Schedules `r` on `cs[0]` with a load reservation, as the profile does.
+    fn reserve(p: &PrefixCachePlugin, r: &LlmRequest, cs: &[Candidate]) -> ScheduleResult {
+        let mut ctx = SchedulingContext::new(r, fastrand::Rng::with_seed(1));
+        p.pre_schedule(&mut ctx, cs);
+        let result = ScheduleResult {
+            targets: vec![cs[0].clone()],
+            scores: vec![0.0],
+            profile: "t".into(),
+            reservation: Some(Reservation::new(cs[0].endpoint.clone(), Default::default())),
+        };
+        p.post_schedule(&ctx, &result);
+        result
+    }
+
+    #[test]
+    fn an_engine_missing_a_predicted_prefix_shrinks_its_capacity() {
+        for learn in [true, false] {
+            let p = PrefixCachePlugin::new(PrefixConfig {
+                learn_capacity: learn,
+                ..Default::default()
+            });
+            let cs = one_pod_of_100_blocks();
+            let (a, b) = (req(&"a".repeat(64 * 40)), req(&"b".repeat(64 * 40)));
+            run(&p, &a, &cs, 0);
+            run(&p, &b, &cs, 0);
+            // The index holds `a` behind `b`'s 40 blocks; the engine answers that it had
+            // nothing of it cached.
+            let result = reserve(&p, &a, &cs);
+            result.reservation.as_ref().unwrap().observe_cached(0, 640);
+            run(&p, &b, &cs, 0);
+            let capacity = p.index().capacity(cs[0].endpoint.id);
+            if learn {
+                // Half way from 100 down to `a`'s depth: the 40 blocks recorded since.
+                assert_eq!(capacity, 70);
+            } else {
+                assert_eq!(capacity, 100);
+            }
+        }
+    }
+
+    #[test]
+    fn a_confirmed_hit_or_a_fresh_prompt_does_not_shrink_it() {
+        let p = PrefixCachePlugin::new(PrefixConfig::default());
+        let cs = one_pod_of_100_blocks();
+        let (a, b) = (req(&"a".repeat(64 * 40)), req(&"b".repeat(64 * 40)));
+        run(&p, &a, &cs, 0);
+        run(&p, &b, &cs, 0);
+        reserve(&p, &a, &cs)
+            .reservation
+            .unwrap()
+            .observe_cached(600, 640);
+        // Never sent before: nothing predicted, nothing checked.
+        reserve(&p, &req(&"c".repeat(64 * 10)), &cs)
+            .reservation
+            .unwrap()
+            .observe_cached(0, 160);
+        assert_eq!(cs[0].endpoint.cache_fit.scale(), 1.0);
     }
 
     #[test]
