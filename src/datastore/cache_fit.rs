@@ -17,12 +17,14 @@
 //! * **A miss** (the engine reported less than half the predicted share): the engine had
 //!   evicted blocks no deeper than that, so its capacity is below the depth. The scale moves
 //!   [`SHRINK`] of the way down to it.
-//! * **A hit** from the deepest quarter of the scaled capacity: the engine keeps at least that
-//!   deep, so the index may be forgetting too early. The scale grows by [`GROW`].
+//! * **A hit** from the deepest tenth ([`DEEP`]) of the scaled capacity: the engine keeps at
+//!   least that deep, so the index may be forgetting too early. The scale grows by [`GROW`].
 //!
 //! Misses at depths epp's own unfinished requests could explain are not checks (the plugin only
-//! notes a check when the depth exceeds what the endpoint has in flight): a burst's second
-//! request arrives before the first has been computed and misses through no fault of the index.
+//! notes a check when the depth exceeds the prompt tokens still waiting for their prefill at the
+//! endpoint): a burst's second request arrives before the first has been computed and misses
+//! through no fault of the index. The depth is a lower bound (the index keeps recency by
+//! generations, not by block), which errs toward a smaller index.
 //!
 //! The scale starts at 1 (trust the configured capacity) and stays within [[`MIN_SCALE`],
 //! [`MAX_SCALE`]]. A response reporting no cached tokens at all (vLLM without
