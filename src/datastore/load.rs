@@ -367,6 +367,8 @@ pub struct Reservation {
     seq: u64,
     /// What the decision predicted the endpoint's cache holds of the prompt, once noted.
     cache_check: OnceLock<CacheCheck>,
+    /// Seconds to its first token, until the fit is given them ([`Self::observe_first_token`]).
+    first_token: Option<f64>,
 }
 
 impl Reservation {
@@ -397,6 +399,7 @@ impl Reservation {
             held: true,
             seq,
             cache_check: OnceLock::new(),
+            first_token: None,
         }
     }
 
@@ -414,20 +417,38 @@ impl Reservation {
     }
 
     /// The engine reported `cached` of the prompt's `prompt` tokens cached: the noted
-    /// prediction is checked against it ([`crate::datastore::cache_fit`]).
-    pub fn observe_cached(&self, cached: u64, prompt: u64) {
-        if let Some(check) = self.cache_check.get()
-            && prompt > 0
-        {
-            let share = cached.min(prompt) as f64 / prompt as f64;
+    /// prediction is checked against it ([`crate::datastore::cache_fit`]), and the first-token
+    /// observation waiting for it goes to the fit with the prompt tokens the engine really
+    /// computed instead of those predicted.
+    pub fn observe_cached(&mut self, cached: u64, prompt: u64) {
+        if prompt == 0 {
+            return;
+        }
+        let share = cached.min(prompt) as f64 / prompt as f64;
+        if let Some(check) = self.cache_check.get() {
             self.endpoint.cache_fit.observe(*check, share);
         }
+        self.fit_first_token(Some(1.0 - share));
     }
 
     /// Its first token came `seconds` after the routing decision: one observation for its
-    /// pool's first-token fit.
-    pub fn observe_first_token(&self, seconds: f64) {
-        self.endpoint.ttft.observe(self.observation, seconds);
+    /// pool's first-token fit, given when the response's usage shows what the engine computed
+    /// ([`Self::observe_cached`]), or as predicted when the request ends without it.
+    pub fn observe_first_token(&mut self, seconds: f64) {
+        self.first_token.get_or_insert(seconds);
+    }
+
+    /// Gives the waiting first-token observation to the fit, with the request's uncached
+    /// tokens at `uncached_share` of its prompt where the engine said (once).
+    fn fit_first_token(&mut self, uncached_share: Option<f64>) {
+        let Some(seconds) = self.first_token.take() else {
+            return;
+        };
+        let mut observation = self.observation;
+        if let Some(share) = uncached_share {
+            observation.uncached = (self.amount.prompt_tokens as f64 * share).round() as u64;
+        }
+        self.endpoint.ttft.observe(observation, seconds);
     }
 
     /// The first response byte arrived: the prompt has been computed, so its prefill work
@@ -456,6 +477,7 @@ impl Reservation {
     /// The request is over (completed, failed or reset). Later calls, and the drop, do
     /// nothing.
     pub fn release(&mut self) {
+        self.fit_first_token(None);
         self.prefill_done();
         if std::mem::take(&mut self.prefill_parked) {
             self.endpoint.load.unpark_prefill(self.seq);
@@ -505,6 +527,36 @@ mod tests {
         uncached_tokens: 60,
         output_tokens: 7,
     };
+
+    #[test]
+    fn first_token_times_are_fitted_with_the_tokens_the_engine_computed() {
+        // Every request was predicted a full hit, but the engine had evicted the prefix and
+        // computed each prompt whole, at 0.1 ms per token.
+        let fit = |engine_reports: bool| {
+            let ep = endpoint();
+            let mut rng = fastrand::Rng::with_seed(5);
+            for _ in 0..300 {
+                let prompt = rng.u64(500..4000);
+                let amount = LoadAmount {
+                    prompt_tokens: prompt,
+                    uncached_tokens: 0,
+                    output_tokens: 0,
+                };
+                let mut r = Reservation::new(ep.clone(), amount);
+                r.observe_first_token(1e-4 * prompt as f64);
+                if engine_reports {
+                    r.observe_cached(0, prompt);
+                }
+            }
+            // One observation per request (decayed), whichever way it was given.
+            assert!((250.0..300.0).contains(&ep.ttft.observations()));
+            ep.ttft.weights()
+        };
+        // With the cached tokens reported, the per-token cost shows and the fit is used; with
+        // the prediction alone the times are unexplained and the scorer keeps its defaults.
+        assert!(fit(true).is_some());
+        assert!(fit(false).is_none());
+    }
 
     #[test]
     fn reserve_prefill_done_release_balance() {

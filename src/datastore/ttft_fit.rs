@@ -15,7 +15,9 @@
 //! Algorithm: every streamed response that starts with a 2xx status is one observation of
 //! `y` = seconds from the routing decision to the first response byte, against
 //! `x = [1, u, q, n, w]` taken at the decision on the chosen endpoint: `u` the request's
-//! uncached prompt tokens (as epp predicted them), `q` the uncached tokens epp had queued
+//! uncached prompt tokens (what the engine computed, where its usage reports `cached_tokens`:
+//! a prediction the cache had evicted would otherwise read as a slow queue; else as epp
+//! predicted them), `q` the uncached tokens epp had queued
 //! there and not yet seen start, `n` its requests in flight, `w` those of them not yet
 //! answering (features scaled to thousands of tokens: `n` at the default 16 tokens each, `w`
 //! at 1,000). A weighted least-squares fit `y ≈ θ·x` (an observation with `w` requests

@@ -840,7 +840,7 @@ impl StreamHandler {
     /// Records the finished request's metrics (once; also on drop). The reservation and the
     /// running-requests unit are given back when `routed` is dropped.
     fn record_finished(&mut self) {
-        let Some(routed) = self.routed.take() else {
+        let Some(mut routed) = self.routed.take() else {
             return;
         };
         if !self.response.complete {
@@ -852,7 +852,7 @@ impl StreamHandler {
             return;
         }
         let usage = self.response.usage();
-        if let (Some(u), Some(r)) = (usage, &routed.reservation) {
+        if let (Some(u), Some(r)) = (usage, routed.reservation.as_mut()) {
             // The endpoint's bytes per token and kept share, for the prefix index's capacity.
             r.endpoint()
                 .tokenization

@@ -763,13 +763,13 @@ impl<'w> Sim<'w> {
         let pod = self.live[id].outcome.pod;
         let l = &mut self.live[id];
         l.outcome.finished = now;
-        let reservation = l.reservation.take();
+        let mut reservation = l.reservation.take();
         if self.epp_signals {
             // The response's usage, as epp reads it at the end of a response.
             self.endpoints[pod]
                 .tokenization
                 .observe(l.prompt_bytes, l.outcome.prompt_tokens as u64);
-            if let Some(r) = &reservation {
+            if let Some(r) = reservation.as_mut() {
                 r.observe_cached(
                     l.outcome.cached_tokens as u64,
                     l.outcome.prompt_tokens as u64,

@@ -509,8 +509,8 @@ mod tests {
             run(&p, &b, &cs, 0);
             // The index holds `a` behind `b`'s 40 blocks; the engine answers that it had
             // nothing of it cached.
-            let result = reserve(&p, &a, &cs);
-            result.reservation.as_ref().unwrap().observe_cached(0, 640);
+            let mut result = reserve(&p, &a, &cs);
+            result.reservation.as_mut().unwrap().observe_cached(0, 640);
             run(&p, &b, &cs, 0);
             let capacity = p.index().capacity(cs[0].endpoint.id);
             if learn {
