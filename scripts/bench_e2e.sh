@@ -7,8 +7,8 @@
 #                (saturationRatio: 0)
 #   epp-noeject  Envoy + epp with the default config but outlier ejection off
 #                (--outlier-consecutive-5xx 0)
-#   epp-base     Envoy + the epp binary at $BASE_EPP, default config (an A/B against
-#                another build)
+#   epp-base     Envoy + the epp binary at $BASE_EPP, default config or $BASE_CONFIG (an
+#                A/B against another build, with that build's own config)
 #   epp-config   Envoy + epp with the plugins config file at $EPP_CONFIG (an A/B of configs)
 #   sglang       sglang-router --policy cache_aware (the PyPI package, a real peer router)
 #   round-robin  Envoy alone
@@ -193,7 +193,7 @@ for system in $SYSTEMS; do
       label="epp, ejection off" ;;
     epp-base)
       EPP_BIN=${BASE_EPP:?epp-base needs BASE_EPP=path to an epp binary} \
-        start_epp config/default-plugins.yaml
+        start_epp "${BASE_CONFIG:-config/default-plugins.yaml}"
       label="epp, base build" ;;
     epp-config)
       start_epp "${EPP_CONFIG:?epp-config needs EPP_CONFIG=path to a plugins config file}"

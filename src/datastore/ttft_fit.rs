@@ -15,12 +15,12 @@
 //! Algorithm: every streamed response that starts with a 2xx status is one observation of
 //! `y` = seconds from the routing decision to the first response byte, against
 //! `x = [1, u, q, n, w]` taken at the decision on the chosen endpoint: `u` the request's
-//! uncached prompt tokens (what the engine computed, where its usage reports `cached_tokens`:
-//! a prediction the cache had evicted would otherwise read as a slow queue; else as epp
-//! predicted them), `q` the uncached tokens epp had queued
-//! there and not yet seen start, `n` its requests in flight, `w` those of them not yet
-//! answering (features scaled to thousands of tokens: `n` at the default 16 tokens each, `w`
-//! at 1,000). A weighted least-squares fit `y ≈ θ·x` (an observation with `w` requests
+//! uncached prompt tokens (what the engine computed, where its usage reports `cached_tokens`,
+//! since a predicted hit the cache had evicted would read as a slow queue, and the observation
+//! is then given when the response ends; else as epp predicted them), `q` the uncached tokens
+//! epp had queued there and not yet seen start, `n` its requests in flight, `w` those of them
+//! not yet answering (features scaled to thousands of tokens: `n` at the default 16 tokens
+//! each, `w` at 1,000). A weighted least-squares fit `y ≈ θ·x` (an observation with `w` requests
 //! waiting ahead weighs `1 / (1 + w)`: the wait behind them is a sum of their random turns,
 //! whose variance grows with their number) with exponential forgetting (each observation's
 //! weight decays by `1 − 1/WINDOW` per later one) and a weak prior towards the default
