@@ -404,7 +404,15 @@ mod tests {
         }
     }
 
-    fn run(p: &PrefixCachePlugin, r: &LlmRequest, cs: &[Candidate], pick: usize) -> Vec<f64> {
+    /// Runs the plugin's three steps for `r` with `cs[pick]` chosen (with a load reservation
+    /// there if `reserve`, as the profile takes one); returns the scores and the result.
+    fn decide(
+        p: &PrefixCachePlugin,
+        r: &LlmRequest,
+        cs: &[Candidate],
+        pick: usize,
+        reserve: bool,
+    ) -> (Vec<f64>, ScheduleResult) {
         let mut ctx = SchedulingContext::new(r, fastrand::Rng::with_seed(1));
         p.pre_schedule(&mut ctx, cs);
         let refs: Vec<_> = cs.iter().collect();
@@ -414,10 +422,15 @@ mod tests {
             targets: vec![cs[pick].clone()],
             scores: vec![0.0],
             profile: "t".into(),
-            reservation: None,
+            reservation: reserve
+                .then(|| Reservation::new(cs[pick].endpoint.clone(), Default::default())),
         };
         p.post_schedule(&ctx, &result);
-        s
+        (s, result)
+    }
+
+    fn run(p: &PrefixCachePlugin, r: &LlmRequest, cs: &[Candidate], pick: usize) -> Vec<f64> {
+        decide(p, r, cs, pick, false).0
     }
 
     #[test]
@@ -484,16 +497,7 @@ mod tests {
 
     /// Schedules `r` on `cs[0]` with a load reservation, as the profile does.
     fn reserve(p: &PrefixCachePlugin, r: &LlmRequest, cs: &[Candidate]) -> ScheduleResult {
-        let mut ctx = SchedulingContext::new(r, fastrand::Rng::with_seed(1));
-        p.pre_schedule(&mut ctx, cs);
-        let result = ScheduleResult {
-            targets: vec![cs[0].clone()],
-            scores: vec![0.0],
-            profile: "t".into(),
-            reservation: Some(Reservation::new(cs[0].endpoint.clone(), Default::default())),
-        };
-        p.post_schedule(&ctx, &result);
-        result
+        decide(p, r, cs, 0, true).1
     }
 
     #[test]
